@@ -1,0 +1,3 @@
+"""kdexp: knowledge distillation experiments for autoregressive language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""``python -m kdexp`` is ``kdexp``."""
+
+from kdexp.cli import main
+
+main()
