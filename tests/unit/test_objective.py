@@ -1,0 +1,240 @@
+"""kdexp.losses.objective: masked cross-entropy, weighted terms, global-token normalization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdexp.errors import UserError
+from kdexp.losses.objective import IGNORE_INDEX, Objective, cross_entropy
+
+V = 11
+
+
+def _kl_per_position(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL(p_t || q_s) per position, float64, written independently of kdexp."""
+    p = torch.softmax(t.double() / temperature, -1)
+    return (p * (p.log() - torch.log_softmax(s.double() / temperature, -1))).sum(-1)
+
+
+def _batch(valid_lengths, T=7, seed=0, prompt=1):
+    """Logits [B, T, V] and targets [B, T] with a different number of valid tokens per row."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(valid_lengths)
+    s = torch.randn(B, T, V, generator=g) * 2
+    t = torch.randn(B, T, V, generator=g) * 2
+    y = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for b, n in enumerate(valid_lengths):
+        y[b, prompt:prompt + n] = torch.randint(0, V, (n,), generator=g)
+    return s, t, y
+
+
+def test_ignore_index_value():
+    # Must agree with torch's default so that F.cross_entropy and collate agree.
+    assert IGNORE_INDEX == -100
+
+
+def test_cross_entropy_matches_torch_per_position():
+    s, _, y = _batch([3, 6, 1, 0], seed=1)
+    out = cross_entropy(s, y)
+    assert out.shape == y.shape
+    assert out.dtype == torch.float32
+    for b in range(y.shape[0]):
+        for t in range(y.shape[1]):
+            if y[b, t] == IGNORE_INDEX:
+                assert out[b, t].item() == 0.0
+            else:
+                ref = F.cross_entropy(s[b, t].double().unsqueeze(0), y[b, t].unsqueeze(0))
+                # and an explicit -log softmax, computed another way
+                manual = -(s[b, t].double()[y[b, t]] - torch.logsumexp(s[b, t].double(), 0))
+                assert out[b, t].item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+                assert out[b, t].item() == pytest.approx(manual.item(), rel=1e-5, abs=1e-6)
+
+
+def test_cross_entropy_bfloat16_input_is_float32():
+    s, _, y = _batch([2, 5], seed=2)
+    out = cross_entropy(s.bfloat16(), y)
+    assert out.dtype == torch.float32
+    ref = F.cross_entropy(s.bfloat16().double().reshape(-1, V), y.reshape(-1), reduction="none")
+    torch.testing.assert_close(out.double(), ref.view(y.shape), rtol=1e-5, atol=1e-5)
+
+
+SPECS = {
+    "ce": [{"loss": "ce", "weight": 1.0}],
+    "fkl": [{"loss": "fkl", "weight": 1.0}],
+    "mix": [{"loss": "ce", "weight": 0.4}, {"loss": "rkl", "weight": 0.6, "temperature": 2.0}],
+}
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_ignored_positions_never_affect_the_loss(spec):
+    obj = Objective.from_spec(SPECS[spec])
+    s, t, y = _batch([2, 5, 3], seed=3)
+    ignored = (y == IGNORE_INDEX).unsqueeze(-1)
+    # Garbage at the ignored positions: huge (finite) values of both signs, for both models.
+    g = torch.Generator().manual_seed(99)
+    junk_s = torch.where(ignored, torch.randn(s.shape, generator=g) * 1e4, s)
+    junk_t = torch.where(ignored, torch.randn(t.shape, generator=g) * 1e4, t)
+    assert not torch.equal(junk_s, s)
+
+    n = (y != IGNORE_INDEX).sum()
+    leaf_a = s.clone().requires_grad_(True)
+    leaf_b = junk_s.clone().requires_grad_(True)
+    loss_a, parts_a = obj(leaf_a, t, y, n)
+    loss_b, parts_b = obj(leaf_b, junk_t, y, n)
+    assert torch.isfinite(loss_b)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    for key in parts_a:
+        torch.testing.assert_close(parts_a[key], parts_b[key], rtol=1e-6, atol=1e-6)
+    loss_a.backward()
+    loss_b.backward()
+    torch.testing.assert_close(leaf_a.grad, leaf_b.grad, rtol=1e-5, atol=1e-7)
+    assert (leaf_b.grad[ignored.expand_as(leaf_b)] == 0).all()
+    # Garbage at a *valid* position does change it (the check above is not vacuous).
+    valid = (~ignored).nonzero()[0]
+    s_bad = s.clone()
+    s_bad[valid[0], valid[1]] = torch.randn(V, generator=g) * 1e2
+    assert not torch.allclose(obj(s_bad, t, y, n)[0], loss_a.detach())
+
+
+def test_global_token_normalization_sums_micro_batches_exactly():
+    # Four sequences with very different numbers of valid target tokens.
+    valid_lengths = [1, 6, 2, 5]
+    s, t, y = _batch(valid_lengths, T=8, seed=4)
+    # Make per-token losses differ a lot between sequences so that any weighting bias shows.
+    s[1] *= 4.0
+    obj = Objective.from_spec([{"loss": "ce", "weight": 0.5}, {"loss": "fkl", "weight": 0.5}])
+    n_total = (y != IGNORE_INDEX).sum()
+    assert n_total.item() == sum(valid_lengths)
+
+    full_leaf = s.clone().requires_grad_(True)
+    full, full_parts = obj(full_leaf, t, y, n_total)
+    full.backward()
+
+    # By hand: the token mean over the whole batch.
+    mask = y != IGNORE_INDEX
+    ce = F.cross_entropy(s.double().reshape(-1, V), y.reshape(-1), reduction="sum") / n_total
+    kd = _kl_per_position(s, t)[mask].sum() / n_total
+    assert full.item() == pytest.approx((0.5 * ce + 0.5 * kd).item(), rel=1e-5)
+
+    micro_leaf = s.clone().requires_grad_(True)
+    total = torch.zeros(())
+    naive = torch.zeros(())
+    slices = [slice(0, 1), slice(1, 3), slice(3, 4)]  # uneven micro-batches, too
+    for sl in slices:
+        loss, _ = obj(micro_leaf[sl], t[sl], y[sl], n_total)
+        loss.backward()
+        total = total + loss.detach()
+        naive_loss, _ = obj(s[sl], t[sl], y[sl], (y[sl] != IGNORE_INDEX).sum())
+        naive = naive + naive_loss / len(slices)
+
+    torch.testing.assert_close(total, full.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(micro_leaf.grad, full_leaf.grad, rtol=1e-6, atol=1e-8)
+    # The naive mean of per-micro-batch means is a different (biased) number.
+    assert abs(naive.item() - full.item()) > 1e-2
+
+
+def test_num_tokens_as_float_and_tensor_agree():
+    s, t, y = _batch([3, 4], seed=5)
+    obj = Objective.from_spec(SPECS["mix"])
+    n = (y != IGNORE_INDEX).sum()
+    a, _ = obj(s, t, y, n)
+    b, _ = obj(s, t, y, float(n))
+    torch.testing.assert_close(a, b)
+    # Doubling the normalizer halves the loss: it is a plain sum / num_tokens.
+    c, _ = obj(s, t, y, 2 * float(n))
+    torch.testing.assert_close(c, a / 2)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.3, 0.5, 1.0])
+def test_kd_weight_spec_matches_hand_computation(w):
+    s, t, y = _batch([2, 6, 4], seed=6)
+    spec = [{"loss": "ce", "weight": 1.0 - w}, {"loss": "fkl", "weight": w}]
+    obj = Objective.from_spec(spec)
+    mask = y != IGNORE_INDEX
+    n = mask.sum()
+    ce_mean = F.cross_entropy(s.double().reshape(-1, V), y.reshape(-1), ignore_index=-100)
+    fkl_mean = _kl_per_position(s, t)[mask].mean()
+    loss, parts = obj(s, t, y, n)
+    expected = (1 - w) * ce_mean + w * fkl_mean
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert loss.dtype == torch.float32
+    # Zero-weight terms are dropped: from the terms, the keys and the logged parts.
+    expected_keys = [k for k, wk in (("ce", 1.0 - w), ("fkl", w)) if wk != 0]
+    assert obj.keys == expected_keys
+    assert sorted(parts) == sorted(expected_keys)
+    if "ce" in parts:
+        assert parts["ce"].item() == pytest.approx(ce_mean.item(), rel=1e-5)
+        assert not parts["ce"].requires_grad
+    if "fkl" in parts:
+        assert parts["fkl"].item() == pytest.approx(fkl_mean.item(), rel=1e-5)
+    assert obj.needs_teacher == (w != 0)
+
+
+def test_pure_ce_needs_no_teacher():
+    obj = Objective.from_spec([{"loss": "ce", "weight": 1.0}, {"loss": "rkl", "weight": 0}])
+    assert not obj.needs_teacher
+    assert len(obj.terms) == 1
+    s, _, y = _batch([3, 1], seed=7)
+    loss, parts = obj(s, None, y, (y != IGNORE_INDEX).sum())  # teacher logits never touched
+    ref = F.cross_entropy(s.reshape(-1, V), y.reshape(-1))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert list(parts) == ["ce"]
+
+
+def test_divergence_term_needs_teacher():
+    assert Objective.from_spec([{"loss": "fkl"}]).needs_teacher
+    assert Objective.from_spec([{"loss": "ce"}, {"loss": "rkl", "weight": 0.1}]).needs_teacher
+    assert Objective.from_spec([{"loss": "fkl"}]).terms[0].weight == 1.0  # default weight
+
+
+def test_all_zero_weights_is_an_error():
+    with pytest.raises(UserError):
+        Objective.from_spec([{"loss": "ce", "weight": 0.0}, {"loss": "fkl", "weight": 0.0}])
+    with pytest.raises(UserError):
+        Objective.from_spec([])
+
+
+def test_ce_takes_no_parameters_and_unknown_loss_errors():
+    with pytest.raises(UserError):
+        Objective.from_spec([{"loss": "ce", "temperature": 2.0}])
+    with pytest.raises(UserError, match="did you mean"):
+        Objective.from_spec([{"loss": "rkll", "weight": 1.0}])
+    with pytest.raises(UserError):
+        Objective.from_spec([{"loss": "fkl", "weight": 1.0, "temperature": 0.0}])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_t2_scale(temperature):
+    base = {"loss": "fkl", "weight": 0.5, "temperature": temperature}
+    plain = Objective.from_spec([base])
+    scaled = Objective.from_spec([{**base, "t2_scale": True}])
+    assert plain.terms[0].weight == pytest.approx(0.5)
+    assert scaled.terms[0].weight == pytest.approx(0.5 * temperature ** 2)
+    s, t, y = _batch([3, 5], seed=8)
+    n = (y != IGNORE_INDEX).sum()
+    mask = y != IGNORE_INDEX
+    ref = _kl_per_position(s, t, temperature)[mask].sum() / n
+    assert plain(s, t, y, n)[0].item() == pytest.approx(0.5 * ref.item(), rel=1e-5)
+    assert scaled(s, t, y, n)[0].item() == pytest.approx(0.5 * temperature ** 2 * ref.item(), rel=1e-5)
+
+
+def test_same_loss_twice_gets_distinct_keys():
+    spec = [{"loss": "ce", "weight": 1.0},
+            {"loss": "fkl", "weight": 1.0, "temperature": 1.0},
+            {"loss": "fkl", "weight": 1.0, "temperature": 3.0}]
+    obj = Objective.from_spec(spec)
+    assert len(obj.keys) == 3
+    assert len(set(obj.keys)) == 3
+    assert obj.keys[0] == "ce"  # a unique name keeps its own key
+    s, t, y = _batch([4, 2], seed=9)
+    mask = y != IGNORE_INDEX
+    n = mask.sum()
+    loss, parts = obj(s, t, y, n)
+    assert set(parts) == set(obj.keys)
+    ref1 = _kl_per_position(s, t, 1.0)[mask].sum() / n
+    ref3 = _kl_per_position(s, t, 3.0)[mask].sum() / n
+    assert parts[obj.keys[1]].item() == pytest.approx(ref1.item(), rel=1e-5)
+    assert parts[obj.keys[2]].item() == pytest.approx(ref3.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(sum(p.item() for p in parts.values()), rel=1e-5)
