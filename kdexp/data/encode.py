@@ -1,0 +1,105 @@
+"""Tokenization, length limits and batching.
+
+Prompt and response are tokenized separately and concatenated, so the boundary is exact:
+``prompt_ids`` (with the tokenizer's own special tokens, e.g. a BOS) + ``response_ids``
+(+ EOS unless the response was cut by ``max_length``). Training batches are right-padded with
+*shifted* targets; generation batches are left-padded prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kdexp.errors import UserError
+from kdexp.losses.objective import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+TOO_LONG = ("truncate", "skip", "error")
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    record: dict[str, Any] = field(repr=False)
+
+
+def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, Any],
+           split: str) -> list[Example]:
+    """Tokenize ``records`` under ``data.max_prompt_length`` / ``max_length`` / ``too_long``.
+
+    A prompt longer than ``max_prompt_length`` is cut to its last tokens (``truncate``: the
+    template's "### Response:" marker is at the end), dropped (``skip``, MiniLLM's choice for
+    Dolly), or an error (``error``). A response is cut to fit ``max_length``; a cut response
+    has no EOS, so the model is never taught to stop where the text did not.
+    """
+    max_prompt, max_len, policy = cfg["max_prompt_length"], cfg["max_length"], cfg["too_long"]
+    if policy not in TOO_LONG:
+        raise UserError(f"data.too_long must be one of {', '.join(TOO_LONG)}, got '{policy}'")
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token; kdexp needs one to end responses")
+    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]
+    responses = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+    out, n_cut, n_skipped, n_resp_cut = [], 0, 0, 0
+    for i, (record, p, r) in enumerate(zip(records, prompts, responses, strict=True)):
+        if not p:
+            raise UserError(f"data '{cfg['name']}' ({split} split, record {i}): the prompt is empty")
+        if len(p) > max_prompt:
+            if policy == "error":
+                raise UserError(
+                    f"data '{cfg['name']}' ({split} split, record {i}): the prompt has {len(p)} tokens, "
+                    f"more than data.max_prompt_length={max_prompt}; set data.too_long=truncate or "
+                    f"skip, or raise data.max_prompt_length")
+            if policy == "skip":
+                n_skipped += 1
+                continue
+            p, n_cut = p[-max_prompt:], n_cut + 1
+        room = max(0, max_len - len(p))
+        r = list(r) + [tokenizer.eos_token_id]
+        if len(r) > room:
+            r, n_resp_cut = r[:room], n_resp_cut + 1
+        out.append(Example(list(p), r, dict(record)))
+    if n_cut or n_skipped or n_resp_cut:
+        log.warning("data %s/%s: %d prompts truncated and %d skipped (longer than %d tokens), "
+                    "%d responses cut at max_length=%d", cfg["name"], split, n_cut, n_skipped,
+                    max_prompt, n_resp_cut, max_len)
+    if not out:
+        raise UserError(f"data '{cfg['name']}': the {split} split is empty after dropping prompts "
+                        f"longer than data.max_prompt_length={max_prompt}")
+    return out
+
+
+def collate_train(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` [B, T] and shifted ``targets`` [B, T].
+
+    ``targets[b, t]`` is the token at t + 1 when it belongs to the response, else IGNORE_INDEX:
+    the prompt, the padding and the last position are never trained on.
+    """
+    length = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    for b, e in enumerate(examples):
+        seq = e.prompt_ids + e.response_ids
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+        p = len(e.prompt_ids)
+        targets[b, p - 1 : len(seq) - 1] = torch.tensor(e.response_ids)
+    return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+
+
+def collate_prompts(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for generation: ``input_ids`` / ``attention_mask`` [B, P]."""
+    length = max(len(e.prompt_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for b, e in enumerate(examples):
+        ids[b, length - len(e.prompt_ids):] = torch.tensor(e.prompt_ids)
+        mask[b, length - len(e.prompt_ids):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
