@@ -1,0 +1,148 @@
+"""Load students and teachers: any Hugging Face causal LM by hub name or local directory.
+
+    model, tokenizer = load_model(cfg.student)          # AutoModelForCausalLM + AutoTokenizer
+    vocab = shared_vocab(cfg, student, s_tok, teacher, t_tok)
+
+A model spec (``student=`` / ``teacher=`` presets, see ``conf/config.yaml``) has
+``name_or_path`` (hub name, local directory, or ``${kdexp.asset:NAME}`` for the bundled tiny
+models), ``init`` (``pretrained`` or ``random``: fresh weights from the model's config),
+``dtype``, ``revision``, ``trust_remote_code``, ``attn_implementation`` and ``lora``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from kdexp.errors import UserError, unknown_choice
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def asset_path(name: str) -> str:
+    """The directory of a bundled model (``tiny-teacher``, ``tiny-student``)."""
+    path = ASSETS / name
+    if not path.is_dir():
+        raise unknown_choice("bundled model", name, [p.name for p in ASSETS.iterdir() if p.is_dir()])
+    return str(path)
+
+
+def _load_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(spec.get("trust_remote_code", False))}
+    if spec.get("revision"):
+        kwargs["revision"] = spec["revision"]
+    return kwargs
+
+
+def _hub_error(what: str, spec: Mapping[str, Any], role: str, err: Exception) -> UserError:
+    name = spec["name_or_path"]
+    where = ("the local directory" if Path(str(name)).exists()
+             else "the Hugging Face hub (not a local directory)")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"could not load the {role} {what} '{name}' from {where}: {first}; "
+                     f"set {role}.name_or_path to a local model directory")
+
+
+def load_tokenizer(spec: Mapping[str, Any], role: str = "student"):
+    """The model's tokenizer, with ``pad_token`` set to EOS when the model has none (GPT-2, LLaMA)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(spec["name_or_path"], **_load_kwargs(spec))
+    except (OSError, ValueError) as err:
+        raise _hub_error("tokenizer", spec, role, err) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: Mapping[str, Any], role: str = "student", tokenizer=None,
+               ) -> tuple[PreTrainedModel, Any]:
+    """``(model, tokenizer)`` for a model spec; LoRA adapters added when ``lora.enabled``.
+
+    With ``init: random`` the weights are drawn from the model's config under the current torch
+    seed, so the caller seeds first. A ``tokenizer`` already loaded for this spec is reused.
+    """
+    if spec.get("name_or_path") in (None, "", "???"):
+        raise UserError(f"{role}.name_or_path is not set; choose a preset ({role}=NAME) or a directory")
+    if spec.get("dtype", "float32") not in DTYPES:
+        raise unknown_choice(f"{role}.dtype", spec["dtype"], DTYPES)
+    dtype = DTYPES[spec.get("dtype", "float32")]
+    kwargs = _load_kwargs(spec)
+    if spec.get("attn_implementation"):
+        kwargs["attn_implementation"] = spec["attn_implementation"]
+    tokenizer = tokenizer or load_tokenizer(spec, role)
+    try:
+        if spec.get("init", "pretrained") == "random":
+            config = AutoConfig.from_pretrained(spec["name_or_path"], **_load_kwargs(spec))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype != "auto" else None,
+                                                     **{k: v for k, v in kwargs.items() if k != "revision"})
+        elif spec.get("init", "pretrained") == "pretrained":
+            model = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], dtype=dtype, **kwargs)
+        else:
+            raise UserError(f"{role}.init must be 'pretrained' or 'random', got '{spec['init']}'")
+    except (OSError, ValueError) as err:
+        raise _hub_error("model", spec, role, err) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    lora = spec.get("lora") or {}
+    if lora.get("enabled"):
+        model = add_lora(model, lora)
+    return model, tokenizer
+
+
+def add_lora(model: PreTrainedModel, lora: Mapping[str, Any]):
+    """Wrap ``model`` with PEFT LoRA adapters; only the adapters stay trainable.
+
+    ``target_modules: null`` takes PEFT's default for the architecture (GPT-2's fused
+    ``c_attn``, LLaMA / Qwen / OPT's ``q_proj`` and ``v_proj``).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.get("target_modules")
+    config = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16)),
+                        lora_dropout=float(lora.get("dropout", 0.0)), task_type="CAUSAL_LM",
+                        target_modules=list(targets) if targets else None)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"LoRA: {err}; set student.lora.target_modules=[...]") from None
+
+
+def vocab_rows(model: torch.nn.Module) -> int:
+    """Number of rows of the output embedding (the logit dimension), padding included."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def shared_vocab(student: torch.nn.Module, student_tok, teacher: torch.nn.Module, teacher_tok,
+                 names: tuple[str, str]) -> int | None:
+    """The logit width both models are compared on, or ``None`` when no slicing is needed.
+
+    Token-level KD compares distributions position by position, so both models must share one
+    tokenizer. Identical tokenizers whose embedding matrices are padded to different sizes
+    (Qwen2.5-0.5B's 151936 rows vs Qwen2.5-7B's 152064) are compared on the tokenizer's tokens;
+    the padded rows are not tokens.
+    """
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise UserError(
+            f"the student '{names[0]}' ({len(student_tok)} tokens) and the teacher '{names[1]}' "
+            f"({len(teacher_tok)} tokens) use different tokenizers; token-level KD needs one "
+            f"vocabulary: pick a teacher and a student of the same model family")
+    rows_s, rows_t = vocab_rows(student), vocab_rows(teacher)
+    if rows_s == rows_t:
+        return None
+    n = len(student_tok)
+    if n > min(rows_s, rows_t):
+        raise UserError(f"the tokenizer has {n} tokens but the student / teacher output "
+                        f"{rows_s} / {rows_t} logits")
+    log.info("student and teacher embeddings are padded differently (%d vs %d rows); "
+             "comparing them on the %d tokens of the shared tokenizer", rows_s, rows_t, n)
+    return n
