@@ -1,0 +1,121 @@
+"""Metrics to the run directory (``metrics.jsonl``) and, optionally, to Weights & Biases.
+
+    logger = make_logger(cfg, run_dir, is_main=accelerator.is_main_process)
+    logger.log({"loss": 1.2}, step=10)
+    logger.finish()
+
+Every process gets an object with the same methods; non-main processes get a ``NullLogger``,
+so the training loop never asks whether logging is on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class NullLogger:
+    """Accepts everything, records nothing."""
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN / inf; keep them visible
+    return value
+
+
+class RunLogger(NullLogger):
+    """Appends one JSON line per ``log`` call to ``metrics.jsonl``; mirrors to W&B if enabled."""
+
+    def __init__(self, run_dir: Path, wandb_run: Any = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb_run = wandb_run
+        self.start = time.time()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after ``step`` (by a run that died after its last checkpoint)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        row = {"step": step, "time": round(time.time() - self.start, 3),
+               **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: _jsonable(v) for k, v in metrics.items()}, step=step)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        if self.wandb_run is not None:
+            for k, v in values.items():
+                self.wandb_run.summary[k] = _jsonable(v)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def wandb_mode(requested: str) -> str:
+    """``auto`` -> online when an API key is known (env or ``wandb login``), else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def _start_wandb(cfg: DictConfig, run_dir: Path, job_type: str):
+    import wandb
+
+    lcfg = cfg.logger
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id + "\n")
+    mode = wandb_mode(lcfg.mode)
+    run = wandb.init(
+        project=lcfg.project, entity=lcfg.entity, group=lcfg.group, tags=list(lcfg.tags or []),
+        job_type=lcfg.job_type or job_type, name=lcfg.run_name, dir=str(run_dir), mode=mode,
+        id=run_id, resume="allow", config=OmegaConf.to_container(cfg, resolve=True),
+        reinit="finish_previous",
+    )
+    log.info("W&B run %s (%s mode)%s", run_id, mode,
+             "; upload later with `wandb sync " + str(run_dir / "wandb") + "`" if mode == "offline" else "")
+    return run
+
+
+def make_logger(cfg: DictConfig, run_dir: Path, is_main: bool = True, job_type: str = "train"):
+    """The logger for this process: ``RunLogger`` (+ W&B unless ``logger=none``) or ``NullLogger``."""
+    if not is_main:
+        return NullLogger()
+    wandb_run = _start_wandb(cfg, Path(run_dir), job_type) if cfg.logger.name == "wandb" else None
+    return RunLogger(Path(run_dir), wandb_run)

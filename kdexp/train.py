@@ -1,0 +1,331 @@
+"""The one training loop.
+
+    kdexp train                                        # KD of the bundled tiny teacher on the toy task
+    kdexp train method=sft train.max_steps=200
+    kdexp train method=kd loss=rkl student=gpt2 teacher=gpt2-xl data=dolly data.path=dolly.jsonl
+
+Read top to bottom: check the config, load data and models, build the objective the method
+declares, then loop over optimizer steps. Each step gathers ``accum`` micro-batches, counts
+their valid target tokens over all processes, and backpropagates each micro-batch's share of
+the token mean, so gradient accumulation and data parallelism give exactly the gradient of
+one big batch. ``accelerate`` supplies the engine (single process, DDP, DeepSpeed) and mixed
+precision; the loop does not branch on either.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from kdexp import checkpoint, config, methods
+from kdexp.data import collate_train, load_examples
+from kdexp.errors import UserError
+from kdexp.evaluation import evaluate_generation, format_table, teacher_forced_nll
+from kdexp.logging import make_logger
+from kdexp.losses.objective import IGNORE_INDEX, Objective
+from kdexp.models import load_model, load_tokenizer, shared_vocab
+
+log = logging.getLogger(__name__)
+
+
+class BatchStream:
+    """Seeded, resumable micro-batches: a fresh permutation per epoch, this process's share.
+
+    Each global micro-batch holds ``micro_batch_size * world`` examples; process ``rank`` takes
+    its slice. The position ``(epoch, index)`` is checkpointed, so a resumed run sees exactly
+    the batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, micro_batch_size: int, world: int, rank: int, seed: int):
+        self.n, self.mbs, self.world, self.rank, self.seed = n, micro_batch_size, world, rank, seed
+        self.per_epoch = n // (micro_batch_size * world)
+        if self.per_epoch == 0:
+            raise UserError(f"the training split has {n} examples, fewer than one micro-batch of "
+                            f"{micro_batch_size} x {world} processes; lower train.micro_batch_size")
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next(self) -> list[int]:
+        if self.index == self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._permutation()
+        start = (self.index * self.world + self.rank) * self.mbs
+        self.index += 1
+        return self._order[start:start + self.mbs]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation()
+
+
+class Progress:
+    """The optimizer step counter, checkpointed with the rest of the state."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to the peak over ``warmup`` steps, then linear decay to ``min_ratio`` x peak."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(min_ratio, 1.0 - (1.0 - min_ratio) * progress)
+
+    return factor
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, f"{prefix}{k}."))
+    return out
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to start a second run in a directory that already holds one (unless resuming)."""
+    if cfg.train.resume:
+        if not checkpoint.list_checkpoints(run_dir):
+            raise UserError(f"train.resume=true but {run_dir} has no checkpoint; "
+                            f"point hydra.run.dir at the run to continue")
+        saved = _leaves(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+        now = _leaves(OmegaConf.to_container(cfg, resolve=True))
+        changed = sorted(k for k in saved.keys() | now.keys()
+                         if not k.startswith(("train.resume", "logger.")) and saved.get(k) != now.get(k))
+        if changed:
+            raise UserError(f"train.resume=true with a different config than the run in {run_dir}: "
+                            f"{', '.join(changed[:5])}; resume with the original overrides")
+    elif (run_dir / "config.yaml").exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with train.resume=true, "
+                        f"or choose another hydra.run.dir")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train, save the final student, evaluate it (and the teacher) on the test split."""
+    issues = config.problems(cfg)
+    if issues:
+        raise UserError("; ".join(issues))
+    check_run_dir(cfg, run_dir)
+    t = cfg.train
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=t.device == "cpu")
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    objective = Objective.from_spec(methods.objective_spec(cfg))
+
+    # Data first (cheap, and the likeliest to be wrong), then the models. The student is
+    # created right after seeding, so a random init is reproducible.
+    tokenizer = load_tokenizer(cfg.student, "student")
+    data = load_examples(cfg.data, tokenizer)
+    set_seed(cfg.seed)
+    student, tokenizer = load_model(cfg.student, "student", tokenizer)
+    teacher, vocab = None, None
+    wants_teacher_eval = cfg.eval.teacher and cfg.teacher.name_or_path
+    if objective.needs_teacher or wants_teacher_eval:
+        if not cfg.teacher.name_or_path:
+            raise UserError(f"method '{cfg.method.name}' needs a teacher; choose one with teacher=NAME")
+        teacher, teacher_tok = load_model(cfg.teacher, "teacher")
+        vocab = shared_vocab(student, tokenizer, teacher, teacher_tok,
+                             (cfg.student.name_or_path, cfg.teacher.name_or_path))
+        teacher.requires_grad_(False).eval().to(accelerator.device)
+
+    pad_id = tokenizer.pad_token_id
+    world = accelerator.num_processes
+    accum, rest = divmod(t.batch_size, t.micro_batch_size * world)
+    if rest or accum == 0:
+        raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                        f"train.micro_batch_size ({t.micro_batch_size}) x {world} processes")
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas),
+                                  weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    stream = BatchStream(len(data["train"]), t.micro_batch_size, world,
+                         accelerator.process_index, cfg.seed)
+    progress = Progress()
+    accelerator.register_for_checkpointing(stream)
+    accelerator.register_for_checkpointing(progress)
+
+    if accelerator.is_main_process and not t.resume:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    logger = make_logger(cfg, run_dir, accelerator.is_main_process, job_type=cfg.method.name)
+    if t.resume:
+        latest = checkpoint.list_checkpoints(run_dir)[-1]
+        accelerator.load_state(str(latest))
+        if accelerator.is_main_process:
+            logger.truncate_after(progress.step)
+        log.info("resumed from %s (step %d)", latest, progress.step)
+
+    def micro_batch(indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate_train([data["train"][i] for i in indices], pad_id)
+        return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+    def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return out if vocab is None else out[..., :vocab]  # [B, T, V]
+
+    start_time, tokens_seen = time.time(), 0
+    bar = tqdm(total=t.max_steps, initial=progress.step, desc="train", unit="step",
+               disable=not accelerator.is_main_process)
+    student.train()
+    while progress.step < t.max_steps:
+        batches = [micro_batch(stream.next()) for _ in range(accum)]
+        # Every micro-batch's loss is divided by the token count of the whole step, over all
+        # processes; DDP then averages gradients over `world`, which the factor undoes.
+        local = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
+        n_tokens = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item()
+        step_parts: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            sync = nullcontext() if i == accum - 1 else accelerator.no_sync(student)
+            with sync:
+                student_logits = logits_of(student, batch)
+                teacher_logits = None
+                if objective.needs_teacher:
+                    with torch.no_grad(), accelerator.autocast():
+                        teacher_logits = logits_of(teacher, batch)
+                loss, parts = objective(student_logits, teacher_logits, batch["targets"],
+                                        n_tokens / world)
+                accelerator.backward(loss)
+            for k, v in parts.items():
+                step_parts[k] = step_parts.get(k, 0.0) + v.item()
+        grad_norm = (accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                     if t.max_grad_norm > 0 else None)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        tokens_seen += n_tokens
+        bar.update(1)
+        _fault_injection(progress.step)
+
+        if progress.step % t.log_every == 0 or progress.step == t.max_steps:
+            reduced = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                       for k, v in step_parts.items()}
+            total = sum(term.weight * reduced[key]
+                        for key, term in zip(objective.keys, objective.terms, strict=True))
+            elapsed = time.time() - start_time
+            metrics = {"train/loss": total, **{f"train/{k}": v for k, v in reduced.items()},
+                       "train/lr": scheduler.get_last_lr()[0],
+                       "train/tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                       "train/epoch": stream.epoch + stream.index / stream.per_epoch}
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            logger.log(metrics, progress.step)
+            bar.set_postfix(loss=f"{total:.4f}")
+        if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
+            if accelerator.is_main_process:
+                logger.log(validate(cfg, accelerator.unwrap_model(student), tokenizer, data["valid"]),
+                           progress.step)
+            accelerator.wait_for_everyone()
+        if (t.save_every and progress.step % t.save_every == 0) or progress.step == t.max_steps:
+            checkpoint.save(accelerator, run_dir, progress.step, t.keep_checkpoints)
+    bar.close()
+    train_time = time.time() - start_time
+
+    final = run_dir / "final"
+    unwrapped = accelerator.unwrap_model(student)
+    save_final(accelerator, student, tokenizer, final)
+    results: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        results = final_evaluation(cfg, run_dir, unwrapped, tokenizer, teacher, data["test"])
+        results["train"] = {"steps": progress.step, "time_s": round(train_time, 2),
+                            "tokens": tokens_seen}
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        logger.summary({f"test/{k}": results[k] for k in ("rougeL", "exact_match")})
+    logger.finish()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _fault_injection(step: int) -> None:
+    """``KDEXP_KILL_AT_STEP=N``: SIGKILL this process right after optimizer step N.
+
+    For the tests that prove resumption: the process dies as a preempted job does, with no
+    chance to clean up, between a step and its checkpoint.
+    """
+    at = os.environ.get("KDEXP_KILL_AT_STEP")
+    if at and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def validate(cfg: DictConfig, model: torch.nn.Module, tokenizer, valid: list) -> dict[str, float]:
+    """Validation loss on the whole split, ROUGE-L / exact match on its first examples (one seed)."""
+    subset = valid[: cfg.train.eval_samples]
+    eval_cfg = {**OmegaConf.to_container(cfg.eval, resolve=True), "seeds": list(cfg.eval.seeds)[:1]}
+    summary, _ = evaluate_generation(model, tokenizer, subset, eval_cfg, desc="validate")
+    return {"valid/loss": teacher_forced_nll(model, valid, tokenizer.pad_token_id,
+                                             cfg.eval.batch_size),
+            "valid/rougeL": summary["rougeL"], "valid/exact_match": summary["exact_match"]}
+
+
+def save_final(accelerator: Accelerator, student: torch.nn.Module, tokenizer, final: Path) -> None:
+    """The final student as a Hugging Face directory (LoRA merged in; the adapter kept beside)."""
+    unwrapped = accelerator.unwrap_model(student)
+    state = accelerator.get_state_dict(student)
+    if accelerator.is_main_process:
+        if hasattr(unwrapped, "merge_and_unload"):  # a PEFT model
+            unwrapped.save_pretrained(final.with_name("final_adapter"), state_dict=state)
+            copy.deepcopy(unwrapped).merge_and_unload().save_pretrained(final)
+        else:
+            unwrapped.save_pretrained(final, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+    accelerator.wait_for_everyone()
+
+
+def final_evaluation(cfg: DictConfig, run_dir: Path, student: torch.nn.Module, tokenizer,
+                     teacher: torch.nn.Module | None, test: list) -> dict[str, Any]:
+    """Evaluate the student (and the teacher) on the test split; print and return the table."""
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    test = test[: cfg.eval.max_samples] if cfg.eval.max_samples else test
+    rows: dict[str, dict[str, Any]] = {}
+    models = {"student": student}
+    if teacher is not None and cfg.eval.teacher:
+        models = {"teacher": teacher, "student": student}
+    gen_dir = run_dir / "generations"
+    gen_dir.mkdir(exist_ok=True)
+    for name, model in models.items():
+        rows[name], generations = evaluate_generation(model, tokenizer, test, eval_cfg, desc=name)
+        with (gen_dir / f"test_{name}.jsonl").open("w") as f:
+            f.writelines(json.dumps(g) + "\n" for g in generations)
+    table = format_table(rows, title=f"test split of data={cfg.data.name} ({len(test)} prompts)")
+    (run_dir / "results.md").write_text(table + "\n")
+    print("\n" + table + "\n", flush=True)
+    results = {k: rows["student"][k] for k in ("rougeL", "rougeL_std", "exact_match", "exact_match_std")}
+    results.update({"split": "test", "student": rows["student"]})
+    if "teacher" in rows:
+        results["teacher"] = rows["teacher"]
+    return results
+
