@@ -1,0 +1,201 @@
+"""The ``kdexp`` command: ``kdexp train|eval|generate [overrides]``, each a Hydra entry point.
+
+    kdexp --help
+    kdexp train                                  # the embedded default (about 2 minutes on 2 CPU cores)
+    kdexp train method=sft loss=rkl train.max_steps=100 --cfg job
+    kdexp eval runs/2026-11-22/10-00-00_train
+    kdexp train -m loss=fkl,rkl seed=0,1,2
+
+Before Hydra starts, the overrides are checked against ``conf/`` so that an unknown option or
+key fails with one line and a "did you mean" instead of a stack trace, and the output
+directory is checked for writability. Inside the job, a ``UserError`` prints one line, exits
+with status 2, and removes the run directory if the job had not produced anything yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from kdexp.errors import UserError, did_you_mean, unknown_choice
+
+COMMANDS: dict[str, str] = {
+    "train": "distill (or fine-tune) a student, then evaluate it on the test split",
+    "eval": "evaluate a run, a model directory, a preset or a hub model",
+    "generate": "write a model's responses to a split or a prompts file as JSONL",
+}
+# Hydra's own flags that take a value: the value is not an override.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
+                     "-cn", "--config-dir", "-cd", "--experimental-rerun", "--shell-completion"}
+
+log = logging.getLogger("kdexp")
+
+
+def fail(message: str, status: int = 2) -> None:
+    print(f"kdexp: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def top_help() -> str:
+    from kdexp.config import all_groups, group_choices
+
+    lines = ["usage: kdexp {train,eval,generate} [GROUP=OPTION ...] [KEY=VALUE ...] [Hydra flags]",
+             "", "Knowledge distillation experiments for autoregressive language models.", "",
+             "commands:"]
+    lines += [f"  {name:<10}{text}" for name, text in COMMANDS.items()]
+    lines += ["", "config groups (GROUP=OPTION):"]
+    for group in all_groups():
+        lines.append(f"  {group + '=':<16}{', '.join(group_choices(group))}")
+    lines += ["", "Hydra flags: --help (options of a command), --cfg job (print the config), "
+              "-m (multirun), hydra.run.dir=DIR", "",
+              "examples:", "  kdexp train", "  kdexp train method=sft train.max_steps=200",
+              "  kdexp train method=kd loss=rkl student=gpt2 teacher=gpt2-xl data=dolly data.path=dolly.jsonl",
+              "  kdexp eval runs/DATE/TIME_train", "  kdexp train --help"]
+    return "\n".join(lines)
+
+
+def _split_args(args: list[str]) -> tuple[list[str], bool]:
+    """The overrides among ``args`` (Hydra's flags and their values removed), and multirun."""
+    overrides, skip, multirun = [], False, False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _FLAGS_WITH_VALUE:
+            skip = True
+        elif a in ("-m", "--multirun"):
+            multirun = True
+        elif not a.startswith("-"):
+            overrides.append(a)
+    return overrides, multirun
+
+
+def preflight(args: list[str]) -> None:
+    """Check group options, keys and the output directory before Hydra runs anything."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from kdexp.config import all_groups, conf_dir, flat_keys, group_choices, writable_dir_problem
+
+    overrides, multirun = _split_args(args)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise UserError(f"cannot parse the overrides: {str(err).splitlines()[0]}") from None
+    groups = set(all_groups())
+    group_overrides, key_overrides = [], []
+    for o in parsed:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.is_delete():
+            group_overrides.append(o.input_line)
+        elif key in groups:
+            for value in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()]):
+                if str(value) not in group_choices(key):
+                    raise unknown_choice(f"{key} option", value, group_choices(key))
+            first = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.value()
+            group_overrides.append(f"{'+' if o.is_add() else ''}{key}={first}")
+        else:
+            key_overrides.append(o)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="preflight"):
+        try:
+            cfg = compose("config", overrides=group_overrides, return_hydra_config=True)
+        except HydraException as err:
+            raise UserError(str(err).splitlines()[0]) from None
+    known = set(flat_keys(cfg))
+    for o in key_overrides:
+        if not (o.is_add() or o.is_force_add()) and o.key_or_group not in known:
+            options = [k for k in known if not k.startswith("hydra")]
+            raise UserError(f"unknown option '{o.key_or_group}';{did_you_mean(o.key_or_group, options)} "
+                            f"(to add a new key, write +{o.input_line})")
+    try:
+        out = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+    except Exception:  # an interpolation only Hydra's runtime can resolve: Hydra will check
+        return
+    problem = writable_dir_problem(out) if out else None
+    if problem:
+        raise UserError(problem)
+
+
+def _job(command: str) -> Callable:
+    """The Hydra task function of ``command``: one-line errors, no half-written run directory."""
+
+    def task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        _quiet_libraries()
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            if command == "train":
+                from kdexp.train import run
+
+                run(cfg, run_dir)
+            elif command == "eval":
+                from kdexp.jobs import run_eval
+
+                run_eval(cfg, run_dir)
+            else:
+                from kdexp.jobs import run_generate
+
+                run_generate(cfg, run_dir)
+        except UserError as err:
+            _discard_if_empty(run_dir, resumed=bool(cfg.get("train", {}).get("resume")))
+            fail(str(err))
+
+    return task
+
+
+def _quiet_libraries() -> None:
+    """Keep the job log about the run: libraries' routine INFO lines go."""
+    for name in ("accelerate", "absl", "httpx", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # accelerate warns on every checkpoint that tied embeddings are saved once: expected.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+
+
+def _discard_if_empty(run_dir: Path, resumed: bool) -> None:
+    """Remove a run directory that holds nothing but Hydra's own files."""
+    if resumed or not run_dir.is_dir():
+        return
+    hydra_files = {".hydra", "config.yaml"} | {p.name for p in run_dir.glob("*.log")}
+    if all(p.name in hydra_files for p in run_dir.iterdir()):
+        logging.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        parent = run_dir.parent
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(top_help())
+        return
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        fail(str(unknown_choice("command", command, COMMANDS)))
+    # `kdexp eval RUN_DIR`: a bare first argument is the model to evaluate.
+    if command in ("eval", "generate") and rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        rest[0] = f"model={rest[0]}"
+    from kdexp.config import conf_dir, register_resolvers
+
+    register_resolvers()
+    if not any(a in ("--help", "-h", "--hydra-help", "--version", "--info", "-i") for a in rest):
+        try:
+            preflight(rest)
+        except UserError as err:
+            fail(str(err))
+    import hydra
+
+    # Hydra's parser wants the overrides contiguous: put ours next to the user's.
+    first = next((i for i, a in enumerate(rest) if "=" in a and not a.startswith("-")
+                  and (i == 0 or rest[i - 1] not in _FLAGS_WITH_VALUE)), len(rest))
+    sys.argv = [f"kdexp {command}", *rest[:first], f"hydra.job.name={command}", *rest[first:]]
+    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job(command))()
+
+
+if __name__ == "__main__":
+    main()
