@@ -1,0 +1,66 @@
+"""Shared helpers: run the real ``kdexp`` CLI, compose configs, fast overrides for tiny runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach the model or dataset hub (set before transformers is imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from kdexp.models import ASSETS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny, fast run on the bundled models: a few steps, a small toy split, one eval seed.
+FAST = [
+    "logger=none", "train.max_steps=6", "train.log_every=2", "train.save_every=3",
+    "data.toy.n_train=96", "data.toy.n_valid=16", "data.toy.n_test=12",
+    "eval.seeds=[10,20]", "eval.max_new_tokens=24", "train.batch_size=8", "train.micro_batch_size=4",
+]
+
+
+def kdexp(*args: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True,
+          timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m kdexp ARGS`` in ``cwd``; on failure show its output."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "kdexp", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kdexp {' '.join(args)} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def teacher_available() -> None:
+    if not (ASSETS / "tiny-teacher" / "model.safetensors").is_file():
+        pytest.fail("the bundled teacher is missing: run `make teacher`")
+
+
+@pytest.fixture
+def compose():
+    """``compose(overrides) -> cfg``: the composed ``conf/config.yaml``, nothing loaded."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from kdexp.config import conf_dir, register_resolvers
+
+    register_resolvers()
+
+    def run(overrides: list[str] | None = None, hydra: bool = False):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="test"):
+            return hydra_compose("config", overrides=list(overrides or []), return_hydra_config=hydra)
+
+    return run

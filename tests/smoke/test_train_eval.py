@@ -1,0 +1,117 @@
+"""The real CLI end to end on the bundled tiny models: train, records, eval, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import FAST, kdexp, read_json
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("teacher_available")]
+
+
+@pytest.fixture(scope="module")
+def kd_run(tmp_path_factory):
+    """One short KD run shared by the record checks below."""
+    root = tmp_path_factory.mktemp("kd")
+    proc = kdexp("train", *FAST, f"hydra.run.dir={root / 'run'}", cwd=root)
+    return root / "run", proc
+
+
+def test_train_prints_the_result_table(kd_run):
+    run, proc = kd_run
+    assert "| teacher |" in proc.stdout and "| student |" in proc.stdout
+    assert "ROUGE-L" in proc.stdout and "exact match" in proc.stdout
+
+
+def test_the_run_directory_is_the_record(kd_run):
+    run, _ = kd_run
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "results.md", ".hydra/config.yaml",
+                 "final/config.json", "final/model.safetensors", "final/tokenizer.json",
+                 "generations/test_student.jsonl", "generations/test_teacher.jsonl"):
+        assert (run / name).exists(), name
+    results = read_json(run / "results.json")
+    for key in ("rougeL", "exact_match", "rougeL_std", "exact_match_std"):
+        assert 0.0 <= results[key] <= 100.0
+    assert results["teacher"]["n"] == results["student"]["n"] == 12
+    assert results["student"]["seeds"] == [10, 20] and results["train"]["steps"] == 6
+    # Checkpoints at steps 3 and 6, written atomically: no temporary directory left behind.
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_0000003", "step_0000006"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all({"train/loss", "train/ce", "train/fkl", "train/lr"} <= set(r) for r in rows)
+    # kd_weight 0.5: the logged total is the weighted sum of the logged terms.
+    for r in rows:
+        assert r["train/loss"] == pytest.approx(0.5 * r["train/ce"] + 0.5 * r["train/fkl"], rel=1e-5)
+
+
+def test_final_student_loads_with_plain_transformers(kd_run):
+    run, _ = kd_run
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    ckpt = load_file(str(run / "checkpoints" / "step_0000006" / "model.safetensors"))
+    for name, param in model.state_dict().items():
+        if name in ckpt:
+            assert torch.equal(param, ckpt[name]), name
+    assert tok.eos_token_id is not None and len(tok) == model.config.vocab_size
+
+
+def test_eval_of_the_run_reproduces_its_final_numbers(kd_run, tmp_path):
+    run, _ = kd_run
+    proc = kdexp("eval", str(run), f"hydra.run.dir={tmp_path / 'eval'}", "logger=none", cwd=tmp_path)
+    trained = read_json(run / "results.json")["student"]
+    evaluated = read_json(tmp_path / "eval" / "results.json")
+    for key in ("rougeL", "exact_match", "rougeL_std", "exact_match_std", "n", "seeds"):
+        assert evaluated[key] == trained[key], key
+    assert evaluated["loss"] > 0 and "| student of" in proc.stdout
+
+
+def test_generate_writes_jsonl(kd_run, tmp_path):
+    run, _ = kd_run
+    out = tmp_path / "gen.jsonl"
+    kdexp("generate", str(run), "generate.max_samples=3", f"generate.output={out}",
+          f"hydra.run.dir={tmp_path / 'g'}", "logger=none", cwd=tmp_path)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(set(r) >= {"prompt", "output", "references"} for r in rows)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    """Killed after step 4 (checkpoint at 3), resumed: same weights and metrics as a clean run."""
+    args = [*FAST, "train.max_steps=6", "train.save_every=3", "train.eval_every=2",
+            "train.eval_samples=4"]
+    kdexp("train", *args, f"hydra.run.dir={tmp_path / 'clean'}", cwd=tmp_path)
+    killed = kdexp("train", *args, f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path,
+                   env={"KDEXP_KILL_AT_STEP": "4"}, check=False)
+    assert killed.returncode != 0
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_0000003"]
+    kdexp("train", *args, "train.resume=true", f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path)
+
+    clean = load_file(str(tmp_path / "clean" / "final" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert clean.keys() == resumed.keys()
+    for name in clean:
+        assert torch.equal(clean[name], resumed[name]), name
+    a, b = read_json(tmp_path / "clean" / "results.json"), read_json(tmp_path / "resumed" / "results.json")
+    assert (a["rougeL"], a["exact_match"]) == (b["rougeL"], b["exact_match"])
+    assert logged(tmp_path / "clean") == logged(tmp_path / "resumed")
+
+
+def logged(run):
+    """metrics.jsonl without the wall-clock fields."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "train/tokens_per_s")} for r in rows]
+
+
+def test_sft_runs_without_a_teacher(tmp_path):
+    proc = kdexp("train", *FAST, "method=sft", "teacher=none", f"hydra.run.dir={tmp_path / 'r'}",
+                 cwd=tmp_path)
+    results = read_json(tmp_path / "r" / "results.json")
+    assert "teacher" not in results and "| teacher |" not in proc.stdout
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/fkl" not in r and r["train/loss"] == r["train/ce"] for r in rows)

@@ -1,0 +1,90 @@
+"""Every YAML under conf/ and sweeps/ composes; presets say what they claim, nothing is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from kdexp import config, losses, methods
+from kdexp.data.templates import TEMPLATES
+
+CONF = config.conf_dir()
+GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
+
+
+def test_the_conf_tree_is_not_empty():
+    assert (CONF / "config.yaml").is_file()
+    assert len(GROUP_FILES) > 40
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF)))
+def test_every_group_option_composes(path, compose):
+    group = str(path.parent.relative_to(CONF))
+    cfg = compose([f"{group}={path.stem}"])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert not OmegaConf.missing_keys(cfg), f"{path}: missing values {OmegaConf.missing_keys(cfg)}"
+    assert config.problems(cfg) == []
+    # Every preset opens with a runnable example of itself.
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# kdexp ") and f"{group}={path.stem}" in path.read_text(), path
+
+
+def test_the_default_is_kd_of_the_tiny_teacher_on_toy(compose):
+    cfg = compose()
+    choices = {g: compose(hydra=True).hydra.runtime.choices[g] for g in config.GROUPS}
+    assert choices == {"method": "kd", "loss": "fkl", "student": "tiny", "teacher": "tiny",
+                       "data": "toy", "eval": "default", "logger": "wandb"}
+    assert Path(cfg.teacher.name_or_path).is_dir() and Path(cfg.student.name_or_path).is_dir()
+    assert cfg.student.init == "random"
+
+
+def test_names_in_yaml_are_registry_names(compose):
+    for loss in config.group_choices("loss"):
+        assert compose([f"loss={loss}"]).loss.name == loss in losses.names()
+    for method in config.group_choices("method"):
+        assert compose([f"method={method}"]).method.name == method in methods.METHODS
+    for data in config.group_choices("data"):
+        cfg = compose([f"data={data}"])
+        assert cfg.data.name == data and cfg.data.template in TEMPLATES
+
+
+HUB = {"gpt2": "openai-community/gpt2", "gpt2-xl": "openai-community/gpt2-xl",
+       "opt-6.7b": "facebook/opt-6.7b", "llama2-7b": "meta-llama/Llama-2-7b-hf",
+       "llama-68m": "JackFram/llama-68m", "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+       "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"}
+
+
+@pytest.mark.parametrize("group", ["student", "teacher"])
+def test_hub_presets_name_hub_models(group, compose):
+    wanted = {"tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "opt-125m", "opt-350m",
+              "opt-1.3b", "opt-2.7b", "opt-6.7b", "tinyllama-1.1b", "llama2-7b", "llama2-13b",
+              "llama-68m", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"}
+    assert wanted <= set(config.group_choices(group))
+    for name, hub_id in HUB.items():
+        assert compose([f"{group}={name}"])[group].name_or_path == hub_id
+
+
+def test_dolly_preset_follows_the_papers(compose):
+    d = compose(["data=dolly"]).data
+    assert (d.split.valid, d.split.test) == (500, 500)
+    assert dict(d.fields)["input"] == "context" and dict(d.fields)["output"] == "response"
+    assert (d.template, d.max_prompt_length, d.max_length) == ("alpaca", 256, 512)
+
+
+def test_kd_weight_is_the_ce_kd_shorthand(compose):
+    spec = methods.objective_spec(compose(["method=kd", "loss=rkl", "method.kd_weight=0.3",
+                                           "loss.temperature=2"]))
+    assert spec == [{"loss": "ce", "weight": pytest.approx(0.7)},
+                    {"loss": "rkl", "weight": 0.3, "temperature": 2.0}]
+    assert methods.objective_spec(compose(["method=sft"])) == [{"loss": "ce", "weight": 1.0}]
+
+
+def test_problems_reports_every_bad_value_at_once(compose):
+    cfg = compose(["train.max_steps=0", "loss.temperature=-1", "data.max_prompt_length=600",
+                   "eval.top_p=2"])
+    found = config.problems(cfg)
+    assert len(found) == 4, found
+    assert any("train.max_steps" in p for p in found)
+    assert any("max_prompt_length" in p and "max_length" in p for p in found)
