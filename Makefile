@@ -1,0 +1,30 @@
+# kdexp: `make help` lists the targets.
+PYTHON ?= python
+.DEFAULT_GOAL := help
+
+.PHONY: help install demo test test-fast lint teacher clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+install: ## install kdexp with the dev extras (CPU torch first: no CUDA download)
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[dev]"
+
+demo: ## the embedded default: distill the tiny teacher into the tiny student on the toy task
+	kdexp train
+
+test: ## the whole test suite (unit, config composition, CLI smoke)
+	$(PYTHON) -m pytest
+
+test-fast: ## unit and config tests only (no end-to-end runs)
+	$(PYTHON) -m pytest -m "not slow"
+
+lint: ## ruff
+	ruff check kdexp tests
+
+teacher: ## rebuild the bundled tokenizer and tiny teacher from their seed (about 1 hour on 2 cores)
+	$(PYTHON) -m kdexp.assets.build teacher
+
+clean: ## remove run directories and caches
+	rm -rf runs multirun outputs .pytest_cache .ruff_cache
