@@ -2,9 +2,11 @@
 
     texts, lengths = generate(model, tokenizer, examples, GenerationSpec(max_new_tokens=64), seed=10)
 
-Decoding follows *only* the given spec: a fresh ``GenerationConfig`` is passed, so defaults a
-checkpoint ships in its ``generation_config.json`` (Qwen's top_p=0.8 and
-repetition_penalty=1.05, for one) never leak into an evaluation protocol.
+Decoding follows *only* the given spec. Passing a fresh ``GenerationConfig`` is not enough:
+``generate`` fills every unset field from the model's own ``generation_config`` (transformers
+5), so defaults a checkpoint ships in its ``generation_config.json`` (Qwen's top_p=0.8 and
+repetition_penalty=1.05, for one) would leak into the evaluation protocol. The model's config is
+swapped for the spec's while generating.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class GenerationSpec:
             if self.do_sample else {"temperature": None, "top_p": None, "top_k": None}
         return GenerationConfig(do_sample=self.do_sample, max_new_tokens=self.max_new_tokens,
                                 no_repeat_ngram_size=self.no_repeat_ngram_size, eos_token_id=eos_ids,
-                                pad_token_id=pad_id, use_cache=True, **sampling)
+                                pad_token_id=pad_id, use_cache=True, num_beams=1,
+                                repetition_penalty=1.0, **sampling)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -60,6 +63,8 @@ def generate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spe
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    shipped, hf_model.generation_config = hf_model.generation_config, config
     texts: list[str] = []
     lengths: list[int] = []
     starts = range(0, len(examples), batch_size)
@@ -77,5 +82,6 @@ def generate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spe
                     lengths.append(n)
                     texts.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
     finally:
+        hf_model.generation_config = shipped
         model.train(was_training)
     return texts, lengths
