@@ -14,6 +14,7 @@ with status 2, and removes the run directory if the job had not produced anythin
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 import sys
@@ -27,6 +28,9 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate a run, a model directory, a preset or a hub model",
     "generate": "write a model's responses to a split or a prompts file as JSONL",
 }
+# Each command's job: a function (cfg, run_dir), imported only when that command runs.
+RUNNERS: dict[str, str] = {"train": "kdexp.train:run", "eval": "kdexp.jobs:run_eval",
+                           "generate": "kdexp.jobs:run_generate"}
 # Hydra's own flags that take a value: the value is not an override.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
                      "-cn", "--config-dir", "-cd", "--experimental-rerun", "--shell-completion"}
@@ -128,19 +132,9 @@ def _job(command: str) -> Callable:
 
         _quiet_libraries()
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        module, name = RUNNERS[command].split(":")
         try:
-            if command == "train":
-                from kdexp.train import run
-
-                run(cfg, run_dir)
-            elif command == "eval":
-                from kdexp.jobs import run_eval
-
-                run_eval(cfg, run_dir)
-            else:
-                from kdexp.jobs import run_generate
-
-                run_generate(cfg, run_dir)
+            getattr(importlib.import_module(module), name)(cfg, run_dir)
         except UserError as err:
             _discard_if_empty(run_dir, resumed=bool(cfg.get("train", {}).get("resume")))
             fail(str(err))

@@ -116,8 +116,13 @@ def run_generate(cfg: DictConfig, run_dir: Path) -> Path:
         from kdexp.data.encode import Example
         from kdexp.data.sources import read_rows
 
-        rows = read_rows(g.prompts)
-        records = [{"prompt": str(r.get("prompt", "")), "output": "", "references": [""]} for _, r in rows]
+        records = []
+        for line, row in read_rows(g.prompts):
+            if not str(row.get("prompt") or "").strip():
+                raise UserError(f"{g.prompts}:{line}: no \"prompt\" (each line needs a non-empty "
+                                f"\"prompt\" field)")
+            records.append({"prompt": str(row["prompt"]), "output": "",
+                            "references": [str(r) for r in row.get("references", [])]})
         ids = tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]
         examples = [Example(p, [], r) for p, r in zip(ids, records, strict=True)]
     else:

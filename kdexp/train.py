@@ -322,7 +322,7 @@ def final_evaluation(cfg: DictConfig, run_dir: Path, student: torch.nn.Module, t
             f.writelines(json.dumps(g) + "\n" for g in generations)
     table = format_table(rows, title=f"test split of data={cfg.data.name} ({len(test)} prompts)")
     (run_dir / "results.md").write_text(table + "\n")
-    print("\n" + table + "\n", flush=True)
+    print(f"\n{table}\n\nrun directory: {run_dir}\n", flush=True)
     results = {k: rows["student"][k] for k in ("rougeL", "rougeL_std", "exact_match", "exact_match_std")}
     results.update({"split": "test", "student": rows["student"]})
     if "teacher" in rows:

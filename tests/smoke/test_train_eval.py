@@ -80,6 +80,22 @@ def test_generate_writes_jsonl(kd_run, tmp_path):
     assert len(rows) == 3 and all(set(r) >= {"prompt", "output", "references"} for r in rows)
 
 
+def test_generate_from_a_prompts_file(kd_run, tmp_path):
+    run, _ = kd_run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "### Instruction:\\nDescribe Alice.\\n\\n### Response:\\n"}\n'
+                       '{"prompt": "### Instruction:\\nWhat is two plus two?\\n\\n### Response:\\n"}\n')
+    out = tmp_path / "gen.jsonl"
+    kdexp("generate", str(run), f"generate.prompts={prompts}", f"generate.output={out}",
+          f"hydra.run.dir={tmp_path / 'g'}", "logger=none", cwd=tmp_path)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [json.loads(x)["prompt"] for x in prompts.read_text().splitlines()]
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt here"}\n')
+    bad = kdexp("generate", str(run), f"generate.prompts={tmp_path / 'bad.jsonl'}", "logger=none",
+                cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "bad.jsonl:1" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     """Killed after step 4 (checkpoint at 3), resumed: same weights and metrics as a clean run."""
     args = [*FAST, "train.max_steps=6", "train.save_every=3", "train.eval_every=2",
