@@ -1,0 +1,46 @@
+"""Mean and std over seeds of the final test scores of a set of runs, grouped by their config.
+
+    python scripts/summarize.py runs/kd-vs-sft            # every */results.json below the folder
+    python scripts/summarize.py runs/kd-vs-sft --by method.name loss.name
+
+A run's score is its results.json ``rougeL`` / ``exact_match`` (already a mean over the eval
+seeds); the table gives the mean and sample std of those over the runs of a group (the training
+seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--by", nargs="+", default=["method.name"], help="config keys to group by")
+    args = parser.parse_args()
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for results in sorted(args.root.rglob("results.json")):
+        cfg = OmegaConf.load(results.parent / "config.yaml")
+        key = tuple(str(OmegaConf.select(cfg, k)) for k in args.by)
+        groups[key].append({**json.loads(results.read_text()), "seed": cfg.seed})
+    print(f"| {' | '.join(args.by)} | runs | seeds | ROUGE-L | exact match | train time (s) |")
+    print("|" + "---|" * (len(args.by) + 5))
+    for key, runs in sorted(groups.items()):
+        cells = []
+        for metric in ("rougeL", "exact_match"):
+            values = [r[metric] for r in runs]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.2f} ± {std:.2f}")
+        time_s = statistics.fmean(r["train"]["time_s"] for r in runs)
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        print(f"| {' | '.join(key)} | {len(runs)} | {seeds} | {cells[0]} | {cells[1]} | {time_s:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
