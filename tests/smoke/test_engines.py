@@ -68,3 +68,18 @@ def test_dolly_through_the_datasets_loader(tmp_path):
     prompts = [json.loads(x)["prompt"] for x in (run / "generations" / "test_student.jsonl").read_text().splitlines()]
     assert all(p.startswith("Below is an instruction that describes a task") for p in prompts)
     assert all(p.endswith("### Response:\n") for p in prompts)
+
+
+def test_eval_of_a_preset_and_of_a_model_directory(tmp_path):
+    """`kdexp eval model=PRESET` and `model=DIR` go through the same loader as training."""
+    common = ["eval.max_samples=4", "eval.seeds=[10]", "data.toy.n_test=4", "logger=none"]
+    kdexp("eval", "model=tiny", *common, f"hydra.run.dir={tmp_path / 'preset'}", cwd=tmp_path)
+    preset = read_json(tmp_path / "preset" / "results.json")
+    assert preset["model"] == "teacher=tiny" and preset["n"] == 4
+    from kdexp.models import asset_path
+
+    kdexp("eval", f"model={asset_path('tiny-teacher')}", *common, f"hydra.run.dir={tmp_path / 'dir'}",
+          cwd=tmp_path)
+    direct = read_json(tmp_path / "dir" / "results.json")
+    assert (direct["rougeL"], direct["exact_match"], direct["loss"]) == \
+        (preset["rougeL"], preset["exact_match"], preset["loss"])

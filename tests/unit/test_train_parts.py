@@ -1,0 +1,59 @@
+"""The loop's small parts: the resumable batch stream and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdexp.errors import UserError
+from kdexp.train import BatchStream, lr_lambda
+
+
+def take(stream, k):
+    return [stream.next() for _ in range(k)]
+
+
+def test_each_epoch_is_a_permutation_without_repeats():
+    s = BatchStream(n=23, micro_batch_size=4, world=1, rank=0, seed=3)
+    assert s.per_epoch == 5  # the incomplete last micro-batch is dropped
+    epoch0 = take(s, 5)
+    flat = [i for b in epoch0 for i in b]
+    assert len(flat) == len(set(flat)) == 20 and set(flat) <= set(range(23))
+    epoch1 = take(s, 5)
+    assert s.epoch == 1 and epoch0 != epoch1  # a fresh order every epoch
+
+
+def test_the_stream_is_a_function_of_the_seed():
+    a, b, c = (BatchStream(50, 5, 1, 0, seed) for seed in (1, 1, 2))
+    assert take(a, 12) == take(b, 12) != take(c, 12)
+
+
+def test_ranks_split_each_global_micro_batch():
+    one = BatchStream(40, 4, world=1, rank=0, seed=0)
+    r0, r1 = (BatchStream(40, 2, world=2, rank=r, seed=0) for r in (0, 1))
+    for _ in range(10):
+        both = r0.next() + r1.next()
+        assert both == one.next()  # same examples per step whatever the process count
+
+
+def test_state_dict_resumes_the_same_sequence():
+    s = BatchStream(30, 4, 1, 0, seed=5)
+    take(s, 9)  # into the second epoch
+    state = s.state_dict()
+    expected = take(s, 6)
+    t = BatchStream(30, 4, 1, 0, seed=5)
+    t.load_state_dict(state)
+    assert take(t, 6) == expected
+
+
+def test_too_small_a_split_is_a_user_error():
+    with pytest.raises(UserError, match="micro_batch_size"):
+        BatchStream(3, 4, 1, 0, seed=0)
+
+
+def test_lr_schedule_warms_up_then_decays_linearly():
+    f = lr_lambda(warmup=4, total=14, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(1 - 0.9 * 0.5)
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    decay = [f(s) for s in range(4, 15)]
+    assert all(x > y for x, y in zip(decay, decay[1:], strict=False))
