@@ -148,25 +148,26 @@ def _repeat(rng: random.Random) -> Example:
     return Example("repeat", instruction, sentence, sentence)
 
 
+# fact kind -> (two phrasings of the question, the answer); filled with a Person's fields.
+FACT_QUESTIONS = {
+    "city": (["Where does {name} live?", "In which city does {name} live?"],
+             "{name} lives in {city}."),
+    "job": (["What is {name}'s job?", "What does {name} do for a living?"],
+            "{name} works as {job_article} {job}."),
+    "pet": (["What pet does {name} have?", "Which animal does {name} keep at home?"],
+            "{name} has {pet_color_article} {pet_color} {pet}."),
+    "color": (["What is {name}'s favorite color?", "Which color does {name} like best?"],
+              "{name}'s favorite color is {color}."),
+    "hobby": (["What does {name} like to do on weekends?", "What is {name}'s hobby?"],
+              "{name} likes to {hobby}."),
+}
+
+
 def _fact(rng: random.Random) -> Example:
     p = rng.choice(WORLD)
-    kind = rng.choice(["city", "job", "pet", "color", "hobby"])
-    if kind == "city":
-        q = rng.choice([f"Where does {p.name} live?", f"In which city does {p.name} live?"])
-        a = f"{p.name} lives in {p.city}."
-    elif kind == "job":
-        q = rng.choice([f"What is {p.name}'s job?", f"What does {p.name} do for a living?"])
-        a = f"{p.name} works as {_article(p.job)} {p.job}."
-    elif kind == "pet":
-        q = rng.choice([f"What pet does {p.name} have?", f"Which animal does {p.name} keep at home?"])
-        a = f"{p.name} has {_article(p.pet_color)} {p.pet_color} {p.pet}."
-    elif kind == "color":
-        q = rng.choice([f"What is {p.name}'s favorite color?", f"Which color does {p.name} like best?"])
-        a = f"{p.name}'s favorite color is {p.color}."
-    else:
-        q = rng.choice([f"What does {p.name} like to do on weekends?", f"What is {p.name}'s hobby?"])
-        a = f"{p.name} likes to {p.hobby}."
-    return Example("fact", q, "", a)
+    questions, answer = FACT_QUESTIONS[rng.choice(list(FACT_QUESTIONS))]
+    fields = {**p.__dict__, "job_article": _article(p.job), "pet_color_article": _article(p.pet_color)}
+    return Example("fact", rng.choice(questions).format(**fields), "", answer.format(**fields))
 
 
 def _arith(rng: random.Random) -> Example:
