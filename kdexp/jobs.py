@@ -96,11 +96,11 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         table = format_table({label: summary},
                              title=f"{cfg.eval.split} split of data={cfg.data.name} ({len(examples)} prompts)")
         (run_dir / "results.md").write_text(table + "\n")
-        print("\n" + table + "\n", flush=True)
         logger.log({f"{cfg.eval.split}/{k}": summary[k] for k in ("rougeL", "exact_match", "loss")}, 0)
         logger.summary({f"{cfg.eval.split}/{k}": summary[k] for k in ("rougeL", "exact_match")})
     finally:
         logger.finish()
+    print(f"\n{table}\n", flush=True)
     return results
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def _start_wandb(cfg: DictConfig, run_dir: Path, job_type: str):
 
     lcfg = cfg.logger
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id + "\n")
     mode = wandb_mode(lcfg.mode)
     run = wandb.init(

@@ -265,6 +265,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         logger.summary({f"test/{k}": results[k] for k in ("rougeL", "exact_match")})
     logger.finish()
+    if accelerator.is_main_process:  # last, below anything W&B prints when it finishes
+        print(f"\n{(run_dir / 'results.md').read_text()}\nrun directory: {run_dir}\n", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
@@ -322,7 +324,6 @@ def final_evaluation(cfg: DictConfig, run_dir: Path, student: torch.nn.Module, t
             f.writelines(json.dumps(g) + "\n" for g in generations)
     table = format_table(rows, title=f"test split of data={cfg.data.name} ({len(test)} prompts)")
     (run_dir / "results.md").write_text(table + "\n")
-    print(f"\n{table}\n\nrun directory: {run_dir}\n", flush=True)
     results = {k: rows["student"][k] for k in ("rougeL", "rougeL_std", "exact_match", "exact_match_std")}
     results.update({"split": "test", "student": rows["student"]})
     if "teacher" in rows:

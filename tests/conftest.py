@@ -26,11 +26,19 @@ FAST = [
 ]
 
 
-def kdexp(*args: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True,
+def kdexp(*args: str, cwd: Path, env: dict[str, str | None] | None = None, check: bool = True,
           timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m kdexp ARGS`` in ``cwd``; on failure show its output."""
+    """Run ``python -m kdexp ARGS`` in ``cwd``; on failure show its output.
+
+    ``env`` adds variables to the environment; a ``None`` value removes one.
+    """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1", **(env or {})}
+                "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1"}
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
     proc = subprocess.run([sys.executable, "-m", "kdexp", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -42,7 +42,7 @@ def test_multirun_gives_each_job_its_own_record(tmp_path):
 
 
 def test_wandb_logs_offline_without_an_api_key(tmp_path):
-    env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc"),
+    env = {"WANDB_MODE": None, "WANDB_API_KEY": None, "NETRC": str(tmp_path / "no-netrc"),
            "HOME": str(tmp_path)}
     run = tmp_path / "run"
     kdexp("train", *[a for a in FAST if not a.startswith("logger")], "logger=wandb",
