@@ -20,34 +20,131 @@ from kdexp.losses.divergences import DIVERGENCES
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+GENERIC = {"temperature": 1.0, "chunk_size": None}  # accepted by every divergence
+
+
 def names() -> list[str]:
     """Names of every registered divergence (the choices of ``loss=``)."""
     return DIVERGENCES.names()
 
 
 def parameters(name: str) -> dict[str, object]:
-    """The hyper-parameters of a divergence and their defaults, e.g. ``{"temperature": 1.0}``."""
+    """The hyper-parameters of a divergence and their defaults, e.g. ``{"temperature": 1.0, ...}``.
+
+    ``temperature`` and ``chunk_size`` (the chunked path, see :func:`divergence`) are accepted
+    by every divergence.
+    """
     sig = inspect.signature(DIVERGENCES.get(name))
-    return {p.name: p.default for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY}
+    own = {p.name: p.default for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY}
+    return {**GENERIC, **own}
 
 
 def divergence(name: str, **params: object) -> Divergence:
     """The divergence ``name`` with its hyper-parameters bound.
 
     Returns a callable ``(student_logits, teacher_logits) -> per-position float32 tensor`` of
-    shape ``logits.shape[:-1]``, summed over the vocabulary. Unknown names and parameters are
-    a :class:`UserError` with the closest valid spelling.
+    shape ``logits.shape[:-1]``, summed over the vocabulary. Unknown names and parameters, and
+    values out of range, are a :class:`UserError` with the closest valid spelling.
+
+    ``chunk_size=N`` computes it over N positions at a time, in the forward pass and again
+    (recomputed) in the backward pass, so that the extra memory is O(N x V) instead of
+    O(B x T x V): the values and gradients are those of the plain path.
     """
     fn = DIVERGENCES.get(name)
     allowed = parameters(name)
     for key in params:
         if key not in allowed:
             raise UserError(f"loss '{name}' has no parameter '{key}';{did_you_mean(key, allowed)} "
-                            f"parameters: {', '.join(allowed) or 'none'}")
+                            f"parameters: {', '.join(allowed)}")
+    params = dict(params)
+    chunk_size = params.pop("chunk_size", None)
     temperature = params.get("temperature", 1.0)
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+    if not _is_number(temperature) or temperature <= 0:
         raise UserError(f"loss '{name}': temperature must be > 0, got {temperature}")
-    return functools.partial(fn, **params)
+    for key, value in params.items():
+        if isinstance(allowed[key], (int, float)) and not _is_number(value):
+            raise UserError(f"loss '{name}': {key} must be a finite number, got {value!r}")
+    bound = Bound(name, fn, params)
+    bound(torch.zeros(1, 2), torch.zeros(1, 2))  # range checks now, not at the first step
+    if chunk_size is None:
+        return bound
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise UserError(f"loss '{name}': chunk_size must be a positive integer or null, got {chunk_size!r}")
+    return functools.partial(chunked, bound, chunk_size)
 
 
-__all__ = ["Divergence", "divergence", "names", "parameters"]
+class Bound:
+    """A divergence with its parameters bound; values are clamped at 0.
+
+    Every divergence here is >= 0; in float32 a pair of nearly equal distributions can round
+    to -1e-8, which the clamp removes (its gradient there is ~0 anyway).
+    """
+
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor], params: dict[str, object]):
+        self.name, self.fn, self.params = name, fn, params
+
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return self.fn(student_logits, teacher_logits, **self.params).clamp_min(0.0)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"divergence({self.name!r}{', ' if args else ''}{args})"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def chunked(fn: Divergence, chunk_size: int, student_logits: torch.Tensor,
+            teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``fn`` over ``chunk_size`` positions at a time, with O(chunk x V) extra memory."""
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"logits shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+    return _Chunked.apply(fn, chunk_size, student_logits, teacher_logits)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [N, V], a view for contiguous or vocabulary-sliced logits."""
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Chunked(torch.autograd.Function):
+    """Forward without a graph, chunk by chunk; backward recomputes each chunk's graph alone.
+
+    The gradients are written into one preallocated tensor per input of the input's shape,
+    handed to autograd as is (no view in between, so no copy is made when accumulating).
+    """
+
+    @staticmethod
+    def forward(ctx, fn, chunk_size, student_logits, teacher_logits):  # noqa: D102 (autograd protocol)
+        ctx.fn, ctx.chunk_size = fn, chunk_size
+        ctx.save_for_backward(student_logits, teacher_logits)
+        s, t = _rows(student_logits), _rows(teacher_logits)
+        with torch.no_grad():
+            out = torch.cat([fn(s[i:i + chunk_size], t[i:i + chunk_size])
+                             for i in range(0, s.shape[0], chunk_size)])
+        return out.view(student_logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        inputs = ctx.saved_tensors
+        need = ctx.needs_input_grad[2:]
+        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if n else None
+                 for x, n in zip(inputs, need, strict=True)]
+        rows_in = [_rows(x) for x in inputs]
+        rows_out = [_rows(g) if g is not None else None for g in grads]
+        grad_rows = grad_out.reshape(-1)
+        for i in range(0, rows_in[0].shape[0], ctx.chunk_size):
+            rows = slice(i, i + ctx.chunk_size)
+            with torch.enable_grad():
+                pieces = [x[rows].detach().requires_grad_(n) for x, n in zip(rows_in, need, strict=True)]
+                value = ctx.fn(*pieces)
+                wanted = [p for p, n in zip(pieces, need, strict=True) if n]
+                got = iter(torch.autograd.grad(value, wanted, grad_rows[rows]))
+            for g, n in zip(rows_out, need, strict=True):
+                if n:
+                    g[rows] = next(got)
+        return None, None, *grads
+
+
+__all__ = ["Divergence", "chunked", "divergence", "names", "parameters"]
