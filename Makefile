@@ -2,7 +2,7 @@
 PYTHON ?= python
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test test-fast lint teacher clean
+.PHONY: help install demo test test-fast lint bench teacher clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ test-fast: ## unit and config tests only (no end-to-end runs)
 
 lint: ## ruff
 	ruff check kdexp tests
+
+bench: ## benchmarks: peak memory of the plain vs chunked loss path at V = 152k (a few minutes)
+	$(PYTHON) benchmarks/loss_memory.py
 
 teacher: ## rebuild the bundled tokenizer and tiny teacher from their seed (about 1 hour on 2 cores)
 	$(PYTHON) -m kdexp.assets.build teacher

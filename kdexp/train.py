@@ -35,7 +35,7 @@ from kdexp.data import collate_train, load_examples
 from kdexp.errors import UserError
 from kdexp.evaluation import evaluate_generation, format_table, teacher_forced_nll
 from kdexp.logging import make_logger
-from kdexp.losses.objective import IGNORE_INDEX, Objective
+from kdexp.losses.objective import IGNORE_INDEX
 from kdexp.models import load_model, load_tokenizer, shared_vocab
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=t.device == "cpu")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    objective = Objective.from_spec(methods.objective_spec(cfg))
+    objective = methods.build_objective(cfg)
 
     # Data first (cheap, and the likeliest to be wrong), then the models. The student is
     # created right after seeding, so a random init is reproducible.
@@ -177,6 +177,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     progress = Progress()
     accelerator.register_for_checkpointing(stream)
     accelerator.register_for_checkpointing(progress)
+    accelerator.register_for_checkpointing(objective)
 
     if accelerator.is_main_process and not t.resume:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -233,8 +234,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if progress.step % t.log_every == 0 or progress.step == t.max_steps:
             reduced = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
                        for k, v in step_parts.items()}
-            total = sum(term.weight * reduced[key]
-                        for key, term in zip(objective.keys, objective.terms, strict=True))
+            weights = objective.weights()
+            total = sum(weights[key] * reduced[key] for key in objective.keys)
             elapsed = time.time() - start_time
             metrics = {"train/loss": total, **{f"train/{k}": v for k, v in reduced.items()},
                        "train/lr": scheduler.get_last_lr()[0],
@@ -242,8 +243,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                        "train/epoch": stream.epoch + stream.index / stream.per_epoch}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
+            for key, term in zip(objective.keys, objective.terms, strict=True):
+                if term.adaptive:
+                    metrics[f"train/{key}_scale"] = objective.scale(key)
             logger.log(metrics, progress.step)
             bar.set_postfix(loss=f"{total:.4f}")
+        # After logging (which shows this step's weights), before a checkpoint saves the state.
+        if any(term.adaptive for term in objective.terms):
+            objective.update({k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                              for k, v in step_parts.items()})
         if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
             if accelerator.is_main_process:
                 logger.log(validate(cfg, accelerator.unwrap_model(student), tokenizer, data["valid"]),

@@ -27,7 +27,7 @@ def test_every_group_option_composes(path, compose):
     assert not OmegaConf.missing_keys(cfg), f"{path}: missing values {OmegaConf.missing_keys(cfg)}"
     assert config.problems(cfg) == []
     # Every preset opens with a runnable example of itself.
-    first = path.read_text().splitlines()[0]
+    first = next(line for line in path.read_text().splitlines() if not line.startswith("# @package"))
     assert first.startswith("# kdexp ") and f"{group}={path.stem}" in path.read_text(), path
 
 
@@ -73,11 +73,21 @@ def test_dolly_preset_follows_the_papers(compose):
     assert (d.template, d.max_prompt_length, d.max_length) == ("alpaca", 256, 512)
 
 
+def test_kd_is_hintons_recipe_by_default(compose):
+    cfg = compose([])
+    assert (cfg.method.kd_weight, cfg.loss.temperature, cfg.loss.t2_scale) == (0.5, 2.0, True)
+    terms = methods.build_objective(cfg).terms
+    assert [(t.name, t.weight) for t in terms] == [("ce", 0.5), ("fkl", 0.5 * 4.0)]
+    # Any loss keeps the method's temperature unless told otherwise; sft has no KD term.
+    assert compose(["loss=jsd"]).loss.temperature == 2.0
+    assert compose(["loss=jsd", "loss.temperature=1"]).loss.temperature == 1.0
+
+
 def test_kd_weight_is_the_ce_kd_shorthand(compose):
     spec = methods.objective_spec(compose(["method=kd", "loss=rkl", "method.kd_weight=0.3",
                                            "loss.temperature=2"]))
     assert spec == [{"loss": "ce", "weight": pytest.approx(0.7)},
-                    {"loss": "rkl", "weight": 0.3, "temperature": 2.0}]
+                    {"loss": "rkl", "weight": 0.3, "temperature": 2.0, "t2_scale": True, "chunk_size": None}]
     assert methods.objective_spec(compose(["method=sft"])) == [{"loss": "ce", "weight": 1.0}]
 
 
@@ -88,3 +98,26 @@ def test_problems_reports_every_bad_value_at_once(compose):
     assert len(found) == 4, found
     assert any("train.max_steps" in p for p in found)
     assert any("max_prompt_length" in p and "max_length" in p for p in found)
+
+
+@pytest.mark.parametrize("loss", losses.names())
+def test_every_divergence_has_a_preset_with_its_parameters(loss, compose):
+    cfg = compose([f"loss={loss}"])
+    keys = set(cfg.loss) - {"name", "t2_scale"}
+    params = losses.parameters(loss)
+    assert keys == set(params), f"conf/loss/{loss}.yaml and kdexp.losses.parameters('{loss}') differ"
+    for key in keys - {"chunk_size", "temperature"}:  # method=kd sets the temperature
+        assert cfg.loss[key] == params[key], f"{loss}.{key}: yaml default differs from the code's"
+    objective = methods.build_objective(cfg)
+    assert [t.name for t in objective.terms] == ["ce", loss]
+
+
+def test_adaptive_kd_weight_and_sample_weight(compose):
+    cfg = compose(["method.kd_weight=adaptive", "loss=jsd", "loss.beta=0.9",
+                   "method.sample_weight=teacher_likelihood", "method.min_weight=0.2"])
+    objective = methods.build_objective(cfg)
+    assert [(t.name, t.weight, t.adaptive) for t in objective.terms] == [("ce", 0.5, False), ("jsd", 0.5 * 4, True)]
+    assert objective.sample_weight == "teacher_likelihood" and objective.min_weight == 0.2
+    assert config.problems(compose(["method.kd_weight=adaptiv"])) == [
+        "method.kd_weight must be in [0, 1] or 'adaptive', got 'adaptiv'"]
+    assert config.problems(compose(["method.sample_weight=teacher"]))

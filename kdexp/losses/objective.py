@@ -8,6 +8,17 @@
 optimizer step and every process, so that the sum of the micro-batch losses is exactly the
 token mean of the full batch, whatever the accumulation and the padding (the fix for the
 per-micro-batch-mean bias, e.g. TRL issue 4719).
+
+Two options act on the terms, never inside a divergence:
+
+* ``adaptive: true`` on a term multiplies its weight by the running ratio of the CE term's
+  magnitude to its own (an exponential moving average over optimizer steps, updated by
+  :meth:`Objective.update` with values reduced over all processes, so every rank uses the
+  same scale). ``method.kd_weight=adaptive`` is ``0.5 * CE + 0.5 * scale * KD``.
+* ``sample_weight``: every sequence's per-position losses are multiplied by its per-token
+  geometric-mean probability under the teacher (``teacher_likelihood``) or the student
+  (``student_likelihood``), detached, clamped below at ``min_weight`` and normalized to mean
+  1 over the micro-batch's sequences: the sample-wise weighting of student-generated outputs.
 """
 
 from __future__ import annotations
@@ -37,6 +48,9 @@ def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.
     return flat.view(targets.shape)
 
 
+SAMPLE_WEIGHTS = ("none", "teacher_likelihood", "student_likelihood")
+
+
 @dataclass(frozen=True)
 class Term:
     """One weighted term: ``fn(student_logits, teacher_logits, targets) -> [B, T]``."""
@@ -45,47 +59,105 @@ class Term:
     weight: float
     fn: TermFn
     needs_teacher: bool
+    adaptive: bool = False
 
 
 def make_term(spec: Mapping[str, object]) -> Term:
     """A term from its config: ``{loss: ce | <divergence>, weight: w, t2_scale: bool, **params}``.
 
     ``t2_scale`` multiplies the weight by ``temperature ** 2``, the gradient-magnitude
-    correction of Hinton et al. (2015, Sec. 2); off by default.
+    correction of Hinton et al. (2015, Sec. 2); off by default. ``adaptive`` (off by default)
+    rescales the term to the CE term's running magnitude (see the module docstring).
     """
     spec = dict(spec)
     name = str(spec.pop("loss"))
     weight = float(spec.pop("weight", 1.0))
     t2_scale = bool(spec.pop("t2_scale", False))
+    adaptive = bool(spec.pop("adaptive", False))
     if name == "ce":
-        if spec:
-            raise UserError(f"the ce term takes no parameters, got {sorted(spec)}")
+        if spec or adaptive:
+            raise UserError(f"the ce term takes no parameters, got {sorted(spec) + ['adaptive'] * adaptive}")
         return Term("ce", weight, lambda s, t, y: cross_entropy(s, y), needs_teacher=False)
     div = losses.divergence(name, **spec)
     if t2_scale:
         weight *= float(spec.get("temperature", 1.0)) ** 2
-    return Term(name, weight, lambda s, t, y: div(s, t), needs_teacher=True)
+    return Term(name, weight, lambda s, t, y: div(s, t), needs_teacher=True, adaptive=adaptive)
+
+
+def sequence_weights(logits: torch.Tensor, targets: torch.Tensor, min_weight: float) -> torch.Tensor:
+    """Per-sequence weights from a model's likelihood of the targets. [B, T, V] x [B, T] -> [B]
+
+    The weight is ``exp(mean log prob)`` over the sequence's valid positions (its per-token
+    geometric-mean probability), clamped below at ``min_weight``, then divided by the mean
+    over the sequences that have a valid position (those without one get weight 0).
+    """
+    with torch.no_grad():
+        mask = targets != IGNORE_INDEX
+        count = mask.sum(-1)
+        mean_logp = -(cross_entropy(logits, targets) * mask).sum(-1) / count.clamp_min(1)
+        w = mean_logp.exp().clamp_min(min_weight) * (count > 0)
+        return w * (count > 0).sum() / w.sum().clamp_min(1e-30)
 
 
 class Objective:
     """Sum of weighted terms, masked by ``targets != IGNORE_INDEX`` and divided by ``num_tokens``."""
 
-    def __init__(self, terms: Sequence[Term]):
+    EMA_MOMENTUM = 0.9          # adaptive terms: moving average over optimizer steps
+    SCALE_RANGE = (1e-4, 1e4)   # and the bounds of their scale
+
+    def __init__(self, terms: Sequence[Term], sample_weight: str = "none", min_weight: float = 0.1):
         if not terms:
             raise UserError("the objective has no terms with a non-zero weight")
+        if sample_weight not in SAMPLE_WEIGHTS:
+            raise UserError(f"sample_weight must be one of {', '.join(SAMPLE_WEIGHTS)}, got '{sample_weight}'")
+        if not 0 < min_weight <= 1:
+            raise UserError(f"min_weight must be in (0, 1], got {min_weight}")
         self.terms = list(terms)
+        self.sample_weight, self.min_weight = sample_weight, float(min_weight)
         names = [t.name for t in self.terms]
         # Two terms of the same loss (say fkl at two temperatures) get distinct log keys.
         self.keys = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        if any(t.adaptive for t in self.terms) and "ce" not in names:
+            raise UserError("an adaptive term is scaled to the ce term's magnitude: add a ce term")
+        self.ema: dict[str, float] = {}
 
     @classmethod
-    def from_spec(cls, spec: Sequence[Mapping[str, object]]) -> Objective:
+    def from_spec(cls, spec: Sequence[Mapping[str, object]], sample_weight: str = "none",
+                  min_weight: float = 0.1) -> Objective:
         terms = [make_term(s) for s in spec]
-        return cls([t for t in terms if t.weight != 0])
+        return cls([t for t in terms if t.weight != 0], sample_weight, min_weight)
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t.needs_teacher for t in self.terms)
+        return (any(t.needs_teacher for t in self.terms)
+                or self.sample_weight == "teacher_likelihood")
+
+    def scale(self, key: str) -> float:
+        """The current multiplier of an adaptive term (1 before the first update)."""
+        ce_key = self.keys[[t.name for t in self.terms].index("ce")]
+        if key not in self.ema or self.ema[key] <= 0:
+            return 1.0
+        lo, hi = self.SCALE_RANGE
+        return min(max(self.ema[ce_key] / self.ema[key], lo), hi)
+
+    def weights(self) -> dict[str, float]:
+        """The effective weight of every term now (adaptive scales included)."""
+        return {key: term.weight * (self.scale(key) if term.adaptive else 1.0)
+                for key, term in zip(self.keys, self.terms, strict=True)}
+
+    def update(self, step_values: Mapping[str, float]) -> None:
+        """Feed one optimizer step's term values (token means over all processes)."""
+        if not any(t.adaptive for t in self.terms):
+            return
+        m = self.EMA_MOMENTUM
+        for key, value in step_values.items():
+            self.ema[key] = value if key not in self.ema else m * self.ema[key] + (1 - m) * value
+
+    def state_dict(self) -> dict[str, object]:
+        return {"ema": dict(self.ema)}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.ema = dict(state["ema"])
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                  targets: torch.Tensor, num_tokens: torch.Tensor | float,
@@ -97,11 +169,18 @@ class Objective:
         micro-batches (and processes) gives the step's mean.
         """
         mask = targets != IGNORE_INDEX  # [B, T]
+        seq_w = None
+        if self.sample_weight != "none":
+            source = teacher_logits if self.sample_weight == "teacher_likelihood" else student_logits
+            seq_w = sequence_weights(source, targets, self.min_weight)[:, None]  # [B, 1]
+        weights = self.weights()
         total = student_logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         for key, term in zip(self.keys, self.terms, strict=True):
             per_position = term.fn(student_logits, teacher_logits, targets)  # [B, T]
+            if seq_w is not None:
+                per_position = per_position * seq_w
             value = torch.where(mask, per_position, 0.0).sum() / num_tokens
             parts[key] = value.detach()
-            total = total + term.weight * value
+            total = total + weights[key] * value
         return total, parts

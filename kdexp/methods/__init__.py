@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kdexp.errors import UserError
+from kdexp.losses.objective import Objective
 from kdexp.registry import Registry
 
 TermSpec = dict[str, Any]
@@ -43,10 +44,17 @@ def loss_term(cfg: DictConfig, weight: float) -> TermSpec:
 
 
 def kd_weight_terms(cfg: DictConfig) -> list[TermSpec]:
-    """``(1 - w) * CE + w * KD`` with ``w = method.kd_weight``."""
+    """``(1 - w) * CE + w * KD`` with ``w = method.kd_weight``.
+
+    ``kd_weight: adaptive`` is ``0.5 * CE + 0.5 * s * KD`` where ``s`` is the running ratio of
+    the CE term's magnitude to the KD term's (KD losses are often 100-1000x smaller than the
+    LM loss, and a fixed weight then does nothing).
+    """
+    if cfg.method.kd_weight == "adaptive":
+        return [{"loss": "ce", "weight": 0.5}, {**loss_term(cfg, 0.5), "adaptive": True}]
     w = float(cfg.method.kd_weight)
     if not 0.0 <= w <= 1.0:
-        raise UserError(f"method.kd_weight must be in [0, 1], got {w}")
+        raise UserError(f"method.kd_weight must be in [0, 1] or 'adaptive', got {w}")
     return [{"loss": "ce", "weight": 1.0 - w}, loss_term(cfg, w)]
 
 
@@ -57,6 +65,12 @@ METHODS.add("kd", Method(
     "kd", "token-level KD on the dataset text (Hinton et al. 2015; Sanh et al. 2019): "
           "(1 - kd_weight) * CE + kd_weight * loss",
     terms=kd_weight_terms))
+
+
+def build_objective(cfg: DictConfig) -> Objective:
+    """The objective of ``cfg``: the method's terms plus ``method.sample_weight``."""
+    return Objective.from_spec(objective_spec(cfg), sample_weight=cfg.method.get("sample_weight", "none"),
+                               min_weight=float(cfg.method.get("min_weight", 0.1)))
 
 
 def objective_spec(cfg: DictConfig) -> list[TermSpec]:

@@ -91,7 +91,7 @@ def test_eval_without_a_model(tmp_path):
 def test_help_lists_commands_and_group_choices(tmp_path):
     top = kdexp("--help", cwd=tmp_path).stdout
     for word in ("train", "eval", "generate", "method=", "loss=", "student=", "teacher=", "data=",
-                 "fkl, rkl", "gpt2-xl", "qwen2.5-7b", "dolly"):
+                 "amid, fkl, jsd, rkl", "gpt2-xl", "qwen2.5-7b", "dolly"):
         assert word in top, word
     train_help = kdexp("train", "--help", cwd=tmp_path).stdout
     assert "kdexp train" in train_help and "method: kd, sft" in train_help

@@ -45,9 +45,9 @@ def test_the_run_directory_is_the_record(kd_run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all({"train/loss", "train/ce", "train/fkl", "train/lr"} <= set(r) for r in rows)
-    # kd_weight 0.5: the logged total is the weighted sum of the logged terms.
+    # kd_weight 0.5 at T = 2 with T^2 scaling: the logged total is the weighted sum of the terms.
     for r in rows:
-        assert r["train/loss"] == pytest.approx(0.5 * r["train/ce"] + 0.5 * r["train/fkl"], rel=1e-5)
+        assert r["train/loss"] == pytest.approx(0.5 * r["train/ce"] + 0.5 * 4 * r["train/fkl"], rel=1e-5)
 
 
 def test_final_student_loads_with_plain_transformers(kd_run):

@@ -238,3 +238,99 @@ def test_same_loss_twice_gets_distinct_keys():
     assert parts[obj.keys[1]].item() == pytest.approx(ref1.item(), rel=1e-5)
     assert parts[obj.keys[2]].item() == pytest.approx(ref3.item(), rel=1e-5)
     assert loss.item() == pytest.approx(sum(p.item() for p in parts.values()), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- adaptive weight
+def test_adaptive_term_scales_to_the_ce_magnitude():
+    s, t, y = _batch([3, 5], seed=30)
+    n = int((y != IGNORE_INDEX).sum())
+    objective = Objective.from_spec([{"loss": "ce", "weight": 0.5},
+                                     {"loss": "fkl", "weight": 0.5, "adaptive": True}])
+    # Before any update the scale is 1: a plain 0.5 / 0.5 mix.
+    loss0, parts = objective(s, t, y, n)
+    assert loss0.item() == pytest.approx(0.5 * parts["ce"].item() + 0.5 * parts["fkl"].item(), rel=1e-6)
+    # Step values 4.0 (ce) and 0.01 (fkl): the scale becomes 400, then an EMA with momentum 0.9.
+    objective.update({"ce": 4.0, "fkl": 0.01})
+    assert objective.scale("fkl") == pytest.approx(400.0)
+    objective.update({"ce": 2.0, "fkl": 0.03})
+    ema_ce, ema_kd = 0.9 * 4.0 + 0.1 * 2.0, 0.9 * 0.01 + 0.1 * 0.03
+    assert objective.scale("fkl") == pytest.approx(ema_ce / ema_kd)
+    loss, parts = objective(s, t, y, n)
+    expected = 0.5 * parts["ce"].item() + 0.5 * (ema_ce / ema_kd) * parts["fkl"].item()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert objective.weights() == {"ce": 0.5, "fkl": pytest.approx(0.5 * ema_ce / ema_kd)}
+
+
+def test_adaptive_state_round_trips_and_is_bounded():
+    spec = [{"loss": "ce", "weight": 0.5}, {"loss": "rkl", "weight": 0.5, "adaptive": True}]
+    a = Objective.from_spec(spec)
+    a.update({"ce": 3.0, "rkl": 1e-9})
+    assert a.scale("rkl") == Objective.SCALE_RANGE[1]
+    b = Objective.from_spec(spec)
+    b.load_state_dict(a.state_dict())
+    assert b.weights() == a.weights()
+    # A non-adaptive objective ignores updates.
+    plain = Objective.from_spec([{"loss": "ce", "weight": 0.5}, {"loss": "rkl", "weight": 0.5}])
+    plain.update({"ce": 3.0, "rkl": 0.1})
+    assert plain.weights() == {"ce": 0.5, "rkl": 0.5}
+
+
+def test_adaptive_needs_a_ce_term_and_ce_cannot_be_adaptive():
+    with pytest.raises(UserError, match="ce term"):
+        Objective.from_spec([{"loss": "fkl", "weight": 1.0, "adaptive": True}])
+    with pytest.raises(UserError):
+        Objective.from_spec([{"loss": "ce", "weight": 1.0, "adaptive": True}])
+
+
+# ----------------------------------------------------------------------------- sample weights
+def test_sample_weights_by_hand():
+    from kdexp.losses.objective import sequence_weights
+
+    # Two sequences over V = 2 with hand-set log-probabilities of their targets.
+    logits = torch.log(torch.tensor([[[0.8, 0.2], [0.5, 0.5], [0.5, 0.5]],
+                                     [[0.01, 0.99], [0.01, 0.99], [0.3, 0.7]]]))
+    y = torch.tensor([[0, 1, IGNORE_INDEX], [0, 0, IGNORE_INDEX]])
+    w = sequence_weights(logits, y, min_weight=0.1)
+    g0 = (0.8 * 0.5) ** 0.5          # geometric mean of the target probabilities: 0.632
+    g1 = max((0.01 * 0.01) ** 0.5, 0.1)  # 0.01, clamped to 0.1
+    torch.testing.assert_close(w, torch.tensor([g0, g1]) * 2 / (g0 + g1))
+    assert w.mean().item() == pytest.approx(1.0)
+    # A row without valid targets gets 0 and does not count in the mean.
+    y3 = torch.cat([y, torch.full((1, 3), IGNORE_INDEX)])
+    w3 = sequence_weights(torch.cat([logits, logits[:1]]), y3, min_weight=0.1)
+    torch.testing.assert_close(w3, torch.cat([w, torch.zeros(1)]))
+
+
+@pytest.mark.parametrize("source", ["teacher_likelihood", "student_likelihood"])
+def test_sample_weight_multiplies_each_sequence(source):
+    from kdexp.losses.objective import sequence_weights
+
+    s, t, y = _batch([3, 5, 2], seed=31)
+    n = int((y != IGNORE_INDEX).sum())
+    spec = [{"loss": "ce", "weight": 0.3}, {"loss": "fkl", "weight": 0.7}]
+    weighted = Objective.from_spec(spec, sample_weight=source, min_weight=0.05)
+    assert weighted.needs_teacher
+    w = sequence_weights(t if source == "teacher_likelihood" else s, y, 0.05)
+    loss, parts = weighted(s, t, y, n)
+    mask = y != IGNORE_INDEX
+    ce = (cross_entropy(s, y) * w[:, None] * mask).sum() / n
+    kd = (_kl_per_position(s, t).float() * w[:, None] * mask).sum() / n
+    assert parts["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert parts["fkl"].item() == pytest.approx(kd.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(0.3 * ce.item() + 0.7 * kd.item(), rel=1e-5)
+    # The weights are detached: the gradient is that of the weighted sum with w held fixed.
+    leaf = s.clone().requires_grad_(True)
+    weighted(leaf, t, y, n)[0].backward()
+    ref_leaf = s.clone().requires_grad_(True)
+    ref = (0.3 * (cross_entropy(ref_leaf, y) * w[:, None] * mask).sum() / n
+           + 0.7 * (_kl_per_position(ref_leaf, t).float() * w[:, None] * mask).sum() / n)
+    ref.backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sample_weight_choices_are_checked():
+    with pytest.raises(UserError, match="sample_weight"):
+        Objective.from_spec([{"loss": "ce"}], sample_weight="teacher")
+    with pytest.raises(UserError, match="min_weight"):
+        Objective.from_spec([{"loss": "ce"}], sample_weight="student_likelihood", min_weight=0.0)
+    assert not Objective.from_spec([{"loss": "ce"}], sample_weight="student_likelihood").needs_teacher
