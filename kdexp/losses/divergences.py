@@ -148,10 +148,9 @@ def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """Skew reverse KL, ``KL(q || alpha * q + (1 - alpha) * p)``, per position.
 
     Ko et al., DistiLLM, ICML 2024, Eq. 5 (their ``lam`` is ``alpha``). ``alpha = 0`` is rkl.
+    It is skew KL with the roles of the two models exchanged.
     """
-    _check_unit("loss.alpha", alpha, high_open=True)
-    log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
-    return kl(log_q, log_mix(floor(log_q), floor(log_p), alpha))
+    return skew_kl(teacher_logits, student_logits, temperature=temperature, alpha=alpha)
 
 
 @DIVERGENCES.register("akl", description="adaptive KL: fkl and rkl weighted by head/tail gaps")
