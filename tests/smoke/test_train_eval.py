@@ -96,10 +96,15 @@ def test_generate_from_a_prompts_file(kd_run, tmp_path):
     assert bad.returncode == 2 and "bad.jsonl:1" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    """Killed after step 4 (checkpoint at 3), resumed: same weights and metrics as a clean run."""
+@pytest.mark.parametrize("objective", [[], ["method.kd_weight=adaptive", "method.sample_weight=student_likelihood"]],
+                         ids=["kd", "adaptive"])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, objective):
+    """Killed after step 4 (checkpoint at 3), resumed: same weights and metrics as a clean run.
+
+    The adaptive variant also needs the objective's running averages from the checkpoint.
+    """
     args = [*FAST, "train.max_steps=6", "train.save_every=3", "train.eval_every=2",
-            "train.eval_samples=4"]
+            "train.eval_samples=4", *objective]
     kdexp("train", *args, f"hydra.run.dir={tmp_path / 'clean'}", cwd=tmp_path)
     killed = kdexp("train", *args, f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path,
                    env={"KDEXP_KILL_AT_STEP": "4"}, check=False)
