@@ -11,6 +11,7 @@ swapped for the spec's while generating.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -85,3 +86,149 @@ def generate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spe
         hf_model.generation_config = shipped
         model.train(was_training)
     return texts, lengths
+
+
+# --- Training rollouts ------------------------------------------------------------------------
+# Methods that train on generated outputs sample them here, with a decode loop of our own: it
+# returns the log-probability of every sampled token under the sampling policy and under the
+# student (importance weights), and it can sample from a token-level mixture of two models,
+# which ``generate`` cannot.
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """Sampling parameters of training rollouts (``rollout.*``), separate from the loss temperature."""
+
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0            # 0: no top-k cut
+    max_new_tokens: int = 64
+    stop_ids: tuple[int, ...] = ()  # stop tokens besides the tokenizer's EOS
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping) -> RolloutSpec:
+        values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and cfg[f.name] is not None}
+        values["stop_ids"] = tuple(int(i) for i in values.get("stop_ids", ()))
+        return cls(**values)
+
+
+@dataclass
+class Sampled:
+    """One rollout: the response tokens (up to and including the first stop token, which is
+    kept, also when pad == eos) and, per response token, its log-probability under the
+    sampling distribution and under the student's own (untempered, unfiltered) distribution.
+    """
+
+    response_ids: list[int]
+    logp_sampler: list[float]
+    logp_student: list[float]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then top-p (nucleus) filtering of ``logits`` [B, V]: cut tokens become -inf.
+
+    Top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``
+    (the most likely token is always kept).
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+        cut = before >= top_p
+        cut[..., 0] = False
+        logits = logits.masked_fill(cut.scatter(-1, order, cut), float("-inf"))
+    return logits
+
+
+class _Decoder:
+    """Incremental forward passes of one model over a left-padded batch, with a KV cache."""
+
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, vocab: int | None):
+        self.model, self.vocab, self.cache = model, vocab, None
+        self.mask = mask
+        self.position = (mask.cumsum(-1) - 1).clamp_min(0)
+        self.logits = self._forward(ids, self.position)
+
+    def _forward(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=position,
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        return logits if self.vocab is None else logits[:, : self.vocab]  # [B, V]
+
+    def step(self, token: torch.Tensor, alive: torch.Tensor) -> None:
+        self.mask = torch.cat([self.mask, alive[:, None].to(self.mask.dtype)], dim=1)
+        self.position = self.position[:, -1:] + 1
+        self.logits = self._forward(token[:, None], self.position)
+
+
+@torch.no_grad()
+def sample(student: torch.nn.Module, prompts: Sequence[list[int]], spec: RolloutSpec, eos_id: int,
+           pad_id: int, generator: torch.Generator, teacher: torch.nn.Module | None = None,
+           teacher_mix: float = 0.0, vocab: int | None = None) -> list[Sampled]:
+    """Sample one response per prompt from the student, or from ``teacher_mix * p + (1 -
+    teacher_mix) * q`` (MiniLLM's teacher-mixed sampling, Gu et al. ICLR 2024, Sec. 2.2) when a
+    teacher is given. ``student`` / ``teacher`` are plain (unwrapped) models in eval mode.
+
+    Prompts of different lengths are left-padded and their positions counted from their first
+    real token, so each row is decoded exactly as it would be alone. A row stops at its first
+    stop token (``eos_id`` or ``spec.stop_ids``); the batch stops when every row has.
+    """
+    device = next(student.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    decoders = [_Decoder(student, ids, mask, vocab)]
+    if teacher is not None and teacher_mix > 0:
+        decoders.append(_Decoder(teacher, ids, mask, vocab))
+    stops = torch.tensor(sorted({eos_id, *spec.stop_ids}), device=device)
+    alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    tokens, logp_sampler, logp_student = [], [], []
+    for _ in range(spec.max_new_tokens):
+        log_q = decoders[0].logits.log_softmax(-1)  # [B, V]
+        policy = _policy(decoders[0].logits, spec)
+        if len(decoders) == 2:  # mixed in probability space, after each model's temperature and cuts
+            log_p = _policy(decoders[1].logits, spec)
+            policy = log_p if teacher_mix == 1 else torch.logaddexp(
+                log_p + math.log(teacher_mix), policy + math.log1p(-teacher_mix))
+        if spec.do_sample:
+            token = torch.multinomial(policy.exp(), 1, generator=generator).squeeze(1)
+        else:
+            token = policy.argmax(-1)
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        tokens.append(token)
+        logp_sampler.append(policy.gather(1, token[:, None]).squeeze(1))
+        logp_student.append(log_q.gather(1, token[:, None]).squeeze(1))
+        was_alive = alive
+        alive = alive & ~torch.isin(token, stops)
+        if not alive.any():
+            break
+        for d in decoders:
+            d.step(token, was_alive)
+    return _unpack(tokens, logp_sampler, logp_student, stops)
+
+
+def _policy(logits: torch.Tensor, spec: RolloutSpec) -> torch.Tensor:
+    """Log-probabilities of sampling each token: temperature, then top-k / top-p cuts."""
+    return filter_logits((logits / spec.temperature).log_softmax(-1), spec.top_k, spec.top_p).log_softmax(-1)
+
+
+def _unpack(tokens: list[torch.Tensor], logp_sampler: list[torch.Tensor],
+            logp_student: list[torch.Tensor], stops: torch.Tensor) -> list[Sampled]:
+    """Per-row responses, cut after the first stop token."""
+    toks = torch.stack(tokens, 1).tolist()  # [B, N]
+    ls, lq = torch.stack(logp_sampler, 1).tolist(), torch.stack(logp_student, 1).tolist()
+    stop_set = set(stops.tolist())
+    out = []
+    for row, a, b in zip(toks, ls, lq, strict=True):
+        n = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+        out.append(Sampled(row[:n], a[:n], b[:n]))
+    return out

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -141,7 +141,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=t.device == "cpu")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    objective = methods.build_objective(cfg)
+    plan = methods.build(cfg)
+    objective = plan.objective
 
     # Data first (cheap, and the likeliest to be wrong), then the models. The student is
     # created right after seeding, so a random init is reproducible.
@@ -151,7 +152,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     student, tokenizer = load_model(cfg.student, "student", tokenizer)
     teacher, vocab = None, None
     wants_teacher_eval = cfg.eval.teacher and cfg.teacher.name_or_path
-    if objective.needs_teacher or wants_teacher_eval:
+    if plan.needs_teacher or wants_teacher_eval:
         if not cfg.teacher.name_or_path:
             raise UserError(f"method '{cfg.method.name}' needs a teacher; choose one with teacher=NAME")
         teacher, teacher_tok = load_model(cfg.teacher, "teacher")
@@ -178,6 +179,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     accelerator.register_for_checkpointing(stream)
     accelerator.register_for_checkpointing(progress)
     accelerator.register_for_checkpointing(objective)
+    for component in plan.components:
+        accelerator.register_for_checkpointing(component)
+    ctx = methods.Context(cfg, accelerator, student, teacher, tokenizer, vocab, data["train"], t.max_steps)
 
     if accelerator.is_main_process and not t.resume:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -188,10 +192,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if accelerator.is_main_process:
             logger.truncate_after(progress.step)
         log.info("resumed from %s (step %d)", latest, progress.step)
+    for component in plan.components:
+        component.setup(ctx, resumed=bool(t.resume))
 
-    def micro_batch(indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate_train([data["train"][i] for i in indices], pad_id)
+    def micro_batch(indices: list[int], micro: int) -> dict[str, torch.Tensor]:
+        examples = plan.source.micro_batch(ctx, indices, progress.step, micro)
+        batch = collate_train(examples, pad_id)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+    def reduce_sum(values: dict[str, float]) -> dict[str, float]:
+        return {k: accelerator.reduce(torch.tensor(float(v), device=accelerator.device), "sum").item()
+                for k, v in values.items()}
 
     def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -202,11 +213,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                disable=not accelerator.is_main_process)
     student.train()
     while progress.step < t.max_steps:
-        batches = [micro_batch(stream.next()) for _ in range(accum)]
+        batches = [micro_batch(stream.next(), i) for i in range(accum)]
         # Every micro-batch's loss is divided by the token count of the whole step, over all
-        # processes; DDP then averages gradients over `world`, which the factor undoes.
-        local = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
-        n_tokens = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item()
+        # processes (per term: a term may cover some rows only); DDP then averages gradients
+        # over `world`, which the factor undoes.
+        local = {"all": sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)}
+        for b in batches:
+            for key, n in objective.token_counts(b).items():
+                local[key] = local.get(key, 0) + n
+        counts = reduce_sum(local)
+        n_tokens = counts.pop("all")
         step_parts: dict[str, float] = {}
         for i, batch in enumerate(batches):
             sync = nullcontext() if i == accum - 1 else accelerator.no_sync(student)
@@ -216,8 +232,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if objective.needs_teacher:
                     with torch.no_grad(), accelerator.autocast():
                         teacher_logits = logits_of(teacher, batch)
-                loss, parts = objective(student_logits, teacher_logits, batch["targets"],
-                                        n_tokens / world)
+                loss, parts = objective(student_logits, teacher_logits, batch,
+                                        {k: n / world for k, n in counts.items()})
                 accelerator.backward(loss)
             for k, v in parts.items():
                 step_parts[k] = step_parts.get(k, 0.0) + v.item()
@@ -231,9 +247,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         bar.update(1)
         _fault_injection(progress.step)
 
+        # The step's term values, token means over all processes: logged, and fed to the
+        # objective's running scales and the method's hooks (the same numbers on every rank).
+        reduced = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                   for k, v in step_parts.items()}
         if progress.step % t.log_every == 0 or progress.step == t.max_steps:
-            reduced = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
-                       for k, v in step_parts.items()}
             weights = objective.weights()
             total = sum(weights[key] * reduced[key] for key in objective.keys)
             elapsed = time.time() - start_time
@@ -246,17 +264,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             for key, term in zip(objective.keys, objective.terms, strict=True):
                 if term.adaptive:
                     metrics[f"train/{key}_scale"] = objective.scale(key)
+            for component in plan.components:
+                metrics.update({f"method/{k}": v for k, v in component.metrics().items()})
             logger.log(metrics, progress.step)
             bar.set_postfix(loss=f"{total:.4f}")
         # After logging (which shows this step's weights), before a checkpoint saves the state.
-        if any(term.adaptive for term in objective.terms):
-            objective.update({k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
-                              for k, v in step_parts.items()})
+        objective.update(reduced)
+        for component in plan.components:
+            component.after_step(ctx, progress.step, reduced)
         if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
+            valid = [None]
             if accelerator.is_main_process:
-                logger.log(validate(cfg, accelerator.unwrap_model(student), tokenizer, data["valid"]),
-                           progress.step)
-            accelerator.wait_for_everyone()
+                valid[0] = validate(cfg, accelerator.unwrap_model(student), tokenizer, data["valid"])
+                logger.log(valid[0], progress.step)
+            valid = broadcast_object_list(valid)[0]  # DistiLLM's scheduler acts on it on every rank
+            for component in plan.components:
+                component.after_validation(ctx, progress.step, valid["valid/loss"])
         if (t.save_every and progress.step % t.save_every == 0) or progress.step == t.max_steps:
             checkpoint.save(accelerator, run_dir, progress.step, t.keep_checkpoints)
     bar.close()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kdexp.errors import UserError
-from kdexp.losses.objective import IGNORE_INDEX
+from kdexp.losses.objective import IGNORE_INDEX, ORIGINS
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,20 @@ TOO_LONG = ("truncate", "skip", "error")
 
 @dataclass
 class Example:
+    """A prompt and a response. Generated responses carry where they came from (``origin``,
+    one of ``ORIGINS``) and per-response-token values (``values``, e.g. the sampler's
+    log-probabilities) that reach the loss aligned with the targets.
+    """
+
     prompt_ids: list[int]
     response_ids: list[int]
     record: dict[str, Any] = field(repr=False)
+    origin: str = "data"
+    values: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+    def with_response(self, response_ids: list[int], origin: str,
+                      values: dict[str, list[float]] | None = None) -> Example:
+        return Example(self.prompt_ids, list(response_ids), self.record, origin, dict(values or {}))
 
 
 def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, Any],
@@ -79,7 +90,9 @@ def collate_train(examples: Sequence[Example], pad_id: int) -> dict[str, torch.T
     """Right-padded ``input_ids`` / ``attention_mask`` [B, T] and shifted ``targets`` [B, T].
 
     ``targets[b, t]`` is the token at t + 1 when it belongs to the response, else IGNORE_INDEX:
-    the prompt, the padding and the last position are never trained on.
+    the prompt, the padding and the last position are never trained on. ``origin`` [B] is the
+    index of each example's origin in ``ORIGINS``; every per-token value ``v`` of the examples
+    becomes ``value_v`` [B, T], aligned with ``targets`` (0 elsewhere).
     """
     length = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
@@ -90,8 +103,17 @@ def collate_train(examples: Sequence[Example], pad_id: int) -> dict[str, torch.T
         ids[b, : len(seq)] = torch.tensor(seq)
         mask[b, : len(seq)] = 1
         p = len(e.prompt_ids)
-        targets[b, p - 1 : len(seq) - 1] = torch.tensor(e.response_ids)
-    return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+        targets[b, p - 1 : len(seq) - 1] = torch.tensor(e.response_ids, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask, "targets": targets,
+             "origin": torch.tensor([ORIGINS.index(e.origin) for e in examples])}
+    for key in sorted({k for e in examples for k in e.values}):
+        values = torch.zeros((len(examples), length), dtype=torch.float32)
+        for b, e in enumerate(examples):
+            if key in e.values:
+                p = len(e.prompt_ids)
+                values[b, p - 1 : p - 1 + len(e.response_ids)] = torch.tensor(e.values[key])
+        batch[f"value_{key}"] = values
+    return batch
 
 
 def collate_prompts(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

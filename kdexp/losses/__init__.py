@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -66,24 +65,31 @@ def divergence(name: str, **params: object) -> Divergence:
             raise UserError(f"loss '{name}': {key} must be a finite number, got {value!r}")
     bound = Bound(name, fn, params)
     bound(torch.zeros(1, 2), torch.zeros(1, 2))  # range checks now, not at the first step
-    if chunk_size is None:
-        return bound
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
         raise UserError(f"loss '{name}': chunk_size must be a positive integer or null, got {chunk_size!r}")
-    return functools.partial(chunked, bound, chunk_size)
+    bound.chunk_size = chunk_size
+    return bound
 
 
 class Bound:
     """A divergence with its parameters bound; values are clamped at 0.
 
     Every divergence here is >= 0; in float32 a pair of nearly equal distributions can round
-    to -1e-8, which the clamp removes (its gradient there is ~0 anyway).
+    to -1e-8, which the clamp removes (its gradient there is ~0 anyway). ``params`` may be
+    changed in place by a schedule (TAID's ``t``); ``chunk_size`` selects the chunked path.
     """
 
-    def __init__(self, name: str, fn: Callable[..., torch.Tensor], params: dict[str, object]):
-        self.name, self.fn, self.params = name, fn, params
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor], params: dict[str, object],
+                 chunk_size: int | None = None):
+        self.name, self.fn, self.params, self.chunk_size = name, fn, params, chunk_size
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        if self.chunk_size is not None:
+            return chunked(self._plain, self.chunk_size, student_logits, teacher_logits)
+        return self._plain(student_logits, teacher_logits)
+
+    def _plain(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return self.fn(student_logits, teacher_logits, **self.params).clamp_min(0.0)
 
     def __repr__(self) -> str:

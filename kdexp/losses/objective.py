@@ -31,10 +31,17 @@ import torch.nn.functional as F
 
 from kdexp import losses
 from kdexp.errors import UserError
+from kdexp.registry import Registry
 
 IGNORE_INDEX = -100
+ORIGINS = ("data", "teacher", "student", "pt")  # where a sequence's response came from
 
-TermFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+# (student_logits [B, T, V], teacher_logits [B, T, V] or None, batch) -> per-position values [B, T]
+TermFn = Callable[[torch.Tensor, "torch.Tensor | None", Mapping[str, torch.Tensor]], torch.Tensor]
+
+# Terms other than ce and the divergences (policy-gradient surrogates, ...), registered by the
+# methods that define them: name -> builder(params) -> (fn, needs_teacher).
+TERMS: Registry[Callable[..., tuple[TermFn, bool]]] = Registry("loss term")
 
 
 def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -53,13 +60,16 @@ SAMPLE_WEIGHTS = ("none", "teacher_likelihood", "student_likelihood")
 
 @dataclass(frozen=True)
 class Term:
-    """One weighted term: ``fn(student_logits, teacher_logits, targets) -> [B, T]``."""
+    """One weighted term: ``fn(student_logits, teacher_logits, batch) -> [B, T]``, averaged
+    over the valid positions of the rows whose origin is in ``rows`` (every row when None).
+    """
 
     name: str
     weight: float
     fn: TermFn
     needs_teacher: bool
     adaptive: bool = False
+    rows: tuple[str, ...] | None = None
 
 
 def make_term(spec: Mapping[str, object]) -> Term:
@@ -74,14 +84,25 @@ def make_term(spec: Mapping[str, object]) -> Term:
     weight = float(spec.pop("weight", 1.0))
     t2_scale = bool(spec.pop("t2_scale", False))
     adaptive = bool(spec.pop("adaptive", False))
+    rows = spec.pop("rows", None)
+    if rows is not None:
+        rows = tuple(rows)
+        for r in rows:
+            if r not in ORIGINS:
+                raise UserError(f"term '{name}': rows must be among {', '.join(ORIGINS)}, got '{r}'")
     if name == "ce":
         if spec or adaptive:
             raise UserError(f"the ce term takes no parameters, got {sorted(spec) + ['adaptive'] * adaptive}")
-        return Term("ce", weight, lambda s, t, y: cross_entropy(s, y), needs_teacher=False)
+        return Term("ce", weight, lambda s, t, b: cross_entropy(s, b["targets"]), needs_teacher=False,
+                    rows=rows)
+    if name in TERMS:
+        fn, needs_teacher = TERMS.get(name)(**spec)
+        return Term(name, weight, fn, needs_teacher=needs_teacher, adaptive=adaptive, rows=rows)
     div = losses.divergence(name, **spec)
     if t2_scale:
         weight *= float(spec.get("temperature", 1.0)) ** 2
-    return Term(name, weight, lambda s, t, y: div(s, t), needs_teacher=True, adaptive=adaptive)
+    return Term(name, weight, lambda s, t, b: div(s, t), needs_teacher=True, adaptive=adaptive,
+                rows=rows)
 
 
 def sequence_weights(logits: torch.Tensor, targets: torch.Tensor, min_weight: float) -> torch.Tensor:
@@ -159,16 +180,31 @@ class Objective:
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.ema = dict(state["ema"])
 
+    def token_counts(self, batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Valid target positions of each term in one micro-batch (its rows only)."""
+        return {key: int(self._mask(term, batch).sum())
+                for key, term in zip(self.keys, self.terms, strict=True)}
+
+    @staticmethod
+    def _mask(term: Term, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["targets"] != IGNORE_INDEX  # [B, T]
+        if term.rows is not None:
+            codes = [ORIGINS.index(r) for r in term.rows]
+            mask = mask & torch.isin(batch["origin"], torch.tensor(codes, device=mask.device))[:, None]
+        return mask
+
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-                 targets: torch.Tensor, num_tokens: torch.Tensor | float,
+                 batch: Mapping[str, torch.Tensor], num_tokens: Mapping[str, float] | float,
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, per-term values) for one micro-batch.
 
-        student_logits / teacher_logits [B, T, V], targets [B, T]. Each returned value is the
-        micro-batch's share of the token mean over the whole step, so summing them over the
-        micro-batches (and processes) gives the step's mean.
+        student_logits / teacher_logits [B, T, V]; ``batch`` holds ``targets`` [B, T] (and, for
+        terms restricted to some rows, ``origin`` [B]). ``num_tokens`` is each term's count of
+        valid positions over the whole step (a number when every term covers every row). Each
+        returned value is the micro-batch's share of the term's token mean over the whole step,
+        so summing them over the micro-batches (and processes) gives the step's mean.
         """
-        mask = targets != IGNORE_INDEX  # [B, T]
+        targets = batch["targets"]
         seq_w = None
         if self.sample_weight != "none":
             source = teacher_logits if self.sample_weight == "teacher_likelihood" else student_logits
@@ -177,10 +213,15 @@ class Objective:
         total = student_logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         for key, term in zip(self.keys, self.terms, strict=True):
-            per_position = term.fn(student_logits, teacher_logits, targets)  # [B, T]
+            mask = self._mask(term, batch)
+            count = num_tokens[key] if isinstance(num_tokens, Mapping) else num_tokens
+            if not mask.any():
+                parts[key] = total.new_zeros(()).detach()
+                continue
+            per_position = term.fn(student_logits, teacher_logits, batch)  # [B, T]
             if seq_w is not None:
                 per_position = per_position * seq_w
-            value = torch.where(mask, per_position, 0.0).sum() / num_tokens
+            value = torch.where(mask, per_position, 0.0).sum() / max(count, 1)
             parts[key] = value.detach()
             total = total + weights[key] * value
         return total, parts

@@ -81,8 +81,8 @@ def test_ignored_positions_never_affect_the_loss(spec):
     n = (y != IGNORE_INDEX).sum()
     leaf_a = s.clone().requires_grad_(True)
     leaf_b = junk_s.clone().requires_grad_(True)
-    loss_a, parts_a = obj(leaf_a, t, y, n)
-    loss_b, parts_b = obj(leaf_b, junk_t, y, n)
+    loss_a, parts_a = obj(leaf_a, t, {"targets": y}, n)
+    loss_b, parts_b = obj(leaf_b, junk_t, {"targets": y}, n)
     assert torch.isfinite(loss_b)
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     for key in parts_a:
@@ -95,7 +95,7 @@ def test_ignored_positions_never_affect_the_loss(spec):
     valid = (~ignored).nonzero()[0]
     s_bad = s.clone()
     s_bad[valid[0], valid[1]] = torch.randn(V, generator=g) * 1e2
-    assert not torch.allclose(obj(s_bad, t, y, n)[0], loss_a.detach())
+    assert not torch.allclose(obj(s_bad, t, {"targets": y}, n)[0], loss_a.detach())
 
 
 def test_global_token_normalization_sums_micro_batches_exactly():
@@ -109,7 +109,7 @@ def test_global_token_normalization_sums_micro_batches_exactly():
     assert n_total.item() == sum(valid_lengths)
 
     full_leaf = s.clone().requires_grad_(True)
-    full, full_parts = obj(full_leaf, t, y, n_total)
+    full, full_parts = obj(full_leaf, t, {"targets": y}, n_total)
     full.backward()
 
     # By hand: the token mean over the whole batch.
@@ -123,10 +123,10 @@ def test_global_token_normalization_sums_micro_batches_exactly():
     naive = torch.zeros(())
     slices = [slice(0, 1), slice(1, 3), slice(3, 4)]  # uneven micro-batches, too
     for sl in slices:
-        loss, _ = obj(micro_leaf[sl], t[sl], y[sl], n_total)
+        loss, _ = obj(micro_leaf[sl], t[sl], {"targets": y[sl]}, n_total)
         loss.backward()
         total = total + loss.detach()
-        naive_loss, _ = obj(s[sl], t[sl], y[sl], (y[sl] != IGNORE_INDEX).sum())
+        naive_loss, _ = obj(s[sl], t[sl], {"targets": y[sl]}, (y[sl] != IGNORE_INDEX).sum())
         naive = naive + naive_loss / len(slices)
 
     torch.testing.assert_close(total, full.detach(), rtol=1e-6, atol=1e-6)
@@ -139,11 +139,11 @@ def test_num_tokens_as_float_and_tensor_agree():
     s, t, y = _batch([3, 4], seed=5)
     obj = Objective.from_spec(SPECS["mix"])
     n = (y != IGNORE_INDEX).sum()
-    a, _ = obj(s, t, y, n)
-    b, _ = obj(s, t, y, float(n))
+    a, _ = obj(s, t, {"targets": y}, n)
+    b, _ = obj(s, t, {"targets": y}, float(n))
     torch.testing.assert_close(a, b)
     # Doubling the normalizer halves the loss: it is a plain sum / num_tokens.
-    c, _ = obj(s, t, y, 2 * float(n))
+    c, _ = obj(s, t, {"targets": y}, 2 * float(n))
     torch.testing.assert_close(c, a / 2)
 
 
@@ -156,7 +156,7 @@ def test_kd_weight_spec_matches_hand_computation(w):
     n = mask.sum()
     ce_mean = F.cross_entropy(s.double().reshape(-1, V), y.reshape(-1), ignore_index=-100)
     fkl_mean = _kl_per_position(s, t)[mask].mean()
-    loss, parts = obj(s, t, y, n)
+    loss, parts = obj(s, t, {"targets": y}, n)
     expected = (1 - w) * ce_mean + w * fkl_mean
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert loss.dtype == torch.float32
@@ -177,7 +177,7 @@ def test_pure_ce_needs_no_teacher():
     assert not obj.needs_teacher
     assert len(obj.terms) == 1
     s, _, y = _batch([3, 1], seed=7)
-    loss, parts = obj(s, None, y, (y != IGNORE_INDEX).sum())  # teacher logits never touched
+    loss, parts = obj(s, None, {"targets": y}, (y != IGNORE_INDEX).sum())  # teacher logits never touched
     ref = F.cross_entropy(s.reshape(-1, V), y.reshape(-1))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert list(parts) == ["ce"]
@@ -216,8 +216,8 @@ def test_t2_scale(temperature):
     n = (y != IGNORE_INDEX).sum()
     mask = y != IGNORE_INDEX
     ref = _kl_per_position(s, t, temperature)[mask].sum() / n
-    assert plain(s, t, y, n)[0].item() == pytest.approx(0.5 * ref.item(), rel=1e-5)
-    assert scaled(s, t, y, n)[0].item() == pytest.approx(0.5 * temperature ** 2 * ref.item(), rel=1e-5)
+    assert plain(s, t, {"targets": y}, n)[0].item() == pytest.approx(0.5 * ref.item(), rel=1e-5)
+    assert scaled(s, t, {"targets": y}, n)[0].item() == pytest.approx(0.5 * temperature ** 2 * ref.item(), rel=1e-5)
 
 
 def test_same_loss_twice_gets_distinct_keys():
@@ -231,7 +231,7 @@ def test_same_loss_twice_gets_distinct_keys():
     s, t, y = _batch([4, 2], seed=9)
     mask = y != IGNORE_INDEX
     n = mask.sum()
-    loss, parts = obj(s, t, y, n)
+    loss, parts = obj(s, t, {"targets": y}, n)
     assert set(parts) == set(obj.keys)
     ref1 = _kl_per_position(s, t, 1.0)[mask].sum() / n
     ref3 = _kl_per_position(s, t, 3.0)[mask].sum() / n
@@ -247,7 +247,7 @@ def test_adaptive_term_scales_to_the_ce_magnitude():
     objective = Objective.from_spec([{"loss": "ce", "weight": 0.5},
                                      {"loss": "fkl", "weight": 0.5, "adaptive": True}])
     # Before any update the scale is 1: a plain 0.5 / 0.5 mix.
-    loss0, parts = objective(s, t, y, n)
+    loss0, parts = objective(s, t, {"targets": y}, n)
     assert loss0.item() == pytest.approx(0.5 * parts["ce"].item() + 0.5 * parts["fkl"].item(), rel=1e-6)
     # Step values 4.0 (ce) and 0.01 (fkl): the scale becomes 400, then an EMA with momentum 0.9.
     objective.update({"ce": 4.0, "fkl": 0.01})
@@ -255,7 +255,7 @@ def test_adaptive_term_scales_to_the_ce_magnitude():
     objective.update({"ce": 2.0, "fkl": 0.03})
     ema_ce, ema_kd = 0.9 * 4.0 + 0.1 * 2.0, 0.9 * 0.01 + 0.1 * 0.03
     assert objective.scale("fkl") == pytest.approx(ema_ce / ema_kd)
-    loss, parts = objective(s, t, y, n)
+    loss, parts = objective(s, t, {"targets": y}, n)
     expected = 0.5 * parts["ce"].item() + 0.5 * (ema_ce / ema_kd) * parts["fkl"].item()
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert objective.weights() == {"ce": 0.5, "fkl": pytest.approx(0.5 * ema_ce / ema_kd)}
@@ -311,7 +311,7 @@ def test_sample_weight_multiplies_each_sequence(source):
     weighted = Objective.from_spec(spec, sample_weight=source, min_weight=0.05)
     assert weighted.needs_teacher
     w = sequence_weights(t if source == "teacher_likelihood" else s, y, 0.05)
-    loss, parts = weighted(s, t, y, n)
+    loss, parts = weighted(s, t, {"targets": y}, n)
     mask = y != IGNORE_INDEX
     ce = (cross_entropy(s, y) * w[:, None] * mask).sum() / n
     kd = (_kl_per_position(s, t).float() * w[:, None] * mask).sum() / n
@@ -320,7 +320,7 @@ def test_sample_weight_multiplies_each_sequence(source):
     assert loss.item() == pytest.approx(0.3 * ce.item() + 0.7 * kd.item(), rel=1e-5)
     # The weights are detached: the gradient is that of the weighted sum with w held fixed.
     leaf = s.clone().requires_grad_(True)
-    weighted(leaf, t, y, n)[0].backward()
+    weighted(leaf, t, {"targets": y}, n)[0].backward()
     ref_leaf = s.clone().requires_grad_(True)
     ref = (0.3 * (cross_entropy(ref_leaf, y) * w[:, None] * mask).sum() / n
            + 0.7 * (_kl_per_position(ref_leaf, t).float() * w[:, None] * mask).sum() / n)

@@ -1,0 +1,186 @@
+"""What a method's data source may use during training: the models, the data, rollouts, and
+randomness that every process shares.
+
+Two kinds of randomness, kept apart on purpose:
+
+* *decisions* (is this micro-batch student-generated? replay or fresh?) come from
+  :meth:`Context.uniform`, a generator seeded by the run seed and the position in training
+  (step, micro-batch, tag), never by the rank: every process draws the same number, so
+  processes never disagree on which branch to take (a per-rank coin desynchronizes
+  distributed training, e.g. when one rank generates and the other does not);
+* *samples* (the tokens of a rollout) come from :meth:`Context.generator`, seeded by the
+  same position *and* the rank, so ranks sample different responses for their own prompts.
+
+Both are pure functions of the position, so a resumed run draws exactly what the
+uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from omegaconf import DictConfig, OmegaConf
+
+from kdexp.data.encode import Example
+from kdexp.rollout import RolloutSpec, sample
+
+log = logging.getLogger(__name__)
+
+
+def stable_seed(*key: object) -> int:
+    """A 63-bit seed from any tuple of ints and strings, the same in every process and run."""
+    digest = hashlib.sha256(json.dumps([str(k) for k in key]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class Context:
+    """The run as a method sees it. ``student`` is the engine-wrapped model being trained."""
+
+    def __init__(self, cfg: DictConfig, accelerator, student: torch.nn.Module,
+                 teacher: torch.nn.Module | None, tokenizer, vocab: int | None,
+                 train: Sequence[Example], max_steps: int):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.student, self.teacher, self.tokenizer, self.vocab = student, teacher, tokenizer, vocab
+        self.train, self.max_steps = train, max_steps
+        self.spec = RolloutSpec.from_cfg(OmegaConf.to_container(cfg.rollout, resolve=True))
+        self.seed = int(cfg.seed)
+        self.max_length = int(cfg.data.max_length)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    # -- randomness ---------------------------------------------------------------------------
+
+    def uniform(self, *key: object, n: int | None = None) -> Any:
+        """A decision in [0, 1) (or ``n`` of them), identical on every process."""
+        g = torch.Generator().manual_seed(stable_seed(self.seed, "decision", *key))
+        draws = torch.rand(n or 1, generator=g, dtype=torch.float64).tolist()
+        return draws if n is not None else draws[0]
+
+    def generator(self, *key: object) -> torch.Generator:
+        """The sampling generator of this process for ``key``."""
+        device = self.accelerator.device
+        g = torch.Generator(device=device if device.type == "cuda" else "cpu")
+        return g.manual_seed(stable_seed(self.seed, "sample", self.rank, *key))
+
+    def permutation(self, n: int, *key: object) -> list[int]:
+        """A permutation of ``range(n)`` shared by every process."""
+        g = torch.Generator().manual_seed(stable_seed(self.seed, "perm", *key))
+        return torch.randperm(n, generator=g).tolist()
+
+    # -- rollouts -----------------------------------------------------------------------------
+
+    @contextmanager
+    def unwrapped(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The plain model, dropout off, its full parameters present (gathered under ZeRO-3)."""
+        plain = self.accelerator.unwrap_model(model)
+        was_training = plain.training
+        plain.eval()
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        gather = None
+        if plugin is not None and plugin.zero_stage == 3 and model is self.student:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+        try:
+            if gather is not None:
+                with gather:
+                    yield plain
+            else:
+                yield plain
+        finally:
+            plain.train(was_training)
+
+    def rollout(self, examples: Sequence[Example], *key: object, model: str = "student",
+                teacher_mix: float = 0.0, spec: RolloutSpec | None = None) -> list[Example]:
+        """``examples`` with their responses replaced by samples of ``model`` (``student``,
+        ``teacher``, or the student mixed with the teacher at ``teacher_mix``).
+
+        Student samples carry ``logq_old`` (the student's log-probability of each token when
+        it was sampled) and ``logp_sampler`` (the sampling distribution's), for importance
+        weights and policy-gradient ratios.
+        """
+        spec = spec or self.spec
+        policy = self.student if model == "student" else self.teacher
+        if policy is None:
+            raise RuntimeError(f"a {model} rollout was requested but there is no {model}")
+        out: list[Example] = []
+        size = int(self.cfg.rollout.batch_size)
+        g = self.generator(*key)
+        with self.unwrapped(policy) as plain, torch.no_grad():
+            mix = self.teacher if teacher_mix > 0 else None
+            for start in range(0, len(examples), size):
+                chunk = examples[start:start + size]
+                samples = sample(plain, [e.prompt_ids for e in chunk], spec, self.tokenizer.eos_token_id,
+                                 self.tokenizer.pad_token_id, g, teacher=mix, teacher_mix=teacher_mix,
+                                 vocab=self.vocab)
+                for e, s in zip(chunk, samples, strict=True):
+                    room = max(1, self.max_length - len(e.prompt_ids))
+                    values = ({"logq_old": s.logp_student[:room], "logp_sampler": s.logp_sampler[:room]}
+                              if model == "student" else {})
+                    out.append(e.with_response(s.response_ids[:room], model, values))
+        return out
+
+    def rollout_all(self, examples: Sequence[Example], *key: object, model: str = "student",
+                    spec: RolloutSpec | None = None) -> list[Example]:
+        """Responses for every example, the work split over the processes, every process
+        getting the whole list back (in order)."""
+        per = -(-len(examples) // self.world)
+        mine = examples[self.rank * per:(self.rank + 1) * per]
+        done = self.rollout(mine, *key, model=model, spec=spec)
+        if self.world == 1:
+            return done
+        return list(gather_object(done))
+
+    # -- the teacher-output cache ---------------------------------------------------------------
+
+    def cached_teacher_outputs(self, spec: RolloutSpec) -> list[Example]:
+        """The teacher's responses to every training prompt, generated once and kept on disk
+        under ``rollout.cache_dir`` (keyed by teacher, prompts and sampling parameters), so
+        runs that differ in anything else (seed of the student, loss, ...) reuse them."""
+        key = self._cache_key(spec)
+        path = Path(self.cfg.rollout.cache_dir) / f"teacher-outputs-{key}.jsonl"
+        if not path.is_file():
+            log.info("generating teacher outputs for %d prompts (cached at %s)", len(self.train), path)
+            outputs = self.rollout_all(self.train, "teacher-outputs", model="teacher", spec=spec)
+            if self.accelerator.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                with tmp.open("w") as f:
+                    f.writelines(json.dumps(e.response_ids) + "\n" for e in outputs)
+                tmp.replace(path)  # atomic: a reader sees the whole cache or none
+            self.accelerator.wait_for_everyone()
+            return outputs
+        lines = path.read_text().splitlines()
+        if len(lines) != len(self.train):
+            raise RuntimeError(f"{path} holds {len(lines)} responses for {len(self.train)} prompts; delete it")
+        log.info("teacher outputs loaded from %s", path)
+        return [e.with_response(json.loads(line), "teacher") for e, line in zip(self.train, lines, strict=True)]
+
+    def _cache_key(self, spec: RolloutSpec) -> str:
+        teacher = self.cfg.teacher
+        weights = []
+        root = Path(str(teacher.name_or_path))
+        if root.is_dir():  # a local directory: its files' sizes and times stand for its weights
+            weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in root.iterdir()
+                             if p.is_file())
+        prompts = hashlib.sha256(json.dumps([e.prompt_ids for e in self.train]).encode()).hexdigest()
+        blob = json.dumps({"teacher": str(teacher.name_or_path), "revision": teacher.revision,
+                           "dtype": teacher.dtype, "weights": weights, "prompts": prompts,
+                           "spec": repr(spec), "seed": self.seed, "max_length": self.max_length,
+                           "world": self.world}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
