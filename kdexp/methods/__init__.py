@@ -224,6 +224,9 @@ METHODS.add("taid", Method(
 
 def gkd_rl_terms(cfg: DictConfig) -> list[TermSpec]:
     alpha = float(param(cfg, "alpha", _unit, "in [0, 1]"))
+    if cfg.train.micro_batch_size < 2:
+        raise UserError("method=gkd_rl's baseline is the mean reward of the other sequences of a "
+                        "micro-batch: set train.micro_batch_size >= 2")
     return [{"loss": "reinforce", "weight": 1 - alpha, "rows": ["student"]},
             loss_term(cfg, alpha, rows=["student"])]
 

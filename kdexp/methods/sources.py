@@ -290,6 +290,9 @@ class RolloutStore(Source):
     def __init__(self, num_rollouts: int, ppo_epochs: int, teacher_mix: float, pt_data: str | None = None):
         self.num_rollouts, self.ppo_epochs, self.teacher_mix = num_rollouts, ppo_epochs, teacher_mix
         self.pt_data = pt_data
+        if pt_data and not Path(pt_data).expanduser().is_file():
+            raise UserError(f"method.pt_data: {pt_data} is not a file; give a .jsonl (a 'text' field "
+                            f"per line) or a .txt file (one document per line)")
         self.pt: list[Example] = []
         self.store: list[Example] = []
         self.order: list[int] = []

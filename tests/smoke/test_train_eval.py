@@ -96,12 +96,24 @@ def test_generate_from_a_prompts_file(kd_run, tmp_path):
     assert bad.returncode == 2 and "bad.jsonl:1" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("objective", [[], ["method.kd_weight=adaptive", "method.sample_weight=student_likelihood"]],
-                         ids=["kd", "adaptive"])
+RESUMABLE = {
+    "kd": [],
+    "adaptive": ["method.kd_weight=adaptive", "method.sample_weight=student_likelihood"],
+    "gkd": ["method=gkd", "rollout.max_new_tokens=16"],
+    "distillm": ["method=distillm", "method.init_threshold=0.5", "method.capacity=8", "rollout.max_new_tokens=16"],
+    "sgo": ["method=sgo", "method.refresh=1", "rollout.max_new_tokens=16"],
+    "minillm": ["method=minillm", "method.num_rollouts=8", "method.ppo_epochs=2", "rollout.max_new_tokens=16"],
+    "taid": ["method=taid"],
+}
+
+
+@pytest.mark.parametrize("objective", RESUMABLE.values(), ids=RESUMABLE.keys())
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, objective):
     """Killed after step 4 (checkpoint at 3), resumed: same weights and metrics as a clean run.
 
-    The adaptive variant also needs the objective's running averages from the checkpoint.
+    The adaptive variant also needs the objective's running averages from the checkpoint; the
+    methods on generated outputs need their sources' state (replay buffer, pregenerated
+    outputs, rollout store, TAID's t) and decisions that depend on the step, not on history.
     """
     args = [*FAST, "train.max_steps=6", "train.save_every=3", "train.eval_every=2",
             "train.eval_samples=4", *objective]
