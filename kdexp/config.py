@@ -123,6 +123,12 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("eval.max_new_tokens", _positive_int, "an integer > 0"),
     ("eval.no_repeat_ngram_size", _nonneg_int, "an integer >= 0 (0: off)"),
     ("eval.batch_size", _positive_int, "an integer > 0"),
+    ("rollout.temperature", _positive, "> 0"),
+    ("rollout.top_p", lambda v: _in(0, 1)(v) and v > 0, "in (0, 1]"),
+    ("rollout.top_k", _nonneg_int, "an integer >= 0 (0: off)"),
+    ("rollout.max_new_tokens", _positive_int, "an integer > 0"),
+    ("rollout.batch_size", _positive_int, "an integer > 0"),
+    ("rollout.stop_ids", lambda v: all(_nonneg_int(i) for i in v), "a list of token ids"),
 ]
 
 

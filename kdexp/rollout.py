@@ -23,17 +23,23 @@ from kdexp.data.encode import Example, collate_prompts
 
 
 @dataclass(frozen=True)
-class GenerationSpec:
+class SamplingSpec:
+    """Decoding parameters shared by evaluation (``eval.*``) and training rollouts (``rollout.*``)."""
+
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
     max_new_tokens: int = 64
-    no_repeat_ngram_size: int = 0  # 0: off
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping) -> GenerationSpec:
-        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+    def from_cfg(cls, cfg: Mapping):
+        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and cfg[f.name] is not None})
+
+
+@dataclass(frozen=True)
+class GenerationSpec(SamplingSpec):
+    no_repeat_ngram_size: int = 0  # 0: off
 
     def hf_config(self, eos_ids: list[int], pad_id: int) -> GenerationConfig:
         sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} \
@@ -96,21 +102,14 @@ def generate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spe
 
 
 @dataclass(frozen=True)
-class RolloutSpec:
+class RolloutSpec(SamplingSpec):
     """Sampling parameters of training rollouts (``rollout.*``), separate from the loss temperature."""
 
     do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0            # 0: no top-k cut
-    max_new_tokens: int = 64
     stop_ids: tuple[int, ...] = ()  # stop tokens besides the tokenizer's EOS
 
-    @classmethod
-    def from_cfg(cls, cfg: Mapping) -> RolloutSpec:
-        values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and cfg[f.name] is not None}
-        values["stop_ids"] = tuple(int(i) for i in values.get("stop_ids", ()))
-        return cls(**values)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
 
 @dataclass

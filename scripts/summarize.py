@@ -2,6 +2,7 @@
 
     python scripts/summarize.py runs/kd-vs-sft            # every */results.json below the folder
     python scripts/summarize.py runs/kd-vs-sft --by method.name loss.name
+    python scripts/summarize.py multirun/methods-a multirun/methods-b --relative-to kd
 
 A run's score is its results.json ``rougeL`` / ``exact_match`` (already a mean over the eval
 seeds); the table gives the mean and sample std of those over the runs of a group (the training
@@ -21,16 +22,25 @@ from omegaconf import OmegaConf
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path)
+    parser.add_argument("roots", type=Path, nargs="+")
     parser.add_argument("--by", nargs="+", default=["method.name"], help="config keys to group by")
+    parser.add_argument("--relative-to", default=None,
+                        help="also give each group's mean train time relative to this group's")
     args = parser.parse_args()
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for results in sorted(args.root.rglob("results.json")):
+    for results in sorted(p for root in args.roots for p in root.rglob("results.json")):
         cfg = OmegaConf.load(results.parent / "config.yaml")
         key = tuple(str(OmegaConf.select(cfg, k)) for k in args.by)
         groups[key].append({**json.loads(results.read_text()), "seed": cfg.seed})
-    print(f"| {' | '.join(args.by)} | runs | seeds | ROUGE-L | exact match | train time (s) |")
-    print("|" + "---|" * (len(args.by) + 5))
+    base = None
+    if args.relative_to is not None:
+        ref = groups.get((args.relative_to,))
+        if not ref:
+            raise SystemExit(f"--relative-to {args.relative_to}: no such group among {sorted(groups)}")
+        base = statistics.fmean(r["train"]["time_s"] for r in ref)
+    extra = " relative time |" if base else ""
+    print(f"| {' | '.join(args.by)} | runs | seeds | ROUGE-L | exact match | train time (s) |{extra}")
+    print("|" + "---|" * (len(args.by) + 5 + bool(base)))
     for key, runs in sorted(groups.items()):
         cells = []
         for metric in ("rougeL", "exact_match"):
@@ -39,7 +49,8 @@ def main() -> None:
             cells.append(f"{statistics.fmean(values):.2f} ± {std:.2f}")
         time_s = statistics.fmean(r["train"]["time_s"] for r in runs)
         seeds = ",".join(str(r["seed"]) for r in runs)
-        print(f"| {' | '.join(key)} | {len(runs)} | {seeds} | {cells[0]} | {cells[1]} | {time_s:.1f} |")
+        rel = f" {time_s / base:.2f} |" if base else ""
+        print(f"| {' | '.join(key)} | {len(runs)} | {seeds} | {cells[0]} | {cells[1]} | {time_s:.1f} |{rel}")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,27 @@ def test_adaptive_kd_weight_and_sample_weight(compose):
     assert config.problems(compose(["method.kd_weight=adaptiv"])) == [
         "method.kd_weight must be in [0, 1] or 'adaptive', got 'adaptiv'"]
     assert config.problems(compose(["method.sample_weight=teacher"]))
+
+
+@pytest.mark.parametrize("method", config.group_choices("method"))
+def test_every_method_preset_builds_its_plan(method, compose):
+    """Terms, source and hooks of every preset, without loading a model."""
+    cfg = compose([f"method={method}"])
+    plan = methods.build(cfg)
+    assert plan.objective.terms
+    assert plan.needs_teacher == (method != "sft")
+
+
+def test_method_presets_choose_their_papers_loss(compose):
+    chosen = {m: compose([f"method={m}"]).loss.name for m in ("gkd", "distillm", "minillm", "taid", "gkd_rl")}
+    assert chosen == {"gkd": "jsd", "distillm": "skl", "minillm": "rkl", "taid": "taid", "gkd_rl": "jsd"}
+    assert compose(["method=gkd", "loss=rkl"]).loss.name == "rkl"  # the command line still wins
+
+
+def test_rollout_values_are_checked(compose):
+    cfg = compose(["rollout.top_p=0", "rollout.temperature=-1", "rollout.stop_ids=[a]"])
+    found = config.problems(cfg)
+    assert "rollout.top_p must be in (0, 1], got 0" in found
+    assert "rollout.temperature must be > 0, got -1" in found
+    assert any(p.startswith("rollout.stop_ids must be a list of token ids") for p in found)
+    assert config.problems(compose(["method=distillm2"])) == []
