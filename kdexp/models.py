@@ -5,7 +5,9 @@
 
 A model spec (``student=`` / ``teacher=`` presets, see ``conf/config.yaml``) has
 ``name_or_path`` (hub name, local directory, or ``${kdexp.asset:NAME}`` for the bundled tiny
-models), ``init`` (``pretrained`` or ``random``: fresh weights from the model's config),
+models), ``init`` (``pretrained``; ``random``: fresh weights from the model's config; ``auto``:
+random for a directory that holds a config but no weights, like the bundled tiny student,
+pretrained otherwise, so pointing ``name_or_path`` at a trained run's ``final/`` loads it),
 ``dtype``, ``revision``, ``trust_remote_code``, ``attn_implementation`` and ``lora``.
 """
 
@@ -62,6 +64,22 @@ def load_tokenizer(spec: Mapping[str, Any], role: str = "student"):
     return tok
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json")
+INITS = ("pretrained", "random", "auto")
+
+
+def resolve_init(spec: Mapping[str, Any], role: str = "student") -> str:
+    """``pretrained`` or ``random`` for a spec's ``init`` (``auto`` decided by the directory)."""
+    init = spec.get("init", "pretrained")
+    if init not in INITS:
+        raise unknown_choice(f"{role}.init", init, INITS)
+    if init != "auto":
+        return init
+    path = Path(str(spec["name_or_path"]))
+    has_weights = not path.is_dir() or any(any(path.glob(p)) for p in WEIGHT_FILES)
+    return "pretrained" if has_weights else "random"
+
+
 def load_model(spec: Mapping[str, Any], role: str = "student", tokenizer=None,
                ) -> tuple[PreTrainedModel, Any]:
     """``(model, tokenizer)`` for a model spec; LoRA adapters added when ``lora.enabled``.
@@ -78,15 +96,14 @@ def load_model(spec: Mapping[str, Any], role: str = "student", tokenizer=None,
     if spec.get("attn_implementation"):
         kwargs["attn_implementation"] = spec["attn_implementation"]
     tokenizer = tokenizer or load_tokenizer(spec, role)
+    init = resolve_init(spec, role)
     try:
-        if spec.get("init", "pretrained") == "random":
+        if init == "random":
             config = AutoConfig.from_pretrained(spec["name_or_path"], **_load_kwargs(spec))
             model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype != "auto" else None,
                                                      **{k: v for k, v in kwargs.items() if k != "revision"})
-        elif spec.get("init", "pretrained") == "pretrained":
-            model = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], dtype=dtype, **kwargs)
         else:
-            raise UserError(f"{role}.init must be 'pretrained' or 'random', got '{spec['init']}'")
+            model = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
         raise _hub_error("model", spec, role, err) from None
     if model.config.pad_token_id is None:

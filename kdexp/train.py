@@ -138,7 +138,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError("; ".join(issues))
     check_run_dir(cfg, run_dir)
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=t.device == "cpu")
+    # Launched as several processes (torchrun, accelerate launch, srun) on a machine without
+    # GPUs: accelerate only joins them into one run on CPU when told to, and would otherwise
+    # start independent copies that overwrite each other's run directory.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(mixed_precision=t.mixed_precision,
+                              cpu=t.device == "cpu" or (launched > 1 and not torch.cuda.is_available()))
+    if accelerator.num_processes != launched:
+        raise UserError(f"launched as {launched} processes but the training engine sees "
+                        f"{accelerator.num_processes}; check the launcher's environment")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     plan = methods.build(cfg)
@@ -214,6 +222,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     student.train()
     while progress.step < t.max_steps:
         batches = [micro_batch(stream.next(), i) for i in range(accum)]
+        ctx.check_decisions(progress.step)
         # Every micro-batch's loss is divided by the token count of the whole step, over all
         # processes (per term: a term may cover some rows only); DDP then averages gradients
         # over `world`, which the factor undoes.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from kdexp import config, losses, methods
+from kdexp import config, losses, methods, models
 from kdexp.data.templates import TEMPLATES
 
 CONF = config.conf_dir()
@@ -37,7 +37,7 @@ def test_the_default_is_kd_of_the_tiny_teacher_on_toy(compose):
     assert choices == {"method": "kd", "loss": "fkl", "student": "tiny", "teacher": "tiny",
                        "data": "toy", "eval": "default", "logger": "wandb"}
     assert Path(cfg.teacher.name_or_path).is_dir() and Path(cfg.student.name_or_path).is_dir()
-    assert cfg.student.init == "random"
+    assert cfg.student.init == "auto" and models.resolve_init(cfg.student) == "random"
 
 
 def test_names_in_yaml_are_registry_names(compose):

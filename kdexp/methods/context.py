@@ -54,6 +54,7 @@ class Context:
         self.spec = RolloutSpec.from_cfg(OmegaConf.to_container(cfg.rollout, resolve=True))
         self.seed = int(cfg.seed)
         self.max_length = int(cfg.data.max_length)
+        self._drawn: list[float] = []  # this step's decisions, compared across ranks
 
     @property
     def rank(self) -> int:
@@ -69,7 +70,27 @@ class Context:
         """A decision in [0, 1) (or ``n`` of them), identical on every process."""
         g = torch.Generator().manual_seed(stable_seed(self.seed, "decision", *key))
         draws = torch.rand(n or 1, generator=g, dtype=torch.float64).tolist()
+        self._drawn.extend(draws)
         return draws if n is not None else draws[0]
+
+    def check_decisions(self, step: int) -> None:
+        """Fail loudly if the processes drew different decisions since the last call.
+
+        Called once per step by the loop when there is more than one process: one small
+        gather, cheap next to a step. Every rank must have drawn the same number of decisions
+        with the same values; otherwise some rank took another branch (generated when the
+        others did not) and the run is no longer the method it claims to be.
+        """
+        drawn, self._drawn = self._drawn, []
+        if self.world == 1:
+            return
+        digest = torch.tensor([[float(len(drawn)), float(sum(drawn))]], dtype=torch.float64,
+                              device=self.accelerator.device)
+        every = self.accelerator.gather(digest).cpu()
+        if not torch.equal(every, every[:1].expand_as(every)):
+            raise RuntimeError(f"processes drew different batch-source decisions at step {step} "
+                               f"(count, sum per rank: {every.tolist()}); decisions must come from "
+                               "Context.uniform, which every rank draws alike")
 
     def generator(self, *key: object) -> torch.Generator:
         """The sampling generator of this process for ``key``."""

@@ -66,11 +66,17 @@ def test_methods_start_from_a_local_hugging_face_directory(tmp_path):
           cwd=tmp_path)
     final = tmp_path / "sft" / "final"
     assert (final / "config.json").is_file()
-    for method, extra in (("minillm", ["method.num_rollouts=8"]), ("gkd", [])):
-        run = tmp_path / method
-        kdexp("train", *QUICK, "train.eval_every=0", f"method={method}", *extra,
-              f"student.name_or_path={final}", "train.max_steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
-        assert OmegaConf.load(run / "config.yaml").student.name_or_path == str(final)
+    kdexp("train", "-m", *QUICK, "train.eval_every=0", f"method={','.join(NEW)}", f"student.name_or_path={final}",
+          "train.max_steps=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=900)
+    runs = {OmegaConf.load(p.parent / "config.yaml").method.name: OmegaConf.load(p.parent / "config.yaml")
+            for p in (tmp_path / "sweep").glob("*/results.json")}
+    assert set(runs) == set(NEW)
+    assert all(cfg.student.name_or_path == str(final) for cfg in runs.values())
+    # The folder's weights are loaded, not a fresh init: with a vanishing lr the scores are the SFT run's.
+    kdexp("train", *QUICK, "train.eval_every=0", f"student.name_or_path={final}", "train.lr=1e-30", "train.max_steps=1",
+          f"hydra.run.dir={tmp_path / 'frozen'}", cwd=tmp_path)
+    frozen, sft = (read_json(tmp_path / run / "results.json") for run in ("frozen", "sft"))
+    assert frozen["student"]["per_seed"] == sft["student"]["per_seed"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

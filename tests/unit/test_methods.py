@@ -209,6 +209,30 @@ def test_decisions_are_shared_by_ranks_and_samples_are_not(ctx):
     assert other.generator("s", 1).initial_seed() != g0  # and samples other tokens
 
 
+def test_processes_that_drew_different_decisions_stop_the_run(ctx):
+    """The loop's per-step check: every rank's (count, sum) of decisions must match."""
+    def rank(draws: list[float], peer: list[float]) -> Context:
+        other = Context.__new__(Context)
+        other.__dict__.update(ctx.__dict__)
+        other._drawn = list(draws)
+        peer_digest = torch.tensor([[float(len(peer)), float(sum(peer))]], dtype=torch.float64)
+        other.accelerator = type("A", (), {"process_index": 0, "num_processes": 2, "device": torch.device("cpu"),
+                                           "gather": staticmethod(lambda t: torch.cat([t, peer_digest]))})()
+        return other
+
+    same = [ctx.uniform("gkd", 5, 0), ctx.uniform("gkd", 5, 1)]
+    rank(same, same).check_decisions(5)  # agreement passes, and clears the step's record
+    with pytest.raises(RuntimeError, match="processes drew different batch-source decisions at step 5"):
+        rank(same, same[:1]).check_decisions(5)  # the peer drew one decision fewer
+    with pytest.raises(RuntimeError, match="different batch-source decisions"):
+        rank(same, [same[0], 0.5]).check_decisions(5)  # or another value
+    alone = rank([], [])
+    alone.accelerator.num_processes = 1
+    alone.uniform("x", 1)
+    alone.check_decisions(1)
+    assert alone._drawn == []
+
+
 def test_on_policy_rows_are_student_samples_with_prompt_and_post_eos_masked(ctx):
     src = sources.OnPolicy(sources.constant(1.0), sources.Source())
     rows = src.micro_batch(ctx, [0, 1, 2, 3], step=0, micro=0)

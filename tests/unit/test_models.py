@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from kdexp.errors import UserError
-from kdexp.models import asset_path, load_model, load_tokenizer, shared_vocab, vocab_rows
+from kdexp.models import asset_path, load_model, load_tokenizer, resolve_init, shared_vocab, vocab_rows
 
 
 def spec(path, **extra):
@@ -51,6 +51,25 @@ def test_random_init_is_seeded_and_differs_from_pretrained(gpt2_dir):
     w = "transformer.h.0.attn.c_attn.weight"
     assert torch.equal(a.state_dict()[w], b.state_dict()[w])
     assert not torch.equal(a.state_dict()[w], c.state_dict()[w])
+
+
+def test_auto_init_loads_weights_when_the_directory_has_them(gpt2_dir, tmp_path):
+    """``init: auto`` (the tiny student's): random from a config-only folder, the saved weights
+    from a trained folder, so ``student.name_or_path=runs/sft/final`` starts from the SFT model."""
+    w = "transformer.h.0.attn.c_attn.weight"
+    pretrained, _ = load_model(spec(gpt2_dir))
+    assert torch.equal(load_model(spec(gpt2_dir, init="auto"))[0].state_dict()[w], pretrained.state_dict()[w])
+    config_only = tmp_path / "config-only"
+    pretrained.config.save_pretrained(config_only)
+    AutoTokenizer.from_pretrained(gpt2_dir).save_pretrained(config_only)
+    torch.manual_seed(3)
+    auto, _ = load_model(spec(config_only, init="auto"))
+    torch.manual_seed(3)
+    random, _ = load_model(spec(config_only, init="random"))
+    assert torch.equal(auto.state_dict()[w], random.state_dict()[w])
+    assert resolve_init({"name_or_path": "gpt2", "init": "auto"}) == "pretrained"  # a hub name
+    with pytest.raises(UserError, match="student.init"):
+        resolve_init({"name_or_path": str(gpt2_dir), "init": "fresh"})
 
 
 @pytest.mark.parametrize("path_fn, expected", [

@@ -1,0 +1,51 @@
+"""Two processes on CPU (torchrun, gloo): the methods that decide per micro-batch where its
+sequences come from stay in step across ranks, and the run is one run, not two copies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FAST, read_json
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("teacher_available")]
+
+QUICK = [*FAST, "train.save_every=0", "eval.max_samples=4", "eval.seeds=[10]", "eval.teacher=false",
+         "rollout.max_new_tokens=12", "train.num_threads=1", "train.log_every=1"]
+
+
+def torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TQDM_DISABLE": "1",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "kdexp", "train", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.mark.parametrize("method", ["gkd", "distillm"])
+def test_two_processes_share_every_batch_source_decision(tmp_path, method):
+    """GKD's coin per micro-batch and DistiLLM's scheduler (moved by a validation that only rank 0
+    computes) drive both ranks alike; the loop compares every step's decisions across ranks and
+    stops the run if they differ, so finishing is the proof. With lmbda=0.5 over 12 micro-batch
+    draws both branches are taken (a rank that rolled out while the other did not would also
+    desynchronize the gradient all-reduce counts)."""
+    run = tmp_path / "run"
+    extra = ["method.lmbda=0.5"] if method == "gkd" else ["train.eval_every=2", "train.eval_samples=4"]
+    proc = torchrun(*QUICK, f"method={method}", "train.batch_size=8", "train.micro_batch_size=2",
+                    f"hydra.run.dir={run}", *extra, cwd=tmp_path)
+    assert proc.stdout.count("run directory:") == 1  # one run, reported by rank 0 only
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+               if '"train/loss"' in line]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    last = records[-1]
+    if method == "gkd":
+        assert 0 < last["method/student_fraction"] < 1
+    else:
+        assert "method/phi" in last
+    assert read_json(run / "results.json")["train"]["steps"] == 6
