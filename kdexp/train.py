@@ -166,7 +166,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         teacher, teacher_tok = load_model(cfg.teacher, "teacher")
         vocab = shared_vocab(student, tokenizer, teacher, teacher_tok,
                              (cfg.student.name_or_path, cfg.teacher.name_or_path))
-        teacher.requires_grad_(False).eval().to(accelerator.device)
+        if plan.online is not None:  # online KD: the teacher trains a module of its own
+            teacher = plan.online.attach(teacher).to(accelerator.device)
+        else:
+            teacher.requires_grad_(False).eval().to(accelerator.device)
 
     pad_id = tokenizer.pad_token_id
     world = accelerator.num_processes
@@ -175,12 +178,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of "
                         f"train.micro_batch_size ({t.micro_batch_size}) x {world} processes")
 
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas),
-                                  weight_decay=t.weight_decay)
+    # The engine trains one module: the student, or (online KD) the student and the teacher
+    # with its module, one parameter group each, each clipped on its own.
+    groups = [[p for p in student.parameters() if p.requires_grad]]
+    engine: torch.nn.Module = student
+    if plan.online is not None:
+        engine = methods.Pair(student, teacher, plan.online.virtual_tokens)
+        groups.append([p for p in teacher.parameters() if p.requires_grad])
+    lrs = [t.lr] + ([plan.online.lr] if plan.online is not None else [])
+    optimizer = torch.optim.AdamW([{"params": g, "lr": lr} for g, lr in zip(groups, lrs, strict=True)],
+                                  lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    engine, optimizer, scheduler = accelerator.prepare(engine, optimizer, scheduler)
+    student = engine if plan.online is None else accelerator.unwrap_model(engine).student
     stream = BatchStream(len(data["train"]), t.micro_batch_size, world,
                          accelerator.process_index, cfg.seed)
     progress = Progress()
@@ -234,11 +245,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         n_tokens = counts.pop("all")
         step_parts: dict[str, float] = {}
         for i, batch in enumerate(batches):
-            sync = nullcontext() if i == accum - 1 else accelerator.no_sync(student)
+            sync = nullcontext() if i == accum - 1 else accelerator.no_sync(engine)
             with sync:
-                student_logits = logits_of(student, batch)
-                teacher_logits = None
-                if objective.needs_teacher:
+                if plan.online is not None:  # both models, both with gradients
+                    student_logits, teacher_logits = (
+                        x if vocab is None else x[..., :vocab]
+                        for x in engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+                else:
+                    student_logits = logits_of(student, batch)
+                    teacher_logits = None
+                if objective.needs_teacher and plan.online is None:
                     with torch.no_grad(), accelerator.autocast():
                         teacher_logits = logits_of(teacher, batch)
                 loss, parts = objective(student_logits, teacher_logits, batch,
@@ -246,8 +262,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 accelerator.backward(loss)
             for k, v in parts.items():
                 step_parts[k] = step_parts.get(k, 0.0) + v.item()
-        grad_norm = (accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                     if t.max_grad_norm > 0 else None)
+        norms = [accelerator.clip_grad_norm_(g, t.max_grad_norm) if t.max_grad_norm > 0 else None
+                 for g in groups]
+        grad_norm = norms[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -270,6 +287,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                        "train/epoch": stream.epoch + stream.index / stream.per_epoch}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
+            if len(norms) > 1 and norms[1] is not None:
+                metrics["train/teacher_grad_norm"] = float(norms[1])
             for key, term in zip(objective.keys, objective.terms, strict=True):
                 if term.adaptive:
                     metrics[f"train/{key}_scale"] = objective.scale(key)
@@ -296,7 +315,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     final = run_dir / "final"
     unwrapped = accelerator.unwrap_model(student)
-    save_final(accelerator, student, tokenizer, final)
+    save_final(accelerator, engine, tokenizer, final, part=None if plan.online is None else "student")
+    if plan.online is not None:  # the teacher's module, as a PEFT adapter (the base is untouched)
+        module, state = part_of(accelerator, engine, "teacher")
+        if accelerator.is_main_process:
+            module.save_pretrained(run_dir / "final_teacher_adapter", state_dict=state)
+        accelerator.wait_for_everyone()
     results: dict[str, Any] = {}
     if accelerator.is_main_process:
         results = final_evaluation(cfg, run_dir, unwrapped, tokenizer, teacher, data["test"])
@@ -333,10 +357,23 @@ def validate(cfg: DictConfig, model: torch.nn.Module, tokenizer, valid: list) ->
             "valid/rougeL": summary["rougeL"], "valid/exact_match": summary["exact_match"]}
 
 
-def save_final(accelerator: Accelerator, student: torch.nn.Module, tokenizer, final: Path) -> None:
-    """The final student as a Hugging Face directory (LoRA merged in; the adapter kept beside)."""
-    unwrapped = accelerator.unwrap_model(student)
-    state = accelerator.get_state_dict(student)
+def part_of(accelerator: Accelerator, engine: torch.nn.Module, part: str | None,
+            ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A submodule of the engine's model and its full state dict (gathered under ZeRO-3)."""
+    state = accelerator.get_state_dict(engine)
+    unwrapped = accelerator.unwrap_model(engine)
+    if part is None:
+        return unwrapped, state
+    return getattr(unwrapped, part), {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(f"{part}.")}
+
+
+def save_final(accelerator: Accelerator, engine: torch.nn.Module, tokenizer, final: Path,
+               part: str | None = None) -> None:
+    """The final student as a Hugging Face directory (LoRA merged in; the adapter kept beside).
+
+    ``part``: the student is that submodule of the engine's model (online KD trains a pair).
+    """
+    unwrapped, state = part_of(accelerator, engine, part)
     if accelerator.is_main_process:
         if hasattr(unwrapped, "merge_and_unload"):  # a PEFT model
             unwrapped.save_pretrained(final.with_name("final_adapter"), state_dict=state)

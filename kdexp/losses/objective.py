@@ -15,6 +15,11 @@ Two options act on the terms, never inside a divergence:
   magnitude to its own (an exponential moving average over optimizer steps, updated by
   :meth:`Objective.update` with values reduced over all processes, so every rank uses the
   same scale). ``method.kd_weight=adaptive`` is ``0.5 * CE + 0.5 * scale * KD``.
+* ``trains: teacher`` on a term makes it a loss of the teacher's trainable module (online KD):
+  ``ce`` is then the teacher's cross-entropy on the targets and a divergence is computed with
+  the *student* detached, so its gradient reaches the teacher only. Every other term sees the
+  teacher's logits detached, so the student's losses never move the teacher. The two sides
+  add up into one loss whose single backward gives each side exactly its own gradient.
 * ``sample_weight``: every sequence's per-position losses are multiplied by its per-token
   geometric-mean probability under the teacher (``teacher_likelihood``) or the student
   (``student_likelihood``), detached, clamped below at ``min_weight`` and normalized to mean
@@ -35,6 +40,7 @@ from kdexp.registry import Registry
 
 IGNORE_INDEX = -100
 ORIGINS = ("data", "teacher", "student", "pt")  # where a sequence's response came from
+TRAINEES = ("student", "teacher")  # whose parameters a term's gradient reaches
 
 # (student_logits [B, T, V], teacher_logits [B, T, V] or None, batch) -> per-position values [B, T]
 TermFn = Callable[[torch.Tensor, "torch.Tensor | None", Mapping[str, torch.Tensor]], torch.Tensor]
@@ -70,6 +76,7 @@ class Term:
     needs_teacher: bool
     adaptive: bool = False
     rows: tuple[str, ...] | None = None
+    trains: str = "student"
 
 
 def make_term(spec: Mapping[str, object]) -> Term:
@@ -85,11 +92,18 @@ def make_term(spec: Mapping[str, object]) -> Term:
     t2_scale = bool(spec.pop("t2_scale", False))
     adaptive = bool(spec.pop("adaptive", False))
     rows = spec.pop("rows", None)
+    trains = str(spec.pop("trains", "student"))
+    if trains not in TRAINEES:
+        raise UserError(f"term '{name}': trains must be student or teacher, got '{trains}'")
     if rows is not None:
         rows = tuple(rows)
         for r in rows:
             if r not in ORIGINS:
                 raise UserError(f"term '{name}': rows must be among {', '.join(ORIGINS)}, got '{r}'")
+    if trains == "teacher":
+        if adaptive:
+            raise UserError(f"term '{name}': adaptive scales the student's terms, not the teacher's")
+        return _teacher_term(name, weight, spec, t2_scale, rows)
     if name == "ce":
         if spec or adaptive:
             raise UserError(f"the ce term takes no parameters, got {sorted(spec) + ['adaptive'] * adaptive}")
@@ -103,6 +117,21 @@ def make_term(spec: Mapping[str, object]) -> Term:
         weight *= float(spec.get("temperature", 1.0)) ** 2
     return Term(name, weight, lambda s, t, b: div(s, t), needs_teacher=True, adaptive=adaptive,
                 rows=rows)
+
+
+def _teacher_term(name: str, weight: float, spec: dict, t2_scale: bool, rows) -> Term:
+    """A loss of the teacher's online module: its CE, or a divergence with the student detached."""
+    if name == "ce":
+        if spec:
+            raise UserError(f"the ce term takes no parameters, got {sorted(spec)}")
+        fn = lambda s, t, b: cross_entropy(t, b["targets"])  # noqa: E731
+    elif name in losses.names():
+        div = losses.divergence(name, **spec)
+        weight *= float(spec.get("temperature", 1.0)) ** 2 if t2_scale else 1.0
+        fn = lambda s, t, b: div(s.detach(), t)  # noqa: E731
+    else:
+        raise UserError(f"term '{name}' cannot train the teacher: only ce and the divergences can")
+    return Term(f"teacher_{name}", weight, fn, needs_teacher=True, rows=rows, trains="teacher")
 
 
 def sequence_weights(logits: torch.Tensor, targets: torch.Tensor, min_weight: float) -> torch.Tensor:
@@ -147,6 +176,10 @@ class Objective:
                   min_weight: float = 0.1) -> Objective:
         terms = [make_term(s) for s in spec]
         return cls([t for t in terms if t.weight != 0], sample_weight, min_weight)
+
+    @property
+    def trains_teacher(self) -> bool:
+        return any(t.trains == "teacher" for t in self.terms)
 
     @property
     def needs_teacher(self) -> bool:
@@ -210,6 +243,8 @@ class Objective:
             source = teacher_logits if self.sample_weight == "teacher_likelihood" else student_logits
             seq_w = sequence_weights(source, targets, self.min_weight)[:, None]  # [B, 1]
         weights = self.weights()
+        # The student's terms see a fixed teacher (a no-op unless the teacher is being trained).
+        fixed_teacher = teacher_logits.detach() if teacher_logits is not None else None
         total = student_logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         for key, term in zip(self.keys, self.terms, strict=True):
@@ -218,7 +253,8 @@ class Objective:
             if not mask.any():
                 parts[key] = total.new_zeros(()).detach()
                 continue
-            per_position = term.fn(student_logits, teacher_logits, batch)  # [B, T]
+            teacher = teacher_logits if term.trains == "teacher" else fixed_teacher
+            per_position = term.fn(student_logits, teacher, batch)  # [B, T]
             if seq_w is not None:
                 per_position = per_position * seq_w
             value = torch.where(mask, per_position, 0.0).sum() / max(count, 1)

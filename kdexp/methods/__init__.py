@@ -27,6 +27,7 @@ from kdexp.errors import UserError
 from kdexp.losses.objective import Objective
 from kdexp.methods import rl, sources
 from kdexp.methods.context import Context
+from kdexp.methods.online import KINDS, OnlineModule, Pair
 from kdexp.methods.sources import Source
 from kdexp.registry import Registry
 from kdexp.rollout import RolloutSpec
@@ -41,15 +42,18 @@ class Method:
     terms: Callable[[DictConfig], list[TermSpec]]
     source: Callable[[DictConfig], Source] = lambda cfg: Source()
     hooks: Callable[[DictConfig, Objective], list[Source]] = lambda cfg, objective: []
+    online: Callable[[DictConfig], OnlineModule | None] = lambda cfg: None
 
 
 @dataclass
 class Plan:
-    """A method made concrete for one run: its objective, its source, its hooks."""
+    """A method made concrete for one run: its objective, its source, its hooks, and the
+    teacher's online module when the teacher trains too."""
 
     objective: Objective
     source: Source
     hooks: list[Source] = field(default_factory=list)
+    online: OnlineModule | None = None
 
     @property
     def components(self) -> list[Source]:
@@ -237,11 +241,42 @@ METHODS.add("gkd_rl", Method(
     terms=gkd_rl_terms, source=lambda cfg: rl.Rewarded(cfg.method.reward)))
 
 
+def okd_terms(cfg: DictConfig) -> list[TermSpec]:
+    """``D(teacher detached, student)`` for the student; ``alpha * D(teacher, student detached)
+    + (1 - alpha) * CE(teacher)`` for the teacher's module (Rao et al., arXiv 2409.12512, 2024)."""
+    alpha = float(param(cfg, "alpha", _unit, "in [0, 1]"))
+    return [loss_term(cfg, 1.0), loss_term(cfg, alpha, trains="teacher"),
+            {"loss": "ce", "weight": 1.0 - alpha, "trains": "teacher"}]
+
+
+def okd_module(cfg: DictConfig) -> OnlineModule:
+    m = cfg.method
+    targets = m.get("target_modules")
+    return OnlineModule(
+        kind=param(cfg, "module", lambda v: v in KINDS, "one of " + ", ".join(KINDS)),
+        r=param(cfg, "r", _positive_int, "an integer > 0"),
+        lora_alpha=float(param(cfg, "lora_alpha", lambda v: isinstance(v, (int, float)) and v > 0, "> 0")),
+        dropout=float(param(cfg, "dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")),
+        target_modules=tuple(targets) if targets else None,
+        num_virtual_tokens=param(cfg, "num_virtual_tokens", _positive_int, "an integer > 0"),
+        lr=float(param(cfg, "teacher_lr", lambda v: isinstance(v, (int, float)) and v > 0, "> 0")))
+
+
+METHODS.add("okd", Method(
+    "okd", "online KD (Rao et al. 2024): a trainable module on the frozen teacher (LoRA on query "
+           "and value; prefix or P-tuning) adapts to the student, trained on the same batches",
+    terms=okd_terms, online=okd_module))
+
+
 def build(cfg: DictConfig) -> Plan:
     """The plan of ``cfg``: objective, source and hooks (nothing is loaded yet)."""
     method = METHODS.get(cfg.method.name)
     objective = build_objective(cfg)
-    return Plan(objective, method.source(cfg), method.hooks(cfg, objective))
+    online = method.online(cfg)
+    if (online is not None) != objective.trains_teacher:
+        raise UserError("an objective with terms that train the teacher needs method=okd's online module"
+                        if online is None else "method=okd needs terms with trains: teacher")
+    return Plan(objective, method.source(cfg), method.hooks(cfg, objective), online)
 
 
 def build_objective(cfg: DictConfig) -> Objective:
@@ -258,4 +293,4 @@ def objective_spec(cfg: DictConfig) -> list[TermSpec]:
     return method.terms(cfg)
 
 
-__all__ = ["METHODS", "Context", "Method", "Plan", "build", "build_objective", "objective_spec"]
+__all__ = ["METHODS", "Context", "Method", "Pair", "Plan", "build", "build_objective", "objective_spec"]

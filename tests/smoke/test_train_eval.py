@@ -104,6 +104,7 @@ RESUMABLE = {
     "sgo": ["method=sgo", "method.refresh=1", "rollout.max_new_tokens=16"],
     "minillm": ["method=minillm", "method.num_rollouts=8", "method.ppo_epochs=2", "rollout.max_new_tokens=16"],
     "taid": ["method=taid"],
+    "okd": ["method=okd", "method.dropout=0.1"],  # the module's dropout draws from the restored RNG
 }
 
 
@@ -130,6 +131,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, objective):
     assert clean.keys() == resumed.keys()
     for name in clean:
         assert torch.equal(clean[name], resumed[name]), name
+    if (tmp_path / "clean" / "final_teacher_adapter").is_dir():  # okd: the teacher's module too
+        clean, resumed = (load_file(str(tmp_path / run / "final_teacher_adapter" / "adapter_model.safetensors"))
+                          for run in ("clean", "resumed"))
+        assert clean.keys() == resumed.keys() and all(torch.equal(clean[k], resumed[k]) for k in clean)
     a, b = read_json(tmp_path / "clean" / "results.json"), read_json(tmp_path / "resumed" / "results.json")
     assert (a["rougeL"], a["exact_match"]) == (b["rougeL"], b["exact_match"])
     assert logged(tmp_path / "clean") == logged(tmp_path / "resumed")
