@@ -49,3 +49,15 @@ def test_two_processes_share_every_batch_source_decision(tmp_path, method):
     else:
         assert "method/phi" in last
     assert read_json(run / "results.json")["train"]["steps"] == 6
+
+
+def test_online_kd_trains_student_and_teacher_module_under_ddp(tmp_path):
+    """method=okd under DDP: the pair is one engine module; both sides train and are saved."""
+    run = tmp_path / "run"
+    torchrun(*QUICK, "method=okd", "train.batch_size=8", "train.micro_batch_size=2", f"hydra.run.dir={run}",
+             cwd=tmp_path)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+               if '"train/loss"' in line]
+    assert all(r["train/teacher_grad_norm"] > 0 and r["train/grad_norm"] > 0 for r in records)
+    assert (run / "final_teacher_adapter" / "adapter_model.safetensors").is_file()
+    assert read_json(run / "results.json")["train"]["steps"] == 6
