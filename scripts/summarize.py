@@ -3,6 +3,7 @@
     python scripts/summarize.py runs/kd-vs-sft            # every */results.json below the folder
     python scripts/summarize.py runs/kd-vs-sft --by method.name loss.name
     python scripts/summarize.py multirun/methods-a multirun/methods-b --relative-to kd
+    python scripts/summarize.py multirun/methods-a multirun/okd --by method.name method.lmbda --relative-to kd
 
 A run's score is its results.json ``rougeL`` / ``exact_match`` (already a mean over the eval
 seeds); the table gives the mean and sample std of those over the runs of a group (the training
@@ -25,7 +26,8 @@ def main() -> None:
     parser.add_argument("roots", type=Path, nargs="+")
     parser.add_argument("--by", nargs="+", default=["method.name"], help="config keys to group by")
     parser.add_argument("--relative-to", default=None,
-                        help="also give each group's mean train time relative to this group's")
+                        help="also give each group's mean train time relative to the group whose "
+                             "first --by value is this")
     args = parser.parse_args()
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for results in sorted(p for root in args.roots for p in root.rglob("results.json")):
@@ -34,10 +36,11 @@ def main() -> None:
         groups[key].append({**json.loads(results.read_text()), "seed": cfg.seed})
     base = None
     if args.relative_to is not None:
-        ref = groups.get((args.relative_to,))
-        if not ref:
-            raise SystemExit(f"--relative-to {args.relative_to}: no such group among {sorted(groups)}")
-        base = statistics.fmean(r["train"]["time_s"] for r in ref)
+        refs = [runs for key, runs in groups.items() if key[0] == args.relative_to]
+        if len(refs) != 1:
+            raise SystemExit(f"--relative-to {args.relative_to}: needs exactly one group whose first key "
+                             f"is that, among {sorted(groups)}")
+        base = statistics.fmean(r["train"]["time_s"] for r in refs[0])
     extra = " relative time |" if base else ""
     print(f"| {' | '.join(args.by)} | runs | seeds | ROUGE-L | exact match | train time (s) |{extra}")
     print("|" + "---|" * (len(args.by) + 5 + bool(base)))

@@ -1,0 +1,51 @@
+"""scripts/summarize.py: mean and std over seeds, time relative to a reference group."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "summarize.py"
+
+
+def _run(root: Path, name: str, method: str, seed: int, rouge: float, time_s: float, lmbda=None):
+    run = root / name
+    run.mkdir(parents=True)
+    lm = "null" if lmbda is None else lmbda
+    (run / "config.yaml").write_text(f"seed: {seed}\nmethod:\n  name: {method}\n  lmbda: {lm}\n")
+    (run / "results.json").write_text(json.dumps({"rougeL": rouge, "exact_match": rouge / 2,
+                                                  "train": {"time_s": time_s}}))
+
+
+def _summarize(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+
+
+def test_groups_over_several_roots_with_relative_time(tmp_path):
+    for seed, (r, t) in enumerate([(70, 100), (80, 120)]):
+        _run(tmp_path / "a", f"kd{seed}", "kd", seed, r, t)
+    _run(tmp_path / "b", "g0", "gkd", 0, 10, 330, lmbda=1)
+    _run(tmp_path / "b", "g1", "gkd", 1, 20, 330, lmbda=0.5)
+    out = _summarize(str(tmp_path / "a"), str(tmp_path / "b"), "--by", "method.name", "method.lmbda",
+                     "--relative-to", "kd")
+    assert out.returncode == 0, out.stderr
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in out.stdout.splitlines()[2:]}
+    assert "| 2 | 0,1 | 75.00 ± 7.07 | 37.50 ± 3.54 | 110.0 | 1.00 |" in rows[("kd", "None")]
+    assert rows[("gkd", "1")].endswith("| 330.0 | 3.00 |") and ("gkd", "0.5") in rows
+
+
+def test_relative_to_a_missing_group_is_an_error(tmp_path):
+    _run(tmp_path, "r", "sft", 0, 50, 10)
+    out = _summarize(str(tmp_path), "--relative-to", "kd")
+    assert out.returncode != 0 and "--relative-to kd" in out.stderr
+
+
+@pytest.mark.parametrize("args", [["--by", "method.name"], []])
+def test_single_run_has_zero_std(tmp_path, args):
+    _run(tmp_path, "r", "sft", 3, 50, 10)
+    out = _summarize(str(tmp_path), *args)
+    assert "| sft | 1 | 3 | 50.00 ± 0.00 | 25.00 ± 0.00 | 10.0 |" in out.stdout
