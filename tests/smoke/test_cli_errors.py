@@ -94,7 +94,7 @@ def test_help_lists_commands_and_group_choices(tmp_path):
                  "amid, fkl, jsd, rkl", "gpt2-xl", "qwen2.5-7b", "dolly"):
         assert word in top, word
     train_help = kdexp("train", "--help", cwd=tmp_path).stdout
-    assert "kdexp train" in train_help and "method: distillm, distillm2, gkd, gkd_rl, imitkd, kd, minillm, seqkd, sft, sgo, taid" in train_help
+    assert "kdexp train" in train_help and "method: distillm, distillm2, gkd, gkd_rl, imitkd, kd, minillm, okd, seqkd, sft, sgo, taid" in train_help
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):
