@@ -82,7 +82,8 @@ def generate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spe
                 torch.manual_seed(batch_seed(seed, b))
                 out = model.generate(input_ids=batch["input_ids"].to(device),
                                      attention_mask=batch["attention_mask"].to(device),
-                                     generation_config=config)
+                                     generation_config=config,
+                                     synced_gpus=False)  # full parameters here, even under ZeRO-3
                 new = out[:, batch["input_ids"].shape[1]:].tolist()  # [B, <= max_new_tokens]
                 for row in new:
                     n = next((i for i, t in enumerate(row) if t in eos_ids), len(row))

@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from kdexp import checkpoint, config, methods
+from kdexp import engine as engines
 from kdexp.data import collate_train, load_examples
 from kdexp.errors import UserError
 from kdexp.evaluation import evaluate_generation, format_table, teacher_forced_nll
@@ -138,14 +138,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError("; ".join(issues))
     check_run_dir(cfg, run_dir)
     t = cfg.train
-    # Launched as several processes (torchrun, accelerate launch, srun) on a machine without
-    # GPUs: accelerate only joins them into one run on CPU when told to, and would otherwise
-    # start independent copies that overwrite each other's run directory.
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(mixed_precision=t.mixed_precision,
-                              cpu=t.device == "cpu" or (launched > 1 and not torch.cuda.is_available()))
-    if accelerator.num_processes != launched:
-        raise UserError(f"launched as {launched} processes but the training engine sees "
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's (torchrun, accelerate, srun)
+    accum, rest = divmod(t.batch_size, t.micro_batch_size * world)
+    if rest or accum == 0:
+        raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                        f"train.micro_batch_size ({t.micro_batch_size}) x {world} processes")
+    accelerator = engines.make_accelerator(cfg, accum, world)
+    if accelerator.num_processes != world:
+        raise UserError(f"launched as {world} processes but the training engine sees "
                         f"{accelerator.num_processes}; check the launcher's environment")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -172,11 +172,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             teacher.requires_grad_(False).eval().to(accelerator.device)
 
     pad_id = tokenizer.pad_token_id
-    world = accelerator.num_processes
-    accum, rest = divmod(t.batch_size, t.micro_batch_size * world)
-    if rest or accum == 0:
-        raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of "
-                        f"train.micro_batch_size ({t.micro_batch_size}) x {world} processes")
 
     # The engine trains one module: the student, or (online KD) the student and the teacher
     # with its module, one parameter group each, each clipped on its own.
@@ -192,6 +187,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
     engine, optimizer, scheduler = accelerator.prepare(engine, optimizer, scheduler)
     student = engine if plan.online is None else accelerator.unwrap_model(engine).student
+    zero = engines.zero_stage(accelerator)
     stream = BatchStream(len(data["train"]), t.micro_batch_size, world,
                          accelerator.process_index, cfg.seed)
     progress = Progress()
@@ -200,7 +196,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     accelerator.register_for_checkpointing(objective)
     for component in plan.components:
         accelerator.register_for_checkpointing(component)
-    ctx = methods.Context(cfg, accelerator, student, teacher, tokenizer, vocab, data["train"], t.max_steps)
+    ctx = methods.Context(cfg, accelerator, student, teacher, tokenizer, vocab, data["train"], t.max_steps,
+                          engine=engine)
 
     if accelerator.is_main_process and not t.resume:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -244,9 +241,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         counts = reduce_sum(local)
         n_tokens = counts.pop("all")
         step_parts: dict[str, float] = {}
-        for i, batch in enumerate(batches):
-            sync = nullcontext() if i == accum - 1 else accelerator.no_sync(engine)
-            with sync:
+        for batch in batches:
+            with accelerator.accumulate(engine):  # no gradient sync before the step's last
                 if plan.online is not None:  # both models, both with gradients
                     student_logits, teacher_logits = (
                         x if vocab is None else x[..., :vocab]
@@ -259,11 +255,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         teacher_logits = logits_of(teacher, batch)
                 loss, parts = objective(student_logits, teacher_logits, batch,
                                         {k: n / world for k, n in counts.items()})
-                accelerator.backward(loss)
+                # The engines divide by the accumulation count; the loss is already a share
+                # of the whole step's token mean.
+                accelerator.backward(loss * accum)
             for k, v in parts.items():
                 step_parts[k] = step_parts.get(k, 0.0) + v.item()
-        norms = [accelerator.clip_grad_norm_(g, t.max_grad_norm) if t.max_grad_norm > 0 else None
-                 for g in groups]
+        if t.max_grad_norm <= 0:
+            norms = [None]
+        elif zero:  # DeepSpeed clipped inside its step, over all parameters at once
+            norms = [accelerator.clip_grad_norm_(groups[0], t.max_grad_norm)]
+        else:
+            norms = [accelerator.clip_grad_norm_(g, t.max_grad_norm) for g in groups]
         grad_norm = norms[0]
         optimizer.step()
         scheduler.step()
@@ -302,9 +304,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             component.after_step(ctx, progress.step, reduced)
         if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
             valid = [None]
-            if accelerator.is_main_process:
-                valid[0] = validate(cfg, accelerator.unwrap_model(student), tokenizer, data["valid"])
-                logger.log(valid[0], progress.step)
+            with engines.full_parameters(accelerator, engine):  # every rank: collective
+                if accelerator.is_main_process:
+                    valid[0] = validate(cfg, accelerator.unwrap_model(student), tokenizer, data["valid"])
+                    logger.log(valid[0], progress.step)
             valid = broadcast_object_list(valid)[0]  # DistiLLM's scheduler acts on it on every rank
             for component in plan.components:
                 component.after_validation(ctx, progress.step, valid["valid/loss"])
@@ -322,8 +325,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             module.save_pretrained(run_dir / "final_teacher_adapter", state_dict=state)
         accelerator.wait_for_everyone()
     results: dict[str, Any] = {}
+    with engines.full_parameters(accelerator, engine):  # every rank: collective
+        if accelerator.is_main_process:
+            results = final_evaluation(cfg, run_dir, unwrapped, tokenizer, teacher, data["test"])
     if accelerator.is_main_process:
-        results = final_evaluation(cfg, run_dir, unwrapped, tokenizer, teacher, data["test"])
         results["train"] = {"steps": progress.step, "time_s": round(train_time, 2),
                             "tokens": tokens_seen}
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -360,7 +365,7 @@ def validate(cfg: DictConfig, model: torch.nn.Module, tokenizer, valid: list) ->
 def part_of(accelerator: Accelerator, engine: torch.nn.Module, part: str | None,
             ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A submodule of the engine's model and its full state dict (gathered under ZeRO-3)."""
-    state = accelerator.get_state_dict(engine)
+    state = accelerator.get_state_dict(engine) or {}  # ZeRO-3: gathered on the main process only
     unwrapped = accelerator.unwrap_model(engine)
     if part is None:
         return unwrapped, state

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
 from kdexp.data.encode import Example
+from kdexp.engine import full_parameters
 from kdexp.rollout import RolloutSpec, sample
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ class Context:
 
     def __init__(self, cfg: DictConfig, accelerator, student: torch.nn.Module,
                  teacher: torch.nn.Module | None, tokenizer, vocab: int | None,
-                 train: Sequence[Example], max_steps: int):
+                 train: Sequence[Example], max_steps: int, engine: torch.nn.Module | None = None):
         self.cfg, self.accelerator = cfg, accelerator
+        self.engine = engine if engine is not None else student  # what accelerate prepared
         self.student, self.teacher, self.tokenizer, self.vocab = student, teacher, tokenizer, vocab
         self.train, self.max_steps = train, max_steps
         self.spec = RolloutSpec.from_cfg(OmegaConf.to_container(cfg.rollout, resolve=True))
@@ -111,17 +113,9 @@ class Context:
         plain = self.accelerator.unwrap_model(model)
         was_training = plain.training
         plain.eval()
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        gather = None
-        if plugin is not None and plugin.zero_stage == 3 and model is self.student:
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+        gathered = full_parameters(self.accelerator, self.engine) if model is self.student else nullcontext()
         try:
-            if gather is not None:
-                with gather:
-                    yield plain
-            else:
+            with gathered:
                 yield plain
         finally:
             plain.train(was_training)

@@ -1,0 +1,126 @@
+"""The training engine: ``accelerate`` with DDP or DeepSpeed ZeRO, on GPUs or on CPU.
+
+    torchrun --nproc_per_node=2 -m kdexp train                      # DDP
+    torchrun --nproc_per_node=2 -m kdexp train deepspeed=zero2      # DeepSpeed ZeRO-2
+    kdexp train deepspeed=zero3                                         # one process, ZeRO-3
+
+The loop stays engine-agnostic: it asks this module for an ``Accelerator`` and, under ZeRO-3,
+for the full parameters of the engine's model while it generates (validation, final evaluation,
+rollouts). The DeepSpeed JSON config is derived from ``train.*`` (micro-batch, accumulation,
+clipping; mixed precision through accelerate) and the ``deepspeed=`` preset; ``deepspeed.config``
+adds or overrides any DeepSpeed key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+
+from kdexp.errors import UserError
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: DictConfig, accum: int, world: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a run (``cfg.deepspeed`` set)."""
+    ds, t = cfg.deepspeed, cfg.train
+    zero: dict[str, Any] = {"stage": int(ds.stage)}
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer}
+    if ds.stage == 3:
+        # The final student (and OKD's teacher module) is saved as one full state dict.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if ds.offload_param != "none":
+            zero["offload_param"] = {"device": ds.offload_param}
+    out = {"train_micro_batch_size_per_gpu": int(t.micro_batch_size),
+           "gradient_accumulation_steps": accum,
+           "train_batch_size": int(t.micro_batch_size) * accum * world,
+           "gradient_clipping": float(t.max_grad_norm),
+           "zero_optimization": zero,
+           "steps_per_print": 10**9}
+    extra = OmegaConf.to_container(ds.config, resolve=True) if ds.get("config") else {}
+    return _merge(out, extra)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_accelerator(cfg: DictConfig, accum: int, world: int) -> Accelerator:
+    """The run's ``Accelerator``: ``world`` processes (the launcher's), ``accum`` micro-batches
+    per optimizer step, DeepSpeed when ``deepspeed=`` is chosen.
+
+    On a machine without GPUs, several launched processes are joined over gloo (accelerate
+    would otherwise start independent copies that overwrite each other's run directory).
+    """
+    t = cfg.train
+    no_gpu = not torch.cuda.is_available()
+    kwargs: dict[str, Any] = {"mixed_precision": t.mixed_precision, "gradient_accumulation_steps": accum,
+                              # the schedule counts optimizer steps, whatever the number of processes
+                              "step_scheduler_with_optimizer": False}
+    if cfg.get("deepspeed") is None:
+        return Accelerator(cpu=t.device == "cpu" or (world > 1 and no_gpu), **kwargs)
+    try:
+        import deepspeed  # noqa: F401
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    except ImportError as e:
+        raise UserError(f"deepspeed=zero{cfg.deepspeed.stage} needs DeepSpeed: "
+                        "pip install 'kdexp[deepspeed]'") from e
+    if "LOCAL_RANK" not in os.environ:  # one process without a launcher: DeepSpeed still wants one
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    if no_gpu or t.device == "cpu":
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accum, world), zero3_init_flag=False)
+    accelerator = Accelerator(deepspeed_plugin=plugin, **kwargs)
+    # Models load whole in every process; the engine shards what it trains when it is prepared.
+    # Under ZeRO-3 transformers would otherwise partition every model loaded from now on, the
+    # frozen teacher included, which then has no engine to gather its layers.
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    return accelerator
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The DeepSpeed ZeRO stage of the run, 0 without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+@contextmanager
+def full_parameters(accelerator: Accelerator, engine: torch.nn.Module) -> Iterator[None]:
+    """Every parameter of the engine's model present on this process while the block runs.
+
+    A no-op except under ZeRO-3, where the parameters are gathered from their shards and the
+    engine's per-module fetch/release hooks are taken off for the block (a generation calls
+    the model once per token; with the hooks on, every call would re-gather every layer).
+    Collective: every process must enter it, including those that then do nothing.
+    """
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    import deepspeed
+
+    offload = engine.optimizer.parameter_offload
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        offload._remove_module_hooks()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload.setup_zero_stage3_hooks()
