@@ -27,19 +27,24 @@ FAST = [
 
 
 def kdexp(*args: str, cwd: Path, env: dict[str, str | None] | None = None, check: bool = True,
-          timeout: int = 300) -> subprocess.CompletedProcess:
+          timeout: int = 300, nproc: int = 1) -> subprocess.CompletedProcess:
     """Run ``python -m kdexp ARGS`` in ``cwd``; on failure show its output.
 
-    ``env`` adds variables to the environment; a ``None`` value removes one.
+    ``env`` adds variables to the environment; a ``None`` value removes one. ``nproc`` > 1:
+    under ``torchrun --standalone`` with that many processes (one thread each).
     """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1"}
+    launcher = []
+    if nproc > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        full_env["OMP_NUM_THREADS"] = "1"
     for key, value in (env or {}).items():
         if value is None:
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    proc = subprocess.run([sys.executable, "-m", "kdexp", *args], cwd=cwd, env=full_env,
+    proc = subprocess.run([sys.executable, *launcher, "-m", "kdexp", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"kdexp {' '.join(args)} exited {proc.returncode}\n"

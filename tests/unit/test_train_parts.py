@@ -57,3 +57,33 @@ def test_lr_schedule_warms_up_then_decays_linearly():
     assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
     decay = [f(s) for s in range(4, 15)]
     assert all(x > y for x, y in zip(decay, decay[1:], strict=False))
+
+
+def test_deepspeed_config_follows_the_train_section(compose):
+    """Micro-batch, accumulation, global batch and clipping come from train.*; stage 3 saves a
+    gathered state dict; deepspeed.config merges any DeepSpeed key on top, nested."""
+    from kdexp.engine import deepspeed_config
+
+    cfg = compose(["deepspeed=zero3", "train.batch_size=32", "train.micro_batch_size=4",
+                   "train.max_grad_norm=0.5", "deepspeed.offload_optimizer=cpu",
+                   "+deepspeed.config={zero_optimization: {overlap_comm: true}, steps_per_print: 5}"])
+    ds = deepspeed_config(cfg, accum=4, world=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 4, 32)
+    assert ds["gradient_clipping"] == 0.5 and ds["steps_per_print"] == 5
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["offload_optimizer"] == {"device": "cpu"} and zero["overlap_comm"] is True
+    assert "offload_param" not in zero
+    assert "stage3_gather_16bit_weights_on_model_save" not in deepspeed_config(
+        compose(["deepspeed=zero2"]), accum=1, world=1)["zero_optimization"]
+
+
+def test_deepspeed_missing_is_a_clear_error(compose, monkeypatch):
+    import sys
+
+    from kdexp.engine import make_accelerator
+    from kdexp.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    with pytest.raises(UserError, match=r"deepspeed=zero2 needs DeepSpeed: pip install 'kdexp\[deepspeed\]'"):
+        make_accelerator(compose(["deepspeed=zero2"]), accum=1, world=1)
