@@ -20,7 +20,7 @@ from kdexp.losses.objective import IGNORE_INDEX, ORIGINS
 
 log = logging.getLogger(__name__)
 
-TOO_LONG = ("truncate", "skip", "error")
+TOO_LONG = ("truncate", "cut_end", "skip", "error")
 
 
 @dataclass
@@ -46,8 +46,9 @@ def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, An
     """Tokenize ``records`` under ``data.max_prompt_length`` / ``max_length`` / ``too_long``.
 
     A prompt longer than ``max_prompt_length`` is cut to its last tokens (``truncate``: the
-    template's "### Response:" marker is at the end), dropped (``skip``, MiniLLM's choice for
-    Dolly), or an error (``error``). A response is cut to fit ``max_length``; a cut response
+    template's "### Response:" marker is at the end), to its first tokens (``cut_end``: what
+    MiniLLM's evaluation does, ``prompt_ids[:max_prompt_length]`` in its PromptDataset), dropped
+    (``skip``, MiniLLM's choice for Dolly's training data), or an error (``error``). A response is cut to fit ``max_length``; a cut response
     has no EOS, so the model is never taught to stop where the text did not.
     """
     max_prompt, max_len, policy = cfg["max_prompt_length"], cfg["max_length"], cfg["too_long"]
@@ -70,7 +71,7 @@ def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, An
             if policy == "skip":
                 n_skipped += 1
                 continue
-            p, n_cut = p[-max_prompt:], n_cut + 1
+            p, n_cut = (p[:max_prompt] if policy == "cut_end" else p[-max_prompt:]), n_cut + 1
         room = max(0, max_len - len(p))
         r = list(r) + [tokenizer.eos_token_id]
         if len(r) > room:

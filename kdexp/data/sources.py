@@ -38,6 +38,20 @@ def load_splits(cfg: Mapping[str, Any]) -> dict[str, list[Record]]:
     return splits
 
 
+def load_test_split(cfg: Mapping[str, Any]) -> list[Record]:
+    """The records to evaluate on: the test split, or the whole of ``data.files.test`` when the
+    data is an evaluation set (only ``files.test`` given: Self-Instruct, Vicuna, S-NI, ...)."""
+    files = cfg.get("files") or {}
+    if cfg["source"] == "file" and files.get("test") and not files.get("train") and not files.get("valid"):
+        records = [to_record(r, cfg, f"{files['test']}:{i}") for i, r in read_rows(files["test"])]
+        cap = (cfg.get("split") or {}).get("test")
+        records = records[:cap] if cap else records
+        if not records:
+            raise UserError(f"data '{cfg['name']}': {files['test']} holds no records")
+        return records
+    return load_splits(cfg)["test"]
+
+
 def _toy_splits(cfg: Mapping[str, Any]) -> dict[str, list[Record]]:
     t = cfg["toy"]
     template = TEMPLATES.get(cfg["template"])
@@ -158,12 +172,22 @@ def to_record(row: Mapping[str, Any], cfg: Mapping[str, Any], where: str) -> Rec
         return row[key]
 
     output = get("output", required=True)
+    references = get("references", required=False)
+    if isinstance(output, list):  # several answers (MiniLLM's processed S-NI, Vicuna, ...)
+        if not output:
+            raise UserError(f"{where}: the output list is empty (data.fields.output)")
+        output, references = output[0], references or output
     if fields.get("prompt"):
         prompt = get("prompt", required=True)
     else:
         instruction = get("instruction", required=True)
         prompt = TEMPLATES.get(cfg["template"])(str(instruction), str(get("input", False) or ""))
-    references = get("references", required=False) or [output]
+    references = references or [output]
     if isinstance(references, str):
         references = [references]
-    return {"prompt": str(prompt), "output": str(output), "references": [str(r) for r in references]}
+    record = {"prompt": str(prompt), "output": str(output), "references": [str(r) for r in references]}
+    marker = cfg.get("newline_marker")
+    if marker:  # MiniLLM's processed files write newlines as "<n>"
+        record = {k: (v.replace(marker, "\n") if isinstance(v, str) else [r.replace(marker, "\n") for r in v])
+                  for k, v in record.items()}
+    return record
