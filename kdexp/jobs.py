@@ -3,12 +3,15 @@
     kdexp eval runs/2026-11-22/10-00-00_train          # a run: its final student, its data and eval settings
     kdexp eval model=path/to/hf_model data=dolly data.path=dolly.jsonl
     kdexp eval model=tiny                               # a preset (teacher/ then student/), or a hub name
+    kdexp eval model=RUN eval=minillm eval.sets=[dolly,self_inst,vicuna,sni,unni] eval.data_dir=data
     kdexp generate model=RUN_OR_MODEL generate.split=test generate.max_samples=8
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdexp import config
-from kdexp.data import load_examples
-from kdexp.errors import UserError
-from kdexp.evaluation import evaluate_generation, format_table, teacher_forced_nll
+from kdexp.data import encode, load_examples
+from kdexp.data.sources import load_test_split
+from kdexp.errors import UserError, unknown_choice
+from kdexp.evaluation import evaluate_generation, teacher_forced_nll
 from kdexp.logging import make_logger
 from kdexp.models import load_model
 from kdexp.rollout import GenerationSpec, generate
@@ -75,33 +79,96 @@ def _examples(cfg: DictConfig, tokenizer, split: str, max_samples: int | None) -
     return examples[:max_samples] if max_samples else examples
 
 
+def eval_set(cfg: DictConfig, name: str | None) -> DictConfig:
+    """The config (``data`` and ``eval`` resolved) for scoring one set of ``eval.sets``.
+
+    ``None`` or the run's own data name: ``cfg.data``; another name: that ``data=`` preset on
+    the schema's defaults. ``eval.data`` applies to every set, and ``eval.*`` interpolations
+    (``max_new_tokens: ${data.max_new_tokens}``) follow the set's data.
+    """
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        if name is not None and name != cfg.data.name:
+            preset = config.conf_dir() / "data" / f"{name}.yaml"
+            if not preset.is_file():
+                raise unknown_choice("eval.sets entry", name, config.group_choices("data"))
+            schema = OmegaConf.load(config.conf_dir() / "config.yaml").data
+            cfg.data = OmegaConf.merge(schema, OmegaConf.load(preset))
+        cfg.data = OmegaConf.merge(cfg.data, cfg.eval.get("data") or {})
+    return OmegaConf.create({"data": OmegaConf.to_container(cfg.data, resolve=True),
+                             "eval": OmegaConf.to_container(cfg.eval, resolve=True)})
+
+
+def score_set(model, tokenizer, set_cfg: DictConfig, desc: str) -> tuple[dict[str, Any], list]:
+    """Generation metrics over seeds, validation loss and length statistics on one set."""
+    data_cfg = OmegaConf.to_container(set_cfg.data)
+    records = load_test_split(data_cfg)
+    if set_cfg.eval.max_samples:
+        records = records[: set_cfg.eval.max_samples]
+    examples = encode(records, tokenizer, data_cfg, "test")
+    summary, generations = evaluate_generation(model, tokenizer, examples,
+                                               OmegaConf.to_container(set_cfg.eval), desc=desc)
+    summary["loss"] = teacher_forced_nll(model, examples, tokenizer.pad_token_id,
+                                         set_cfg.eval.batch_size, per=set_cfg.eval.loss_mean)
+    lengths = [g["length"] for g in generations]
+    summary["gen_length_std"] = statistics.pstdev(lengths)
+    summary["gen_length_max"] = max(lengths)
+    summary["hit_max_new_tokens"] = 100.0 * statistics.fmean(
+        n >= set_cfg.eval.max_new_tokens for n in lengths)
+    return summary, generations
+
+
 def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Evaluate one model on ``eval.split``: ROUGE-L / exact match over seeds, validation loss."""
+    """Evaluate one model on ``eval.sets`` (or the run's data): ROUGE-L / exact match over
+    seeds, validation loss and generation lengths per set, and their average over sets."""
     spec, label = resolve_model(cfg)
     issues = config.problems(cfg, keys=["data", "eval"])
     if issues:
         raise UserError("; ".join(issues))
+    names = list(cfg.eval.sets or [None])
+    sets = {name or cfg.data.name: eval_set(cfg, name) for name in names}  # config errors first
     model, tokenizer = load_model(spec, "model")
-    examples = _examples(cfg, tokenizer, cfg.eval.split, cfg.eval.max_samples)
     logger = make_logger(cfg, run_dir, job_type="eval")
+    rows: dict[str, dict[str, Any]] = {}
     try:
-        summary, generations = evaluate_generation(model, tokenizer, examples,
-                                                   OmegaConf.to_container(cfg.eval, resolve=True))
-        summary["loss"] = teacher_forced_nll(model, examples, tokenizer.pad_token_id,
-                                             cfg.eval.batch_size)
-        results = {"model": label, "split": cfg.eval.split, "data": cfg.data.name, **summary}
+        for name, set_cfg in sets.items():
+            rows[name], generations = score_set(model, tokenizer, set_cfg, desc=name)
+            suffix = "" if len(sets) == 1 else f"_{name}"
+            with (run_dir / f"generations{suffix}.jsonl").open("w") as f:
+                f.writelines(json.dumps(g) + "\n" for g in generations)
+            logger.log({f"eval/{name}/{k}": rows[name][k] for k in SCALARS}, 0)
+        average = {k: statistics.fmean(r[k] for r in rows.values()) for k in SCALARS}
+        results = {"model": label, "split": cfg.eval.split, "data": cfg.data.name,
+                   "eval": cfg.eval.name, **average, "sets": rows}
+        if len(rows) == 1:
+            results.update(next(iter(rows.values())))
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        with (run_dir / "generations.jsonl").open("w") as f:
-            f.writelines(json.dumps(g) + "\n" for g in generations)
-        table = format_table({label: summary},
-                             title=f"{cfg.eval.split} split of data={cfg.data.name} ({len(examples)} prompts)")
+        table = sets_table(label, rows, cfg.eval.name)
         (run_dir / "results.md").write_text(table + "\n")
-        logger.log({f"{cfg.eval.split}/{k}": summary[k] for k in ("rougeL", "exact_match", "loss")}, 0)
-        logger.summary({f"{cfg.eval.split}/{k}": summary[k] for k in ("rougeL", "exact_match")})
+        logger.summary({f"eval/average/{k}": average[k] for k in ("rougeL", "exact_match")})
     finally:
         logger.finish()
     print(f"\n{table}\n", flush=True)
     return results
+
+
+SCALARS = ("rougeL", "exact_match", "loss", "gen_length")
+
+
+def sets_table(label: str, rows: dict[str, dict[str, Any]], protocol: str) -> str:
+    """A markdown table: one row per set (mean ± std over seeds), and the average over sets."""
+    lines = [f"### {label}, eval={protocol}", "",
+             "| set | n | ROUGE-L | exact match | loss | gen length (mean / max) | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['n']} | {r['rougeL']:.2f} ± {r['rougeL_std']:.2f} "
+                     f"| {r['exact_match']:.2f} ± {r['exact_match_std']:.2f} | {r['loss']:.3f} "
+                     f"| {r['gen_length']:.1f} / {r['gen_length_max']} | {len(r['seeds'])} |")
+    if len(rows) > 1:
+        mean = {k: statistics.fmean(r[k] for r in rows.values()) for k in SCALARS}
+        lines.append(f"| **average** | | {mean['rougeL']:.2f} | {mean['exact_match']:.2f} "
+                     f"| {mean['loss']:.3f} | {mean['gen_length']:.1f} | |")
+    return "\n".join(lines)
 
 
 def run_generate(cfg: DictConfig, run_dir: Path) -> Path:

@@ -69,8 +69,12 @@ def evaluate_generation(model: torch.nn.Module, tokenizer, examples: Sequence[Ex
 
 @torch.no_grad()
 def teacher_forced_nll(model: torch.nn.Module, examples: Sequence[Example], pad_id: int,
-                       batch_size: int = 32) -> float:
-    """Mean negative log-likelihood per response token (the validation loss)."""
+                       batch_size: int = 32, per: str = "token") -> float:
+    """The validation loss: the mean negative log-likelihood of the response tokens, over all
+    tokens (``per="token"``) or of each sequence's mean over sequences (``per="sequence"``,
+    MiniLLM's evaluate_main.py)."""
+    if per not in ("token", "sequence"):
+        raise ValueError(f"per must be 'token' or 'sequence', got {per!r}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -81,8 +85,14 @@ def teacher_forced_nll(model: torch.nn.Module, examples: Sequence[Example], pad_
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits
             targets = batch["targets"].to(device)
-            total += cross_entropy(logits, targets).sum().item()
-            count += int((targets != IGNORE_INDEX).sum())
+            nll = cross_entropy(logits, targets)  # [B, T], 0 where ignored
+            if per == "token":
+                total += nll.sum().item()
+                count += int((targets != IGNORE_INDEX).sum())
+            else:
+                n = (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
+                total += (nll.sum(-1) / n).sum().item()
+                count += len(n)
     finally:
         model.train(was_training)
     return total / max(count, 1)

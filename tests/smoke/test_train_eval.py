@@ -68,7 +68,41 @@ def test_eval_of_the_run_reproduces_its_final_numbers(kd_run, tmp_path):
     evaluated = read_json(tmp_path / "eval" / "results.json")
     for key in ("rougeL", "exact_match", "rougeL_std", "exact_match_std", "n", "seeds"):
         assert evaluated[key] == trained[key], key
-    assert evaluated["loss"] > 0 and "| student of" in proc.stdout
+    assert evaluated["loss"] > 0 and "### student of" in proc.stdout
+
+
+def test_eval_on_several_sets_with_the_minillm_protocol(tmp_path):
+    """eval.sets: the toy test split and two evaluation sets in MiniLLM's processed layout (one
+    with a list of references); one table with the average over sets, a record per set."""
+    data = tmp_path / "data"
+    for folder, rows in {"self-inst": [{"prompt": f"Name<n>color {i}.", "output": ["Blue.", "Red."]}
+                                       for i in range(3)],
+                         "vicuna": [{"prompt": f"Question {i}?", "output": "Fine."} for i in range(2)]}.items():
+        (data / folder).mkdir(parents=True)
+        (data / folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    proc = kdexp("eval", "model=tiny", "eval=minillm", "eval.sets=[toy,self_inst,vicuna]",
+                 f"eval.data_dir={data}", "eval.seeds=[10,20]", "eval.max_samples=4",
+                 "eval.max_new_tokens=16", "data.toy.n_test=12", "logger=none", f"hydra.run.dir={out}",
+                 cwd=tmp_path)
+    results = read_json(out / "results.json")
+    assert list(results["sets"]) == ["toy", "self_inst", "vicuna"]
+    assert [results["sets"][s]["n"] for s in results["sets"]] == [4, 3, 2]
+    for key in ("rougeL", "exact_match", "loss", "gen_length"):
+        assert results[key] == pytest.approx(sum(r[key] for r in results["sets"].values()) / 3)
+    assert results["eval"] == "minillm" and results["sets"]["toy"]["seeds"] == [10, 20]
+    assert results["sets"]["toy"]["rougeL"] > 50  # the teacher knows its own task
+    generated = [json.loads(x) for x in (out / "generations_self_inst.jsonl").read_text().splitlines()]
+    assert generated[0]["references"] == ["Blue.", "Red."] and len(generated) == 3 * 2
+    assert all(g["length"] <= 16 for g in generated)
+    assert "| **average** |" in proc.stdout
+
+
+def test_an_unknown_evaluation_set_is_a_one_line_error(tmp_path):
+    proc = kdexp("eval", "model=tiny", "eval.sets=[self_isnt]", "logger=none",
+                 f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "did you mean 'self_inst'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "e").exists()
 
 
 def test_generate_writes_jsonl(kd_run, tmp_path):

@@ -384,7 +384,7 @@ def test_encode_skip_drops_long_prompts(tok):
 def test_encode_bad_policy(tok):
     with pytest.raises(UserError):
         encode([_rec("p\n", "o")], tok, make_cfg(too_long="drop"), "train")
-    assert set(enc.TOO_LONG) == {"truncate", "skip", "error"}
+    assert set(enc.TOO_LONG) == {"truncate", "cut_end", "skip", "error"}
 
 
 def test_encode_response_cut_by_max_length_has_no_eos(tok):
@@ -500,3 +500,37 @@ def test_read_csv_multiline_field(tmp_path):
         writer.writeheader()
         writer.writerow(row)
     assert [r for _, r in sources.read_rows(path)] == [row]
+
+
+# ---------------------------------------------------------------- evaluation sets
+
+
+def test_output_list_gives_references_and_newline_marker_is_a_newline():
+    """MiniLLM's processed files: an output may list several answers; "<n>" stands for "\\n"."""
+    cfg = make_cfg(fields={"prompt": "prompt", "output": "output"}, template="none", newline_marker="<n>")
+    rec = sources.to_record({"prompt": "Q:<n>two?<n>", "output": ["2<n>", "two"]}, cfg, "x")
+    assert rec == {"prompt": "Q:\ntwo?\n", "output": "2\n", "references": ["2\n", "two"]}
+    with pytest.raises(UserError, match="output list is empty"):
+        sources.to_record({"prompt": "Q", "output": []}, cfg, "x")
+    plain = sources.to_record({"prompt": "a<n>b", "output": "c"}, make_cfg(fields={"prompt": "prompt"},
+                                                                           template="none"), "x")
+    assert plain["prompt"] == "a<n>b"  # no marker configured: the text is left alone
+
+
+def test_an_evaluation_set_is_its_whole_test_file_up_to_the_cap(tmp_path):
+    path = tmp_path / "valid.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "output": f"o{i}"}) + "\n" for i in range(7)))
+    cfg = make_cfg(files={"train": None, "valid": None, "test": str(path)}, fields={"prompt": "prompt"},
+                   template="none", split={"seed": 1, "valid": 0, "test": None})
+    assert [r["prompt"] for r in sources.load_test_split(cfg)] == [f"p{i}" for i in range(7)]
+    cfg["split"]["test"] = 3
+    assert [r["output"] for r in sources.load_test_split(cfg)] == ["o0", "o1", "o2"]  # the first N, in order
+
+
+def test_encode_cut_end_keeps_the_first_tokens(tok):
+    """MiniLLM's evaluation keeps prompt_ids[:max_prompt_length]."""
+    long = _rec(_long_prompt(40), "ok")
+    full = tok(long["prompt"])["input_ids"]
+    k = len(full) // 2
+    (ex,) = encode([long], tok, make_cfg(max_prompt_length=k, max_length=k + 20, too_long="cut_end"), "test")
+    assert ex.prompt_ids == full[:k]
