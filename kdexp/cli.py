@@ -1,9 +1,10 @@
-"""The ``kdexp`` command: ``kdexp train|eval|generate [overrides]``, each a Hydra entry point.
+"""The ``kdexp`` command: ``kdexp train|eval|generate|analyze [overrides]``, each a Hydra entry point.
 
     kdexp --help
     kdexp train                                  # the embedded default (about 2 minutes on 2 CPU cores)
     kdexp train method=sft loss=rkl train.max_steps=100 --cfg job
     kdexp eval runs/2026-11-22/10-00-00_train
+    kdexp analyze exposure runs/2026-11-22/10-00-00_train
     kdexp train -m loss=fkl,rkl seed=0,1,2
 
 Before Hydra starts, the overrides are checked against ``conf/`` so that an unknown option or
@@ -27,10 +28,20 @@ COMMANDS: dict[str, str] = {
     "train": "distill (or fine-tune) a student, then evaluate it on the test split",
     "eval": "evaluate a run, a model directory, a preset or a hub model",
     "generate": "write a model's responses to a split or a prompts file as JSONL",
+    "analyze": "analyses of students against their teacher: JSON, PNG and W&B panels",
+}
+# `kdexp analyze NAME`: the analyses (kdexp.analyze.ANALYSES computes them).
+ANALYSES: dict[str, str] = {
+    "exposure": "exposure bias: per-step error, accumulated regret, AccErr and ExAccErr (Arora et al.)",
+    "difficulty": "KL, top-1 agreement and logit std per bucket of teacher uncertainty (Rao et al.)",
+    "calibration": "expected calibration error and a reliability diagram of next-token predictions",
+    "diversity": "distinct-1..4 and self-BLEU among several samples per prompt",
+    "speculative": "acceptance rate of the student as a speculative-decoding draft for the teacher",
+    "curves": "per-position KL along the response: reference vs own prefixes",
 }
 # Each command's job: a function (cfg, run_dir), imported only when that command runs.
 RUNNERS: dict[str, str] = {"train": "kdexp.train:run", "eval": "kdexp.jobs:run_eval",
-                           "generate": "kdexp.jobs:run_generate"}
+                           "generate": "kdexp.jobs:run_generate", "analyze": "kdexp.analyze:run_analyze"}
 # Hydra's own flags that take a value: the value is not an override.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
                      "-cn", "--config-dir", "-cd", "--experimental-rerun", "--shell-completion"}
@@ -47,9 +58,12 @@ def top_help() -> str:
     from kdexp.config import all_groups, group_choices
 
     lines = ["usage: kdexp {train,eval,generate} [GROUP=OPTION ...] [KEY=VALUE ...] [Hydra flags]",
+             "       kdexp analyze NAME [RUN_DIR_OR_MODEL ...] [KEY=VALUE ...]",
              "", "Knowledge distillation experiments for autoregressive language models.", "",
              "commands:"]
     lines += [f"  {name:<10}{text}" for name, text in COMMANDS.items()]
+    lines += ["", "analyses (kdexp analyze NAME):"]
+    lines += [f"  {name:<12}{text}" for name, text in ANALYSES.items()]
     lines += ["", "config groups (GROUP=OPTION):"]
     for group in all_groups():
         lines.append(f"  {group + '=':<16}{', '.join(group_choices(group))}")
@@ -57,7 +71,9 @@ def top_help() -> str:
               "-m (multirun), hydra.run.dir=DIR", "",
               "examples:", "  kdexp train", "  kdexp train method=sft train.max_steps=200",
               "  kdexp train method=kd loss=rkl student=gpt2 teacher=gpt2-xl data=dolly data.path=dolly.jsonl",
-              "  kdexp eval runs/DATE/TIME_train", "  kdexp train --help"]
+              "  kdexp eval runs/DATE/TIME_train",
+              "  kdexp analyze exposure runs/DATE/TIME1_train runs/DATE/TIME2_train analyze.labels=[sft,kd]",
+              "  kdexp train --help"]
     return "\n".join(lines)
 
 
@@ -163,6 +179,41 @@ def _discard_if_empty(run_dir: Path, resumed: bool) -> None:
             parent.rmdir()
 
 
+def _bare(args: list[str], i: int) -> bool:
+    """Whether ``args[i]`` is a positional argument (not an override, a flag or a flag's value)."""
+    a = args[i]
+    return "=" not in a and not a.startswith("-") and (i == 0 or args[i - 1] not in _FLAGS_WITH_VALUE)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _analyze_args(rest: list[str]) -> list[str]:
+    """``NAME [MODEL ...] [overrides]`` -> ``analyze.name=NAME analyze.models=[...] [overrides]``."""
+    if not rest or not _bare(rest, 0):
+        if any(a in ("-h", "--help") for a in rest):
+            print("usage: kdexp analyze NAME [RUN_DIR_OR_MODEL ...] [KEY=VALUE ...]\n\nanalyses:")
+            print("\n".join(f"  {name:<12}{text}" for name, text in ANALYSES.items()))
+            print("\nkdexp analyze NAME --help: the config (analyze.* keys); docs/evaluation.md: each analysis")
+            sys.exit(0)
+        fail(f"which analysis? kdexp analyze NAME [RUN_DIR ...] with NAME one of {', '.join(ANALYSES)}")
+    if rest[0] not in ANALYSES:
+        fail(str(unknown_choice("analysis", rest[0], ANALYSES)))
+    models, flags, overrides = [], [], []
+    for i in range(1, len(rest)):
+        if _bare(rest, i):
+            models.append(rest[i])
+        elif "=" in rest[i] and not rest[i].startswith("-") and rest[i - 1] not in _FLAGS_WITH_VALUE:
+            overrides.append(rest[i])
+        else:
+            flags.append(rest[i])
+    out = [*flags, f"analyze.name={rest[0]}"]
+    if models:
+        out.append(f"analyze.models=[{','.join(_quote(m) for m in models)}]")
+    return out + overrides
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -172,8 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(str(unknown_choice("command", command, COMMANDS)))
     # `kdexp eval RUN_DIR`: a bare first argument is the model to evaluate.
-    if command in ("eval", "generate") and rest and "=" not in rest[0] and not rest[0].startswith("-"):
+    if command in ("eval", "generate") and rest and _bare(rest, 0):
         rest[0] = f"model={rest[0]}"
+    if command == "analyze":
+        rest = _analyze_args(rest)
     from kdexp.config import conf_dir, register_resolvers
 
     register_resolvers()

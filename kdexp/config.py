@@ -128,6 +128,18 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("rollout.top_k", _nonneg_int, "an integer >= 0 (0: off)"),
     ("rollout.max_new_tokens", _positive_int, "an integer > 0"),
     ("rollout.batch_size", _positive_int, "an integer > 0"),
+    ("analyze.max_samples", lambda v: v is None or _positive_int(v), "an integer > 0 or null (all)"),
+    ("analyze.n_samples", _positive_int, "an integer > 0"),
+    ("analyze.temperature", _positive, "> 0"),
+    ("analyze.top_p", lambda v: _in(0, 1)(v) and v > 0, "in (0, 1]"),
+    ("analyze.top_k", _nonneg_int, "an integer >= 0 (0: off)"),
+    ("analyze.max_new_tokens", _positive_int, "an integer > 0"),
+    ("analyze.max_steps", lambda v: v is None or _positive_int(v), "an integer > 0 or null"),
+    ("analyze.length", lambda v: v is None or _positive_int(v), "an integer > 0 or null"),
+    ("analyze.n_buckets", _positive_int, "an integer > 0"),
+    ("analyze.n_bins", _positive_int, "an integer > 0"),
+    ("analyze.gammas", lambda v: len(v) > 0 and all(_positive_int(g) for g in v), "a non-empty list of integers > 0"),
+    ("analyze.batch_size", _positive_int, "an integer > 0"),
     ("rollout.stop_ids", lambda v: all(_nonneg_int(i) for i in v), "a list of token ids"),
 ]
 

@@ -34,6 +34,9 @@ class NullLogger:
     def summary(self, values: Mapping[str, Any]) -> None:
         pass
 
+    def media(self, images: Mapping[str, Path], tables: Mapping[str, tuple[list[str], list[list[Any]]]]) -> None:
+        """Figures (PNG files) and tables ``(columns, rows)`` for the dashboard."""
+
     def finish(self) -> None:
         pass
 
@@ -74,6 +77,16 @@ class RunLogger(NullLogger):
         if self.wandb_run is not None:
             for k, v in values.items():
                 self.wandb_run.summary[k] = _jsonable(v)
+
+    def media(self, images: Mapping[str, Path], tables: Mapping[str, tuple[list[str], list[list[Any]]]]) -> None:
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        payload: dict[str, Any] = {k: wandb.Image(str(p)) for k, p in images.items()}
+        payload.update({k: wandb.Table(columns=list(c), data=[list(r) for r in rows])
+                        for k, (c, rows) in tables.items()})
+        self.wandb_run.log(payload)
 
     def finish(self) -> None:
         if self.wandb_run is not None:
