@@ -2,7 +2,7 @@
 PYTHON ?= python
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test test-fast lint bench teacher clean
+.PHONY: help install demo test test-fast lint bench figures teacher clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ lint: ## ruff
 
 bench: ## benchmarks: peak memory of the plain vs chunked loss path at V = 152k (a few minutes)
 	$(PYTHON) benchmarks/loss_memory.py
+
+figures: ## the figures of docs/evaluation.md: train sft / kd-fkl / kd-rkl, run every analysis (about 10 minutes)
+	bash scripts/evaluation_figures.sh
 
 teacher: ## rebuild the bundled tokenizer and tiny teacher from their seed (about 1 hour on 2 cores)
 	$(PYTHON) -m kdexp.assets.build teacher

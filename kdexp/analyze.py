@@ -146,11 +146,11 @@ def _kl(s, t, targets, mask):
     return est.kl_per_position(s, t, mask)
 
 
-def reached(mask: torch.Tensor) -> int:
-    """The number of leading steps that at least one sequence reached."""
-    count = mask.sum(0)
-    zero = (count == 0).nonzero()
-    return int(zero[0]) if len(zero) else mask.shape[1]
+def reached(mask: torch.Tensor, min_count: int = 1) -> int:
+    """The number of leading steps that at least ``min_count`` sequences reached (all of them,
+    if there are fewer)."""
+    short = (mask.sum(0) < max(1, min(min_count, mask.shape[0]))).nonzero()
+    return int(short[0]) if len(short) else mask.shape[1]
 
 
 def _stack(tables: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,13 +184,14 @@ def _across(runs: Sequence[dict[str, list[float]]], key: str) -> list[float]:
 def exposure_curves(student: torch.nn.Module, teacher: torch.nn.Module,
                     teacher_reps: Sequence[Sequence[Example]], student_reps: Sequence[Sequence[Example]],
                     pad_id: int, batch_size: int, vocab: int | None = None, max_steps: int | None = None,
-                    ) -> dict[str, Any]:
+                    min_count: int = 1) -> dict[str, Any]:
     """Exposure-bias curves of Arora et al. (Findings of ACL 2022) from sampled prefixes.
 
     ``eps_t``: mean KL(p_teacher || q_student) at response step t over the teacher's samples;
     ``regret_t``: the same over the student's samples; then ``R(l)``, ``eps(l)``, ``AccErr(l)``
     and ``ExAccErr(l)`` of :func:`kdexp.evaluation.analysis.exposure_metrics` for l up to the
-    last step that every replicate reached on both sides (sequences stop at EOS). The headline
+    last step that every replicate reached on both sides (sequences stop at EOS) and that at
+    least ``min_count`` sequences of each side reached, pooled over replicates. The headline
     curves pool every replicate; ``*_se`` is the standard error across replicates.
     """
     eps = [along_response({"kl": _kl}, student, teacher, rep, pad_id, batch_size, vocab) for rep in teacher_reps]
@@ -198,6 +199,8 @@ def exposure_curves(student: torch.nn.Module, teacher: torch.nn.Module,
     eps_tabs = [(v["kl"], m) for v, m in eps]
     reg_tabs = [(v["kl"], m) for v, m in reg]
     length = min(reached(m) for _, m in eps_tabs + reg_tabs)
+    for tabs in (eps_tabs, reg_tabs):
+        length = min(length, reached(_stack(tabs, length)[1], min_count))
     if max_steps:
         length = min(length, int(max_steps))
     if length == 0:
@@ -232,7 +235,7 @@ def _empirical_acceptance(generator: torch.Generator) -> PositionFn:
 def speculative_acceptance(student: torch.nn.Module, teacher: torch.nn.Module,
                            teacher_reps: Sequence[Sequence[Example]], pad_id: int, batch_size: int,
                            vocab: int | None = None, gammas: Sequence[int] = (1, 2, 4, 8), seed: int = 0,
-                           ) -> dict[str, Any]:
+                           min_count: int = 1) -> dict[str, Any]:
     """The student as the draft model of speculative sampling for the teacher.
 
     Along prefixes sampled from the teacher (speculative sampling's output is distributed as
@@ -240,7 +243,8 @@ def speculative_acceptance(student: torch.nn.Module, teacher: torch.nn.Module,
     per response step and averaged over every token; ``empirical``: the acceptance frequency of
     the actual accept / reject test with drafts from the student, which estimates the same
     number; ``expected_tokens[g]``: tokens per teacher call with g drafts, ``(1 - alpha^(g+1))
-    / (1 - alpha)`` (their Eq. 1, for i.i.d. acceptances).
+    / (1 - alpha)`` (their Eq. 1, for i.i.d. acceptances). The per-step curve stops where
+    fewer than ``min_count`` sequences are left; the means use every token.
     """
     g = torch.Generator().manual_seed(seed)
     fns = {"alpha": lambda s, t, y, m: est.acceptance_rate(s, t), "empirical": _empirical_acceptance(g)}
@@ -248,7 +252,7 @@ def speculative_acceptance(student: torch.nn.Module, teacher: torch.nn.Module,
     width = max(m.shape[1] for _, m in tables)
     alpha, mask = _stack([(v["alpha"], m) for v, m in tables], width)
     empirical, _ = _stack([(v["empirical"], m) for v, m in tables], width)
-    length = reached(mask)
+    length = reached(mask, min_count)
     mean = alpha[mask].mean().item()
     expected = {str(k): (k + 1.0 if mean >= 1 else (1 - mean ** (k + 1)) / (1 - mean)) for k in gammas}
     return {"alpha": mean, "empirical": empirical[mask].mean().item(), "tokens": int(mask.sum()),
@@ -257,14 +261,15 @@ def speculative_acceptance(student: torch.nn.Module, teacher: torch.nn.Module,
 
 def kl_curves(student: torch.nn.Module, teacher: torch.nn.Module, references: Sequence[Example],
               student_reps: Sequence[Sequence[Example]], pad_id: int, batch_size: int,
-              vocab: int | None = None) -> dict[str, Any]:
+              vocab: int | None = None, min_count: int = 1) -> dict[str, Any]:
     """Per-step KL(p_teacher || q_student) along the response, on the references
-    (teacher-forced) and on the student's own samples (free-running)."""
+    (teacher-forced) and on the student's own samples (free-running). The curves stop where
+    fewer than ``min_count`` sequences are left; ``kl`` is the mean over every token."""
     out = {}
     for name, sets in (("teacher_forced", [references]), ("free_running", student_reps)):
         tables = [along_response({"kl": _kl}, student, teacher, rep, pad_id, batch_size, vocab) for rep in sets]
         values, mask = _stack([(v["kl"], m) for v, m in tables], max(m.shape[1] for _, m in tables))
-        length = reached(mask)
+        length = reached(mask, min_count)
         out[name] = {**_curve(values[:, :length], mask[:, :length]), "kl": values[mask].mean().item()}
     return out
 
@@ -377,7 +382,7 @@ def _exposure(job: Job, model, vocab) -> dict[str, Any]:
     for decoding in job.a.decoding:
         out[decoding] = exposure_curves(model, job.teacher, job.teacher_samples(decoding),
                                         job.samples(model, decoding, vocab, "student"), job.pad_id,
-                                        int(job.a.batch_size), vocab, job.a.max_steps)
+                                        int(job.a.batch_size), vocab, job.a.max_steps, int(job.a.min_count))
     return out
 
 
@@ -397,12 +402,12 @@ def _diversity(job: Job, model, vocab) -> dict[str, Any]:
 def _speculative(job: Job, model, vocab) -> dict[str, Any]:
     return speculative_acceptance(model, job.teacher, job.teacher_samples("sample"), job.pad_id,
                                   int(job.a.batch_size), vocab, list(job.a.gammas),
-                                  config_seed(job.cfg, "accept"))
+                                  config_seed(job.cfg, "accept"), int(job.a.min_count))
 
 
 def _curves(job: Job, model, vocab) -> dict[str, Any]:
     return kl_curves(model, job.teacher, job.examples, job.samples(model, "sample", vocab, "student"),
-                     job.pad_id, int(job.a.batch_size), vocab)
+                     job.pad_id, int(job.a.batch_size), vocab, int(job.a.min_count))
 
 
 # name -> (compute, also analyze the teacher itself as a reference line)
@@ -453,6 +458,10 @@ def resolve_subjects(cfg: DictConfig) -> tuple[list[Subject], Any, str]:
         if seen[s.label] > 1:
             s.label = f"{s.label} #{seen[s.label]}"
     first = subjects[0].run_cfg
+    for s in subjects[1:]:
+        if s.run_cfg is not None and first is not None and s.run_cfg.data.name != first.data.name:
+            log.warning("%s was trained on data=%s, but every model is analyzed on the prompts of the "
+                        "first run (data=%s)", s.label, s.run_cfg.data.name, first.data.name)
     teacher, teacher_label = cfg.teacher, "teacher"
     if first is not None and not _overridden("teacher") and first.teacher.get("name_or_path"):
         teacher = first.teacher

@@ -135,6 +135,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("analyze.top_k", _nonneg_int, "an integer >= 0 (0: off)"),
     ("analyze.max_new_tokens", _positive_int, "an integer > 0"),
     ("analyze.max_steps", lambda v: v is None or _positive_int(v), "an integer > 0 or null"),
+    ("analyze.min_count", _positive_int, "an integer > 0"),
     ("analyze.length", lambda v: v is None or _positive_int(v), "an integer > 0 or null"),
     ("analyze.n_buckets", _positive_int, "an integer > 0"),
     ("analyze.n_bins", _positive_int, "an integer > 0"),

@@ -149,6 +149,9 @@ def test_teacher_forced_curves_are_exact_on_given_references():
     assert out["mean"][1] == pytest.approx(float((k[1] + k[0]) / 2), rel=1e-5)
     assert out["mean"][2] == pytest.approx(float(k[2]), rel=1e-5) and out["count"] == [2, 2, 1, 1]
     assert math.isnan(out["se"][3])  # one sequence: no error bar
+    short = an.kl_curves(student, teacher, refs, [refs], PAD, 8, min_count=2)["teacher_forced"]
+    assert short["count"] == [2, 2] and short["kl"] == out["kl"]  # the curve stops, the mean does not
+    assert an.kl_curves(student, teacher, refs, [refs], PAD, 8, min_count=50)["teacher_forced"]["count"] == [2, 2]
 
 
 def test_difficulty_and_calibration_read_the_reference_tokens():
@@ -224,3 +227,14 @@ def test_analyze_arguments_become_overrides():
                     "analyze.n_samples=2"]
     with pytest.raises(SystemExit):
         cli._analyze_args(["exposre"])
+
+
+def test_analyze_settings_are_checked(compose):
+    from kdexp import config
+
+    cfg = compose(["analyze.n_samples=0", "analyze.top_p=0", "analyze.gammas=[]", "analyze.max_samples=null"])
+    found = config.problems(cfg, keys=["analyze"])
+    assert any(p.startswith("analyze.n_samples must be an integer > 0") for p in found)
+    assert any(p.startswith("analyze.top_p must be in (0, 1]") for p in found)
+    assert any(p.startswith("analyze.gammas must be a non-empty list") for p in found)
+    assert not any("max_samples" in p for p in found) and len(found) == 3
