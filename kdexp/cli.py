@@ -124,6 +124,9 @@ def preflight(args: list[str]) -> None:
         try:
             cfg = compose("config", overrides=group_overrides, return_hydra_config=True)
         except HydraException as err:
+            if "submitit" in str(err):
+                raise UserError("hydra/launcher=slurm needs hydra-submitit-launcher: "
+                                "pip install 'kdexp[slurm]'") from None
             raise UserError(str(err).splitlines()[0]) from None
     known = set(flat_keys(cfg))
     for o in key_overrides:

@@ -40,11 +40,21 @@ def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
+def group_files() -> list[Path]:
+    """Every option file under ``conf/`` (not ``config.yaml``), through symbolic links:
+    ``conf/sweep`` is a link to the top-level ``sweeps/``."""
+    root = conf_dir()
+    found = []
+    for folder, _, files in os.walk(root, followlinks=True):
+        if Path(folder) != root:
+            found += [Path(folder) / f for f in files if f.endswith(".yaml")]
+    return sorted(found)
+
+
 def all_groups() -> list[str]:
     """Every config group under ``conf/`` (nested ones as ``a/b``), the user-facing ones first."""
     root = conf_dir()
-    found = sorted(str(p.relative_to(root).parent) for p in root.rglob("*.yaml")
-                   if p.parent != root)
+    found = sorted(str(p.relative_to(root).parent) for p in group_files())
     groups = list(dict.fromkeys(found))
     return [g for g in GROUPS if g in groups] + [g for g in groups if g not in GROUPS]
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from kdexp import checkpoint, config, methods
@@ -113,8 +113,27 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def requeued() -> bool:
+    """Whether SLURM restarted this job (preemption, time-out, ``scontrol requeue``)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
-    """Refuse to start a second run in a directory that already holds one (unless resuming)."""
+    """Refuse to start a second run in a directory that already holds one (unless resuming).
+
+    A job that SLURM requeued continues from its last checkpoint as if ``train.resume=true``
+    was given (same run directory, same W&B run), or starts over if it died before its first.
+    """
+    if requeued() and not cfg.train.resume:
+        has_checkpoint = bool(checkpoint.list_checkpoints(run_dir))
+        log.info("requeued by SLURM (restart %s): %s", os.environ["SLURM_RESTART_COUNT"],
+                 "resuming from the last checkpoint" if has_checkpoint else "no checkpoint yet, starting over")
+        if has_checkpoint:
+            with open_dict(cfg):
+                cfg.train.resume = True
+        else:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (run_dir / "config.yaml").unlink(missing_ok=True)
     if cfg.train.resume:
         if not checkpoint.list_checkpoints(run_dir):
             raise UserError(f"train.resume=true but {run_dir} has no checkpoint; "

@@ -11,7 +11,7 @@ from kdexp import config, losses, methods, models
 from kdexp.data.templates import TEMPLATES
 
 CONF = config.conf_dir()
-GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
+GROUP_FILES = config.group_files()
 
 
 def test_the_conf_tree_is_not_empty():
@@ -22,7 +22,7 @@ def test_the_conf_tree_is_not_empty():
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF)))
 def test_every_group_option_composes(path, compose):
     group = str(path.parent.relative_to(CONF))
-    cfg = compose([f"{group}={path.stem}"])
+    cfg = compose([f"{'+' if group == 'sweep' else ''}{group}={path.stem}"])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert not OmegaConf.missing_keys(cfg), f"{path}: missing values {OmegaConf.missing_keys(cfg)}"
     assert config.problems(cfg) == []
@@ -145,3 +145,24 @@ def test_rollout_values_are_checked(compose):
     assert "rollout.temperature must be > 0, got -1" in found
     assert any(p.startswith("rollout.stop_ids must be a list of token ids") for p in found)
     assert config.problems(compose(["method=distillm2"])) == []
+
+
+@pytest.mark.parametrize("name", config.group_choices("sweep"))
+def test_every_sweep_names_itself_and_every_job_of_its_grid_composes(name, compose):
+    """``kdexp train -m +sweep=NAME``: the W&B group and the tag are the sweep's name, the grid
+    has the size its header claims, and every job's config is valid and builds its method."""
+    import itertools
+    import re
+
+    cfg = compose([f"+sweep={name}"], hydra=True)
+    assert cfg.logger.group == name and f"sweep-{name}" in cfg.tags
+    assert OmegaConf.to_container(cfg.hydra.sweep)["dir"].startswith("multirun/${logger.group}/")
+    params = cfg.hydra.sweeper.params
+    grid = list(itertools.product(*[[f"{key}={v}" for v in str(values).split(",")]
+                                    for key, values in params.items()]))
+    header = (CONF / "sweep" / f"{name}.yaml").read_text().splitlines()[1]
+    assert int(re.search(r"(\d+) jobs", header).group(1)) == len(grid) > 1
+    for job in grid:
+        job_cfg = compose([f"+sweep={name}", *job])
+        assert config.problems(job_cfg) == [], job
+        methods.build(job_cfg)  # the method accepts its loss and parameters
