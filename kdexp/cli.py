@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate a run, a model directory, a preset or a hub model",
     "generate": "write a model's responses to a split or a prompts file as JSONL",
     "analyze": "analyses of students against their teacher: JSON, PNG and W&B panels",
+    "compare": "one table (md, CSV, HTML) and plots of runs or sweeps, grouped by what was swept",
 }
 # `kdexp analyze NAME`: the analyses (kdexp.analyze.ANALYSES computes them).
 ANALYSES: dict[str, str] = {
@@ -41,7 +42,8 @@ ANALYSES: dict[str, str] = {
 }
 # Each command's job: a function (cfg, run_dir), imported only when that command runs.
 RUNNERS: dict[str, str] = {"train": "kdexp.train:run", "eval": "kdexp.jobs:run_eval",
-                           "generate": "kdexp.jobs:run_generate", "analyze": "kdexp.analyze:run_analyze"}
+                           "generate": "kdexp.jobs:run_generate", "analyze": "kdexp.analyze:run_analyze",
+                           "compare": "kdexp.compare:run_compare"}
 # Hydra's own flags that take a value: the value is not an override.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
                      "-cn", "--config-dir", "-cd", "--experimental-rerun", "--shell-completion"}
@@ -59,6 +61,7 @@ def top_help() -> str:
 
     lines = ["usage: kdexp {train,eval,generate} [GROUP=OPTION ...] [KEY=VALUE ...] [Hydra flags]",
              "       kdexp analyze NAME [RUN_DIR_OR_MODEL ...] [KEY=VALUE ...]",
+             "       kdexp compare RUN_OR_SWEEP_DIR ... [--wandb-report] [KEY=VALUE ...]",
              "", "Knowledge distillation experiments for autoregressive language models.", "",
              "commands:"]
     lines += [f"  {name:<10}{text}" for name, text in COMMANDS.items()]
@@ -73,6 +76,8 @@ def top_help() -> str:
               "  kdexp train method=kd loss=rkl student=gpt2 teacher=gpt2-xl data=dolly data.path=dolly.jsonl",
               "  kdexp eval runs/DATE/TIME_train",
               "  kdexp analyze exposure runs/DATE/TIME1_train runs/DATE/TIME2_train analyze.labels=[sft,kd]",
+              "  kdexp train -m +sweep=gkd_lambda_beta hydra/launcher=slurm hydra.launcher.partition=gpu",
+              "  kdexp compare multirun/gkd_lambda_beta/DATE/TIME --wandb-report",
               "  kdexp train --help"]
     return "\n".join(lines)
 
@@ -203,18 +208,23 @@ def _analyze_args(rest: list[str]) -> list[str]:
         fail(f"which analysis? kdexp analyze NAME [RUN_DIR ...] with NAME one of {', '.join(ANALYSES)}")
     if rest[0] not in ANALYSES:
         fail(str(unknown_choice("analysis", rest[0], ANALYSES)))
-    models, flags, overrides = [], [], []
-    for i in range(1, len(rest)):
+    flags, overrides = _positional(rest[1:], "analyze.models")
+    return [*flags, f"analyze.name={rest[0]}", *overrides]
+
+
+def _positional(rest: list[str], key: str) -> tuple[list[str], list[str]]:
+    """``(flags, overrides)`` of ``rest``, its positional arguments gathered as ``key=[...]``."""
+    values, flags, overrides = [], [], []
+    for i in range(len(rest)):
         if _bare(rest, i):
-            models.append(rest[i])
-        elif "=" in rest[i] and not rest[i].startswith("-") and rest[i - 1] not in _FLAGS_WITH_VALUE:
+            values.append(rest[i])
+        elif "=" in rest[i] and not rest[i].startswith("-") and (i == 0 or rest[i - 1] not in _FLAGS_WITH_VALUE):
             overrides.append(rest[i])
         else:
             flags.append(rest[i])
-    out = [*flags, f"analyze.name={rest[0]}"]
-    if models:
-        out.append(f"analyze.models=[{','.join(_quote(m) for m in models)}]")
-    return out + overrides
+    if values:
+        overrides.insert(0, f"{key}=[{','.join(_quote(v) for v in values)}]")
+    return flags, overrides
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
         rest[0] = f"model={rest[0]}"
     if command == "analyze":
         rest = _analyze_args(rest)
+    if command == "compare":
+        wants_report = "--wandb-report" in rest
+        flags, overrides = _positional([a for a in rest if a != "--wandb-report"], "compare.runs")
+        rest = [*flags, *overrides, *(["compare.wandb_report=true"] if wants_report else [])]
     from kdexp.config import conf_dir, register_resolvers
 
     register_resolvers()
