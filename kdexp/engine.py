@@ -54,6 +54,21 @@ def deepspeed_config(cfg: DictConfig, accum: int, world: int) -> dict[str, Any]:
     return _merge(out, extra)
 
 
+def export_slurm_tasks() -> None:
+    """Several tasks of one SLURM job started by submitit (``hydra/launcher=slurm`` with
+    ``tasks_per_node`` or ``nodes`` > 1): set torch.distributed's variables (rank, world size,
+    master address and port) from SLURM's, so that the tasks train as one run. Nothing to do
+    under torchrun / accelerate launch (they set them) or with a single task."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS") or 1) <= 1:
+        return
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        raise UserError(f"this SLURM job has {os.environ['SLURM_NTASKS']} tasks but no distributed "
+                        f"launcher: use hydra/launcher=slurm, or srun torchrun ... -m kdexp train")
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,25 +117,61 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
-@contextmanager
-def full_parameters(accelerator: Accelerator, engine: torch.nn.Module) -> Iterator[None]:
-    """Every parameter of the engine's model present on this process while the block runs.
+def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Under ZeRO-3, a frozen model (the teacher) partitioned across the processes like the
+    student: a DeepSpeed engine of its own, without optimizer, that gathers each layer for its
+    forward and releases it after. Other engines: ``model`` unchanged (it stays whole).
 
-    A no-op except under ZeRO-3, where the parameters are gathered from their shards and the
+    The model was loaded whole in every process and is partitioned here, so loading still
+    needs one copy per process; the forward passes during training then hold one layer at a
+    time. Generation gathers it whole (:func:`full_parameters`).
+    """
+    if zero_stage(accelerator) != 3:
+        return model
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def _is_zero3_engine(model: torch.nn.Module) -> bool:
+    optimizer = getattr(model, "optimizer", None)
+    return hasattr(model, "module") and optimizer is not None and (
+        hasattr(optimizer, "parameter_offload") or hasattr(optimizer, "setup_zero_stage3_hooks"))
+
+
+@contextmanager
+def full_parameters(accelerator: Accelerator, *engines: torch.nn.Module | None) -> Iterator[None]:
+    """Every parameter of the engines' models present on this process while the block runs.
+
+    A no-op except under ZeRO-3, where the parameters are gathered from their shards and each
     engine's per-module fetch/release hooks are taken off for the block (a generation calls
-    the model once per token; with the hooks on, every call would re-gather every layer).
-    Collective: every process must enter it, including those that then do nothing.
+    the model once per token; with the hooks on, every call would re-gather every layer, in
+    lockstep across processes). ``engines``: the trained engine and/or the teacher of
+    :func:`shard_frozen`; anything else is skipped. Collective: every process must enter it,
+    including those that then do nothing.
     """
     if zero_stage(accelerator) != 3:
         yield
         return
     import deepspeed
 
-    offload = engine.optimizer.parameter_offload
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        offload._remove_module_hooks()
-        offload.forward_hooks, offload.backward_hooks = [], []
+    sharded = [e for e in engines if e is not None and _is_zero3_engine(e)]
+    offloads = [getattr(e.optimizer, "parameter_offload", e.optimizer) for e in sharded]
+    params = [p for e in sharded for p in e.module.parameters()]
+    with deepspeed.zero.GatheredParameters(params):
+        for offload in offloads:
+            offload._remove_module_hooks()
+            offload.forward_hooks, offload.backward_hooks = [], []
         try:
             yield
         finally:
-            offload.setup_zero_stage3_hooks()
+            for offload in offloads:
+                offload.setup_zero_stage3_hooks()

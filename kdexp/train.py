@@ -131,7 +131,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         if has_checkpoint:
             with open_dict(cfg):
                 cfg.train.resume = True
-        else:
+        elif int(os.environ.get("RANK") or 0) == 0:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             (run_dir / "config.yaml").unlink(missing_ok=True)
     if cfg.train.resume:
@@ -145,7 +145,9 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         if changed:
             raise UserError(f"train.resume=true with a different config than the run in {run_dir}: "
                             f"{', '.join(changed[:5])}; resume with the original overrides")
-    elif (run_dir / "config.yaml").exists():
+    elif (run_dir / "config.yaml").exists() and int(os.environ.get("RANK") or 0) == 0:
+        # Only the first process asks: it writes config.yaml once the run starts, and another
+        # process may look after that.
         raise UserError(f"{run_dir} already holds a run; continue it with train.resume=true, "
                         f"or choose another hydra.run.dir")
 
@@ -155,9 +157,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     issues = config.problems(cfg)
     if issues:
         raise UserError("; ".join(issues))
+    engines.export_slurm_tasks()
     check_run_dir(cfg, run_dir)
     t = cfg.train
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's (torchrun, accelerate, srun)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's (torchrun, accelerate, submitit)
     accum, rest = divmod(t.batch_size, t.micro_batch_size * world)
     if rest or accum == 0:
         raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of "
@@ -166,6 +169,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if accelerator.num_processes != world:
         raise UserError(f"launched as {world} processes but the training engine sees "
                         f"{accelerator.num_processes}; check the launcher's environment")
+    if accelerator.is_main_process:
+        log.info("training on %d process%s (%s)", world, "" if world == 1 else "es",
+                 f"DeepSpeed ZeRO-{cfg.deepspeed.stage}" if cfg.get("deepspeed") else
+                 accelerator.distributed_type.value)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     plan = methods.build(cfg)
@@ -207,6 +214,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     engine, optimizer, scheduler = accelerator.prepare(engine, optimizer, scheduler)
     student = engine if plan.online is None else accelerator.unwrap_model(engine).student
     zero = engines.zero_stage(accelerator)
+    if teacher is not None and plan.online is None and zero == 3:
+        teacher = engines.shard_frozen(accelerator, teacher)
+        if accelerator.is_main_process:
+            log.info("the teacher is partitioned across the %d processes (ZeRO-3)", world)
     stream = BatchStream(len(data["train"]), t.micro_batch_size, world,
                          accelerator.process_index, cfg.seed)
     progress = Progress()
@@ -344,9 +355,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             module.save_pretrained(run_dir / "final_teacher_adapter", state_dict=state)
         accelerator.wait_for_everyone()
     results: dict[str, Any] = {}
-    with engines.full_parameters(accelerator, engine):  # every rank: collective
+    with engines.full_parameters(accelerator, engine, teacher):  # every rank: collective
         if accelerator.is_main_process:
-            results = final_evaluation(cfg, run_dir, unwrapped, tokenizer, teacher, data["test"])
+            plain_teacher = None if teacher is None else accelerator.unwrap_model(teacher)
+            results = final_evaluation(cfg, run_dir, unwrapped, tokenizer, plain_teacher, data["test"])
     if accelerator.is_main_process:
         results["train"] = {"steps": progress.step, "time_s": round(train_time, 2),
                             "tokens": tokens_seen}

@@ -113,7 +113,7 @@ class Context:
         plain = self.accelerator.unwrap_model(model)
         was_training = plain.training
         plain.eval()
-        gathered = full_parameters(self.accelerator, self.engine) if model is self.student else nullcontext()
+        gathered = full_parameters(self.accelerator, self.engine if model is self.student else model)
         try:
             with gathered:
                 yield plain
@@ -136,8 +136,8 @@ class Context:
         out: list[Example] = []
         size = int(self.cfg.rollout.batch_size)
         g = self.generator(*key)
-        with self.unwrapped(policy) as plain, torch.no_grad():
-            mix = self.teacher if teacher_mix > 0 else None
+        mixing = self.unwrapped(self.teacher) if teacher_mix > 0 else nullcontext()
+        with self.unwrapped(policy) as plain, mixing as mix, torch.no_grad():
             for start in range(0, len(examples), size):
                 chunk = examples[start:start + size]
                 samples = sample(plain, [e.prompt_ids for e in chunk], spec, self.tokenizer.eos_token_id,

@@ -115,3 +115,27 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
     a, b = load_file(str(run / "final" / "model.safetensors")), load_file(str(plain / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_json(run / "results.json")["rougeL"] == read_json(plain / "results.json")["rougeL"]
+
+
+def test_two_tasks_of_one_slurm_job_train_as_one_run(slurm, tmp_path):
+    """``hydra.launcher.tasks_per_node=2``: submitit starts two tasks, kdexp exports
+    torch.distributed's variables from SLURM's, and the tasks join (gloo on CPU) into one DDP
+    run that matches a single process with the same global batch."""
+    from tests.smoke.test_distributed import QUICK
+    from tests.smoke.test_distributed import steps as train_steps
+
+    args = [*QUICK, "method=kd", "train.batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=2"]
+    sweep = tmp_path / "sweep"
+    kdexp("train", "-m", *LAUNCH, "hydra.launcher.tasks_per_node=2", *args, f"hydra.sweep.dir={sweep}",
+          cwd=tmp_path, timeout=900)
+    kdexp("train", *args, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert "training on 2 processes (MULTI_CPU)" in (sweep / "0" / "train.log").read_text()
+    assert len(list((sweep / ".submitit").glob("*/*_1_log.out"))) == 1  # task 1 ran too
+    two, one = train_steps(sweep / "0"), train_steps(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 7))  # one record, not two
+    for a, b in zip(one, two, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(sweep / "0" / "final" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -61,17 +61,24 @@ def assert_same_run(run, reference) -> None:
             torch.testing.assert_close(got[key], ref[key], rtol=1e-3, atol=atol, msg=f"{name}: {key}")
 
 
-@pytest.mark.parametrize(("method", "stage"), [("kd", 2), ("kd", 3), ("okd", 2), ("okd", 3), ("gkd", 3)])
+@pytest.mark.parametrize(("method", "stage"), [("kd", 2), ("kd", 3), ("okd", 2), ("okd", 3), ("gkd", 3),
+                                               ("seqkd", 3)])
 def test_zero_on_two_processes_matches_the_plain_run(tmp_path, plain, method, stage):
-    """gkd under ZeRO-3 samples from the student with its parameters gathered, every step."""
+    """Under ZeRO-3 the frozen teacher is partitioned too (okd's is part of the trained pair);
+    gkd samples from the student and seqkd from the teacher with their parameters gathered."""
     run = tmp_path / "run"
-    kdexp("train", *ARGS, f"method={method}", f"deepspeed=zero{stage}", f"hydra.run.dir={run}",
+    extra = ["eval.teacher=true"] if (method, stage) == ("kd", 3) else []  # the partitioned teacher generates
+    kdexp("train", *ARGS, f"method={method}", f"deepspeed=zero{stage}", f"hydra.run.dir={run}", *extra,
           cwd=tmp_path, nproc=2, timeout=600)
     assert_same_run(run, plain(method))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
     assert read_json(run / "results.json")["train"]["steps"] == 6
     if method == "okd":
         assert (run / "final_teacher_adapter" / "adapter_config.json").is_file()
+    if extra:
+        assert read_json(run / "results.json")["teacher"]["rougeL"] > 50  # the trained teacher, whole
+    partitioned = "the teacher is partitioned across the 2 processes (ZeRO-3)" in (run / "train.log").read_text()
+    assert partitioned == (stage == 3 and method != "okd")
 
 
 def test_zero_in_one_process_without_a_launcher(tmp_path, plain):
