@@ -70,13 +70,26 @@ class RunLogger(NullLogger):
                **{k: _jsonable(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: _jsonable(v) for k, v in metrics.items()}, step=step)
+        self._wandb(lambda run: run.log({k: _jsonable(v) for k, v in metrics.items()}, step=step))
+
+    def _wandb(self, call) -> None:
+        """Send to W&B; if W&B fails (its service killed, e.g. by the SIGTERM that SLURM sends
+        to every process of a job it preempts), say so once and go on with metrics.jsonl."""
+        if self.wandb_run is None:
+            return
+        try:
+            call(self.wandb_run)
+        except Exception as err:  # a logging side channel must not end the run
+            log.warning("W&B logging failed (%s: %s); metrics go on to %s only",
+                        type(err).__name__, err, self.path)
+            self.wandb_run = None
 
     def summary(self, values: Mapping[str, Any]) -> None:
-        if self.wandb_run is not None:
+        def write(run) -> None:
             for k, v in values.items():
-                self.wandb_run.summary[k] = _jsonable(v)
+                run.summary[k] = _jsonable(v)
+
+        self._wandb(write)
 
     def media(self, images: Mapping[str, Path], tables: Mapping[str, tuple[list[str], list[list[Any]]]]) -> None:
         if self.wandb_run is None:
@@ -86,12 +99,11 @@ class RunLogger(NullLogger):
         payload: dict[str, Any] = {k: wandb.Image(str(p)) for k, p in images.items()}
         payload.update({k: wandb.Table(columns=list(c), data=[list(r) for r in rows])
                         for k, (c, rows) in tables.items()})
-        self.wandb_run.log(payload)
+        self._wandb(lambda run: run.log(payload))
 
     def finish(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        self._wandb(lambda run: run.finish())
+        self.wandb_run = None
 
 
 def wandb_mode(requested: str) -> str:

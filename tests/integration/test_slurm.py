@@ -23,6 +23,8 @@ from tests.conftest import FAST, ROOT, kdexp, read_json
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("teacher_available")]
 
 # Small jobs: one CPU each, so that two run side by side on a 2-core machine.
+# The runs log to W&B (offline): each job is its own W&B run, and a requeued job its same run.
+FAST_WANDB = [a for a in FAST if a != "logger=none"] + ["logger=wandb"]
 LAUNCH = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3",
           "hydra.launcher.timeout_min=20", "train.num_threads=1"]
 
@@ -49,7 +51,7 @@ def steps(run: Path) -> list[int]:
 
 def test_a_two_job_sweep_runs_on_slurm(slurm, tmp_path):
     sweep = tmp_path / "sweep"
-    kdexp("train", "-m", "+sweep=kd_weight", "method.kd_weight=1,0.5", *LAUNCH, *FAST,
+    kdexp("train", "-m", "+sweep=kd_weight", "method.kd_weight=1,0.5", *LAUNCH, *FAST_WANDB,
           f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900)
     runs = job_dirs(sweep)
     assert [r.name for r in runs] == ["0", "1"]
@@ -62,6 +64,10 @@ def test_a_two_job_sweep_runs_on_slurm(slurm, tmp_path):
         weights.append(float(saved.split("kd_weight: ")[1].split()[0]))
         assert steps(run) == [2, 4, 6]
     assert weights == [1.0, 0.5]
+    ids = [(run / "wandb_id.txt").read_text().strip() for run in runs]
+    assert len(set(ids)) == 2  # two W&B runs, even though the jobs started together
+    for run, run_id in zip(runs, ids, strict=True):
+        assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
     # Each job ran as its own SLURM job: submitit kept one folder per job id.
     assert len(list((sweep / ".submitit").iterdir())) >= 2
 
@@ -76,11 +82,12 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
     its last checkpoint (no optimizer step repeated) and end exactly where an uninterrupted
     run ends."""
     name = f"kdexp-requeue-{os.getpid()}-{time.time_ns() % 10**6}"
-    longer = [*FAST, "train.max_steps=80", "train.save_every=10", "train.log_every=5"]
+    longer = [*FAST_WANDB, "train.max_steps=150", "train.save_every=10", "train.log_every=5"]
     sweep = tmp_path / "sweep"
     args = [sys.executable, "-m", "kdexp", "train", "-m", "seed=3", *LAUNCH, *longer, f"hydra.launcher.name={name}",
             f"hydra.sweep.dir={sweep}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     launcher = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
     run = sweep / "0"
@@ -106,11 +113,15 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
     assert launcher.returncode == 0, out[-3000:]
     log = (run / "train.log").read_text()
     assert "requeued by SLURM" in log and "resumed from" in log, log[-2000:]
+    # The same W&B run before and after the requeue: one id, two offline segments of it.
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2
     logged = steps(run)
-    assert logged == sorted(set(logged)) and logged[-1] == 80  # nothing logged twice
+    assert logged == sorted(set(logged)) and logged[-1] == 150  # nothing logged twice
 
     plain = tmp_path / "plain"
-    kdexp("train", "seed=3", "train.num_threads=1", *longer, f"hydra.run.dir={plain}", cwd=tmp_path)
+    kdexp("train", "seed=3", "train.num_threads=1", *longer, "logger=none", f"hydra.run.dir={plain}", cwd=tmp_path)
     assert steps(plain) == logged
     a, b = load_file(str(run / "final" / "model.safetensors")), load_file(str(plain / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
