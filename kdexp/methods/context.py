@@ -94,11 +94,24 @@ class Context:
                                f"(count, sum per rank: {every.tolist()}); decisions must come from "
                                "Context.uniform, which every rank draws alike")
 
-    def generator(self, *key: object) -> torch.Generator:
-        """The sampling generator of this process for ``key``."""
+    def generator(self, *key: object, shared: bool = False) -> torch.Generator:
+        """The sampling generator for ``key``: this process's own, or (``shared``) the one
+        every process and a one-process run get for that key."""
         device = self.accelerator.device
         g = torch.Generator(device=device if device.type == "cuda" else "cpu")
-        return g.manual_seed(stable_seed(self.seed, "sample", self.rank, *key))
+        return g.manual_seed(stable_seed(self.seed, "sample", 0 if shared else self.rank, *key))
+
+    def slot(self, micro: int) -> int:
+        """The position of this process's micro-batch ``micro`` among all the micro-batches of
+        the step, as :class:`kdexp.train.BatchStream` deals them out: the index a one-process
+        run with the same global batch gives the same examples."""
+        return micro * self.world + self.rank
+
+    def micro_rollout(self, examples: Sequence[Example], name: str, step: int, micro: int,
+                      **kwargs: Any) -> list[Example]:
+        """:meth:`rollout` for micro-batch ``micro`` of ``step``, seeded by its examples' place
+        in the global batch, not by the process: 2 processes sample what 1 process samples."""
+        return self.rollout(examples, name, step, self.slot(micro), shared=True, **kwargs)
 
     def permutation(self, n: int, *key: object) -> list[int]:
         """A permutation of ``range(n)`` shared by every process."""
@@ -121,7 +134,8 @@ class Context:
             plain.train(was_training)
 
     def rollout(self, examples: Sequence[Example], *key: object, model: str = "student",
-                teacher_mix: float = 0.0, spec: RolloutSpec | None = None) -> list[Example]:
+                teacher_mix: float = 0.0, spec: RolloutSpec | None = None, shared: bool = False,
+                ) -> list[Example]:
         """``examples`` with their responses replaced by samples of ``model`` (``student``,
         ``teacher``, or the student mixed with the teacher at ``teacher_mix``).
 
@@ -135,7 +149,7 @@ class Context:
             raise RuntimeError(f"a {model} rollout was requested but there is no {model}")
         out: list[Example] = []
         size = int(self.cfg.rollout.batch_size)
-        g = self.generator(*key)
+        g = self.generator(*key, shared=shared)
         mixing = self.unwrapped(self.teacher) if teacher_mix > 0 else nullcontext()
         with self.unwrapped(policy) as plain, mixing as mix, torch.no_grad():
             for start in range(0, len(examples), size):

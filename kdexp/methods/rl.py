@@ -151,7 +151,7 @@ class Rewarded(Source):
         self.last_mean = 0.0
 
     def micro_batch(self, ctx: Context, indices: list[int], step: int, micro: int) -> list[Example]:
-        rows = ctx.rollout([ctx.train[i] for i in indices], "student", step, micro)
+        rows = ctx.micro_rollout([ctx.train[i] for i in indices], "student", step, micro)
         rewards = self.score(ctx, rows)
         self.last_mean = sum(rewards) / len(rewards)
         n = len(rows)

@@ -68,7 +68,7 @@ class TeacherOutputs(Source):
 
     def micro_batch(self, ctx: Context, indices: list[int], step: int, micro: int) -> list[Example]:
         if self.live:
-            return ctx.rollout([ctx.train[i] for i in indices], "teacher", step, micro, model="teacher",
+            return ctx.micro_rollout([ctx.train[i] for i in indices], "teacher", step, micro, model="teacher",
                                spec=self.spec)
         return [self.outputs[i] for i in indices]
 
@@ -102,7 +102,7 @@ class OnPolicy(Source):
         self.generated += len(chosen)
         if not chosen:
             return base
-        fresh = ctx.rollout([ctx.train[indices[j]] for j in chosen], "student", step, micro)
+        fresh = ctx.micro_rollout([ctx.train[indices[j]] for j in chosen], "student", step, micro)
         for j, example in zip(chosen, fresh, strict=True):
             base[j] = example
         return base
@@ -160,7 +160,7 @@ class AdaptiveOffPolicy(Source):
         full = len(self.buffer) >= self.capacity
         if r < self.fresh_threshold(step, ctx.max_steps) or (r < self.phi and not full):
             self.counts["fresh"] += 1
-            fresh = ctx.rollout([ctx.train[i] for i in indices], "student", step, micro)
+            fresh = ctx.micro_rollout([ctx.train[i] for i in indices], "student", step, micro)
             self.buffer.extend(fresh)
             return fresh
         if r < self.phi:
@@ -265,7 +265,7 @@ class Contrastive(Source):
     def micro_batch(self, ctx: Context, indices: list[int], step: int, micro: int) -> list[Example]:
         teacher = self.teacher.micro_batch(ctx, indices, step, micro)
         if self.live:
-            student = ctx.rollout([ctx.train[i] for i in indices], "student", step, micro, spec=self.spec)
+            student = ctx.micro_rollout([ctx.train[i] for i in indices], "student", step, micro, spec=self.spec)
         else:
             student = [self.student[i] for i in indices]
         return teacher + student

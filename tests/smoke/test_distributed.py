@@ -64,12 +64,15 @@ def steps(run) -> list[dict]:
             for r in rows if "train/loss" in r]
 
 
-def test_two_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("method", ["kd", "gkd"])
+def test_two_processes_train_like_one(tmp_path, method):
     """The same global batch over 2 processes or 1: the same loss curve, learning-rate schedule
     and final weights (up to float reduction order). The schedule counts optimizer steps
-    (accelerate would step it once per process, running the warmup and decay twice as fast)."""
-    args = [*QUICK, "method=kd", "train.batch_size=8", "train.micro_batch_size=2",
-            "train.warmup_steps=2", "train.min_lr_ratio=0.1"]
+    (accelerate would step it once per process, running the warmup and decay twice as fast).
+    gkd with lmbda=1 trains on student samples only: each micro-batch is sampled with the
+    generator of its place in the global batch, so 2 processes draw the samples 1 draws."""
+    args = [*QUICK, f"method={method}", "train.batch_size=8", "train.micro_batch_size=2",
+            "train.warmup_steps=2", "train.min_lr_ratio=0.1", "method.lmbda=1" if method == "gkd" else "seed=0"]
     kdexp("train", *args, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
     one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
