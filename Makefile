@@ -23,8 +23,9 @@ test-fast: ## unit and config tests only (no end-to-end runs)
 lint: ## ruff
 	ruff check kdexp tests
 
-bench: ## benchmarks: peak memory of the plain vs chunked loss path at V = 152k (a few minutes)
+bench: ## benchmarks: loss memory (plain vs chunked, V = 152k) and step throughput / kd overhead / rollouts (minutes)
 	$(PYTHON) benchmarks/loss_memory.py
+	$(PYTHON) benchmarks/throughput.py
 
 figures: ## the figures of docs/evaluation.md: train sft / kd-fkl / kd-rkl, run every analysis (about 10 minutes)
 	bash scripts/evaluation_figures.sh

@@ -255,6 +255,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return out if vocab is None else out[..., :vocab]  # [B, T, V]
 
     start_time, tokens_seen = time.time(), 0
+    first_step, teacher_seconds = progress.step, 0.0  # the teacher's share of the step time
     bar = tqdm(total=t.max_steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_main_process)
     student.train()
@@ -281,8 +282,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     student_logits = logits_of(student, batch)
                     teacher_logits = None
                 if objective.needs_teacher and plan.online is None:
+                    started = _clock(accelerator.device)
                     with torch.no_grad(), accelerator.autocast():
                         teacher_logits = logits_of(teacher, batch)
+                    teacher_seconds += _clock(accelerator.device) - started
                 loss, parts = objective(student_logits, teacher_logits, batch,
                                         {k: n / world for k, n in counts.items()})
                 # The engines divide by the accumulation count; the loss is already a share
@@ -316,6 +319,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             metrics = {"train/loss": total, **{f"train/{k}": v for k, v in reduced.items()},
                        "train/lr": scheduler.get_last_lr()[0],
                        "train/tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                       "train/teacher_s": teacher_seconds / (progress.step - first_step),
                        "train/epoch": stream.epoch + stream.index / stream.per_epoch}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
@@ -370,6 +374,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _fault_injection(step: int) -> None:
