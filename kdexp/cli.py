@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "generate": "write a model's responses to a split or a prompts file as JSONL",
     "analyze": "analyses of students against their teacher: JSON, PNG and W&B panels",
     "compare": "one table (md, CSV, HTML) and plots of runs or sweeps, grouped by what was swept",
+    "cache-teacher": "store the teacher's top-k log-probabilities on the training split (teacher.source=cache)",
 }
 # `kdexp analyze NAME`: the analyses (kdexp.analyze.ANALYSES computes them).
 ANALYSES: dict[str, str] = {
@@ -43,7 +44,8 @@ ANALYSES: dict[str, str] = {
 # Each command's job: a function (cfg, run_dir), imported only when that command runs.
 RUNNERS: dict[str, str] = {"train": "kdexp.train:run", "eval": "kdexp.jobs:run_eval",
                            "generate": "kdexp.jobs:run_generate", "analyze": "kdexp.analyze:run_analyze",
-                           "compare": "kdexp.compare:run_compare"}
+                           "compare": "kdexp.compare:run_compare",
+                           "cache-teacher": "kdexp.teacher_cache:run_cache"}
 # Hydra's own flags that take a value: the value is not an override.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
                      "-cn", "--config-dir", "-cd", "--experimental-rerun", "--shell-completion"}
@@ -59,7 +61,7 @@ def fail(message: str, status: int = 2) -> None:
 def top_help() -> str:
     from kdexp.config import all_groups, group_choices
 
-    lines = ["usage: kdexp {train,eval,generate} [GROUP=OPTION ...] [KEY=VALUE ...] [Hydra flags]",
+    lines = ["usage: kdexp {train,eval,generate,cache-teacher} [GROUP=OPTION ...] [KEY=VALUE ...] [Hydra flags]",
              "       kdexp analyze NAME [RUN_DIR_OR_MODEL ...] [KEY=VALUE ...]",
              "       kdexp compare RUN_OR_SWEEP_DIR ... [--wandb-report] [KEY=VALUE ...]",
              "", "Knowledge distillation experiments for autoregressive language models.", "",
@@ -78,6 +80,7 @@ def top_help() -> str:
               "  kdexp analyze exposure runs/DATE/TIME1_train runs/DATE/TIME2_train analyze.labels=[sft,kd]",
               "  kdexp train -m +sweep=gkd_lambda_beta hydra/launcher=slurm hydra.launcher.partition=gpu",
               "  kdexp compare multirun/gkd_lambda_beta/DATE/TIME --wandb-report",
+              "  kdexp cache-teacher teacher.top_k=64 && kdexp train method=kd teacher.source=cache",
               "  kdexp train --help"]
     return "\n".join(lines)
 

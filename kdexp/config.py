@@ -125,6 +125,8 @@ _CHECKS: list[tuple[str, Any, str]] = [
      "one of none, teacher_likelihood, student_likelihood"),
     ("method.min_weight", lambda v: _in(0, 1)(v) and v > 0, "in (0, 1]"),
     ("loss.temperature", _positive, "> 0"),
+    ("teacher.source", lambda v: v in ("live", "cache"), "live or cache"),
+    ("teacher.top_k", _positive_int, "an integer > 0"),
     ("data.max_prompt_length", _positive_int, "an integer > 0"),
     ("data.max_length", _positive_int, "an integer > 0"),
     ("eval.temperature", _positive, "> 0"),

@@ -29,14 +29,14 @@ from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
-from kdexp import checkpoint, config, methods
+from kdexp import checkpoint, config, methods, teacher_cache
 from kdexp import engine as engines
 from kdexp.data import collate_train, load_examples
 from kdexp.errors import UserError
 from kdexp.evaluation import evaluate_generation, format_table, teacher_forced_nll
 from kdexp.logging import make_logger
 from kdexp.losses.objective import IGNORE_INDEX
-from kdexp.models import load_model, load_tokenizer, shared_vocab
+from kdexp.models import load_model, load_tokenizer, shared_vocab, vocab_rows
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,27 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                         f"or choose another hydra.run.dir")
 
 
+def open_teacher_cache(cfg: DictConfig, plan: methods.Plan, train: list, student: torch.nn.Module,
+                       tokenizer) -> tuple[teacher_cache.TeacherCache, int | None]:
+    """``teacher.source=cache``: the cache and the logit width to compare on (as
+    :func:`kdexp.models.shared_vocab`: the tokenizer's tokens when the widths differ)."""
+    if plan.online is not None or type(plan.source) is not methods.Source or \
+            any(c.needs_teacher for c in plan.hooks):
+        raise UserError(f"teacher.source=cache serves methods that train on the dataset text (sft, kd, "
+                        f"taid, ...); method={cfg.method.name} generates or trains sequences the cache "
+                        f"cannot hold: use teacher.source=live")
+    cache = teacher_cache.open_cache(cfg, train, tokenizer)
+    rows = vocab_rows(student)
+    vocab = None if cache.vocab == rows else len(tokenizer)
+    if vocab is not None and vocab > min(rows, cache.vocab):
+        raise UserError(f"the tokenizer has {vocab} tokens but the student / cached teacher have "
+                        f"{rows} / {cache.vocab} logits")
+    if (vocab or rows) < cache.top_k:
+        raise UserError(f"the teacher cache holds top-{cache.top_k} entries but the student has "
+                        f"{vocab or rows} logits")
+    return cache, vocab
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train, save the final student, evaluate it (and the teacher) on the test split."""
     issues = config.problems(cfg)
@@ -184,9 +205,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data = load_examples(cfg.data, tokenizer)
     set_seed(cfg.seed)
     student, tokenizer = load_model(cfg.student, "student", tokenizer)
-    teacher, vocab = None, None
-    wants_teacher_eval = cfg.eval.teacher and cfg.teacher.name_or_path
-    if plan.needs_teacher or wants_teacher_eval:
+    teacher, vocab, cache = None, None, None
+    from_cache = cfg.teacher.source == "cache"
+    if from_cache:
+        cache, vocab = open_teacher_cache(cfg, plan, data["train"], student, tokenizer)
+    wants_teacher_eval = cfg.eval.teacher and cfg.teacher.name_or_path and not from_cache
+    if (plan.needs_teacher and not from_cache) or wants_teacher_eval:
         if not cfg.teacher.name_or_path:
             raise UserError(f"method '{cfg.method.name}' needs a teacher; choose one with teacher=NAME")
         teacher, teacher_tok = load_model(cfg.teacher, "teacher")
@@ -244,6 +268,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     def micro_batch(indices: list[int], micro: int) -> dict[str, torch.Tensor]:
         examples = plan.source.micro_batch(ctx, indices, progress.step, micro)
         batch = collate_train(examples, pad_id)
+        if cache is not None:
+            batch["cache_rows"] = cache.row_indices(examples)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     def reduce_sum(values: dict[str, float]) -> dict[str, float]:
@@ -283,8 +309,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     teacher_logits = None
                 if objective.needs_teacher and plan.online is None:
                     started = _clock(accelerator.device)
-                    with torch.no_grad(), accelerator.autocast():
-                        teacher_logits = logits_of(teacher, batch)
+                    if cache is not None:
+                        teacher_logits = cache.logits(batch["cache_rows"], batch["targets"],
+                                                      student_logits.shape[-1])
+                    else:
+                        with torch.no_grad(), accelerator.autocast():
+                            teacher_logits = logits_of(teacher, batch)
                     teacher_seconds += _clock(accelerator.device) - started
                 loss, parts = objective(student_logits, teacher_logits, batch,
                                         {k: n / world for k, n in counts.items()})

@@ -1,0 +1,293 @@
+"""The teacher-logit cache: the teacher's top-k log-probabilities on the training text, computed
+once and read from disk during training, so that off-policy methods train without a live teacher.
+
+    kdexp cache-teacher teacher=tiny data=toy teacher.top_k=64     # once per teacher, data and k
+    kdexp train method=kd teacher=tiny data=toy teacher.source=cache teacher.top_k=64
+
+What is stored, per response token of every training sequence (the positions whose targets
+the loss sees): the ids of the teacher's ``k`` most likely next tokens (uint16 when the
+vocabulary fits, else int32), their log-probabilities (float16), and the log of the remaining
+probability mass (float32). At k = 64 that is 260 bytes per token for vocabularies up to 65,536
+tokens and 388 bytes above (Qwen2.5's 152k). The arrays are ``.npy`` files opened memory-mapped
+(``numpy.load(mmap_mode="r")``): a micro-batch reads its own rows, and the cache is never
+loaded whole into memory.
+
+During training the teacher's distribution at a position is rebuilt as dense log-probabilities:
+the k stored values, and the remaining mass spread evenly over the other ``V - k`` tokens (the
+residual-mass approximation of sparse-logit KD; with the mass kept, the rebuilt distribution
+still sums to 1, and every divergence of ``loss=`` applies unchanged). It is exact on the top
+k and on the total mass of the tail; only the shape of the tail is lost, which matters little
+for forward KL (the tail has little mass) and more for mode-seeking divergences at small k.
+``benchmarks/teacher_cache.py`` measures the effect on the final metric for k = 16, 64, 256.
+
+Where the cache lives: ``teacher.cache`` (a directory), or by default
+``${rollout.cache_dir}/teacher-logits-KEY`` with KEY a hash of the teacher (name, revision,
+dtype, and for a local directory its files' sizes and times), the tokenized training sequences
+and k, so that ``kdexp train`` finds the cache ``kdexp cache-teacher`` wrote for the same
+overrides. A cache is written into a temporary directory and renamed when complete: an
+interrupted ``cache-teacher`` leaves no cache behind that looks whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from kdexp.data.encode import Example
+from kdexp.errors import UserError
+from kdexp.losses.objective import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+ARRAYS = ("ids", "logprobs", "log_rest", "offsets", "keys")
+SOURCES = ("live", "cache")
+# The log of the tail mass never goes below this (a tail of exactly 0, or k >= V): e^-69 ~ 1e-30,
+# finite in every divergence, and nothing next to the top k.
+MIN_LOG_REST = -69.0
+
+
+def sequence_key(example: Example) -> int:
+    """A 63-bit key of a training sequence's token ids (prompt and response, and the boundary)."""
+    blob = json.dumps([example.prompt_ids, example.response_ids]).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def bytes_per_token(top_k: int, vocab: int) -> int:
+    """Ids, float16 log-probabilities and the float32 tail of one position."""
+    return top_k * (_id_dtype(vocab).itemsize + 2) + 4
+
+
+def _id_dtype(vocab: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab <= 2**16 else np.dtype(np.int32)
+
+
+def default_dir(cfg: DictConfig, train: Sequence[Example]) -> Path:
+    """``${rollout.cache_dir}/teacher-logits-KEY``: the teacher, the sequences and k."""
+    teacher = cfg.teacher
+    weights: list[Any] = []
+    root = Path(str(teacher.name_or_path))
+    if root.is_dir():  # a local directory: its files' sizes and times stand for its weights
+        weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in root.iterdir() if p.is_file())
+    sequences = hashlib.sha256(json.dumps([sequence_key(e) for e in train]).encode()).hexdigest()
+    blob = json.dumps({"teacher": str(teacher.name_or_path), "revision": teacher.revision, "dtype": teacher.dtype,
+                       "weights": weights, "sequences": sequences, "top_k": int(teacher.top_k)}, sort_keys=True)
+    return Path(str(cfg.rollout.cache_dir)) / f"teacher-logits-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def cache_dir(cfg: DictConfig, train: Sequence[Example]) -> Path:
+    return Path(str(cfg.teacher.cache)).expanduser() if cfg.teacher.get("cache") else default_dir(cfg, train)
+
+
+def check_top_k(cfg: DictConfig) -> int:
+    k = cfg.teacher.get("top_k")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise UserError(f"teacher.top_k must be a positive integer, got {k!r}")
+    return k
+
+
+class TeacherCache:
+    """A cache directory opened for reading: rows are read per micro-batch, memory-mapped."""
+
+    def __init__(self, path: Path):
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise UserError(f"{path} is not a teacher cache (no meta.json); build one with kdexp cache-teacher")
+        self.path, self.meta = path, json.loads(meta_file.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise UserError(f"{path} has cache format {self.meta.get('format')}, this kdexp reads {FORMAT}; "
+                            f"rebuild it with kdexp cache-teacher")
+        arrays = {}
+        for name in ARRAYS:
+            try:
+                arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r")
+            except (OSError, ValueError) as err:
+                raise UserError(f"the teacher cache {path} is damaged ({name}.npy: {err}); "
+                                f"delete it and run kdexp cache-teacher again") from None
+        self.ids, self.logprobs, self.log_rest = arrays["ids"], arrays["logprobs"], arrays["log_rest"]
+        self.offsets = np.asarray(arrays["offsets"])  # one int64 per sequence: small
+        self.rows = {int(k): i for i, k in enumerate(arrays["keys"])}
+        self.top_k, self.vocab = int(self.meta["top_k"]), int(self.meta["vocab"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def check(self, train: Sequence[Example], tokenizer) -> None:
+        """Fail before training if the cache does not belong to this tokenizer and data."""
+        if self.meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
+            raise UserError(f"the teacher cache {self.path} was built with another tokenizer "
+                            f"({self.meta['teacher']}); token-level KD needs the student's vocabulary")
+        missing = sum(sequence_key(e) not in self.rows for e in train)
+        if missing:
+            raise UserError(f"the teacher cache {self.path} lacks {missing} of the {len(train)} training "
+                            f"sequences (built for other data or length limits); rebuild it with "
+                            f"kdexp cache-teacher and the same data overrides")
+
+    def row_indices(self, examples: Sequence[Example]) -> torch.Tensor:
+        """The cache's index of each example ([B] long); an example not in the cache is an error."""
+        try:
+            return torch.tensor([self.rows[sequence_key(e)] for e in examples], dtype=torch.long)
+        except KeyError:
+            origins = sorted({e.origin for e in examples})
+            raise RuntimeError(f"a training sequence is not in the teacher cache {self.path} (origins "
+                               f"{origins}); the cache holds the dataset's sequences only") from None
+
+    def logits(self, rows: torch.Tensor, targets: torch.Tensor, width: int) -> torch.Tensor:
+        """Dense teacher log-probabilities [B, T, width] (float32) for the examples ``rows`` of a
+        batch with ``targets`` [B, T]: the cached distribution at every response position, 0
+        (uniform, masked by the loss anyway) elsewhere."""
+        mask = targets != IGNORE_INDEX
+        spans = [(int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows.tolist()]
+        for b, (start, end) in enumerate(spans):
+            if end - start != int(mask[b].sum()):
+                raise RuntimeError(f"the teacher cache holds {end - start} positions for a sequence with "
+                                   f"{int(mask[b].sum())} response tokens; the cache is damaged")
+        ids = torch.from_numpy(np.concatenate([self.ids[s:e] for s, e in spans]).astype(np.int64))
+        values = torch.from_numpy(np.concatenate([self.logprobs[s:e] for s, e in spans]).astype(np.float32))
+        rest = torch.from_numpy(np.concatenate([self.log_rest[s:e] for s, e in spans]).astype(np.float32))
+        # The tail's mass spread over the tokens outside the top k (none when k >= width).
+        spread = (rest - math.log(max(1, width - self.top_k))).clamp_min(MIN_LOG_REST)
+        # Ids past ``width`` (the teacher's padded embedding rows, never tokens) are dropped, as
+        # the live path slices them off.
+        dense = spread[:, None].expand(-1, max(width, self.vocab)).clone()
+        dense.scatter_(1, ids, values)
+        out = torch.zeros((*targets.shape, width), dtype=torch.float32, device=targets.device)
+        out[mask] = dense[:, :width].to(targets.device)
+        return out
+
+
+def open_cache(cfg: DictConfig, train: Sequence[Example], tokenizer) -> TeacherCache:
+    """The cache ``teacher.source=cache`` trains from, checked against this run's data."""
+    check_top_k(cfg)
+    path = cache_dir(cfg, train)
+    if not (path / "meta.json").is_file():
+        raise UserError(f"no teacher cache at {path}: build it first with the same teacher, data and "
+                        f"teacher.top_k overrides: kdexp cache-teacher teacher=... data=... "
+                        f"teacher.top_k={cfg.teacher.top_k}")
+    cache = TeacherCache(path)
+    if cache.top_k != int(cfg.teacher.top_k):
+        raise UserError(f"the teacher cache {path} holds top-{cache.top_k}, but teacher.top_k="
+                        f"{cfg.teacher.top_k}; set teacher.top_k={cache.top_k} or build another cache")
+    cache.check(train, tokenizer)
+    log.info("teacher: top-%d log-probabilities of %d sequences from the cache %s (%d bytes/token)",
+             cache.top_k, len(cache), path, cache.meta["bytes_per_token"])
+    return cache
+
+
+@torch.inference_mode()
+def top_k_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], k: int, chunk: int = 1024,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k ids and log-probabilities, and the log of the remaining mass, at
+    the response positions of ``batch`` (in batch order, position order): [N, k], [N, k], [N]."""
+    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rows = logits[batch["targets"] != IGNORE_INDEX]  # [N, V], model dtype
+    ids, values, rest = [], [], []
+    for i in range(0, rows.shape[0], chunk):  # float32 log-softmax of `chunk` rows at a time
+        logp = torch.log_softmax(rows[i:i + chunk].float(), dim=-1)
+        top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        tail = logp.scatter(1, top.indices, float("-inf")).logsumexp(dim=-1)
+        ids.append(top.indices)
+        values.append(top.values)
+        rest.append(tail.clamp_min(MIN_LOG_REST))
+    return torch.cat(ids), torch.cat(values), torch.cat(rest)
+
+
+def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[Example], path: Path,
+          batch_size: int, device: torch.device) -> dict[str, Any]:
+    """Write the cache of ``train`` into ``path`` (via a temporary directory); its meta."""
+    from kdexp.data.encode import collate_train
+    from kdexp.models import vocab_rows
+
+    k = check_top_k(cfg)
+    vocab = vocab_rows(teacher)
+    k = min(k, vocab)
+    lengths = np.array([len(e.response_ids) for e in train], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    n = int(offsets[-1])
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        arrays = {"ids": np.lib.format.open_memmap(tmp / "ids.npy", "w+", _id_dtype(vocab), (n, k)),
+                  "logprobs": np.lib.format.open_memmap(tmp / "logprobs.npy", "w+", np.float16, (n, k)),
+                  "log_rest": np.lib.format.open_memmap(tmp / "log_rest.npy", "w+", np.float32, (n,))}
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "keys.npy", np.array([sequence_key(e) for e in train], dtype=np.int64))
+        started = time.time()
+        for start in range(0, len(train), batch_size):
+            chunk = train[start:start + batch_size]
+            batch = {key: v.to(device) for key, v in collate_train(chunk, tokenizer.pad_token_id).items()}
+            ids, values, rest = top_k_rows(teacher, batch, k)
+            lo, hi = int(offsets[start]), int(offsets[start + len(chunk)])
+            arrays["ids"][lo:hi] = ids.cpu().numpy()
+            arrays["logprobs"][lo:hi] = values.cpu().numpy()
+            arrays["log_rest"][lo:hi] = rest.cpu().numpy()
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        meta = {"format": FORMAT, "teacher": str(cfg.teacher.name_or_path), "revision": cfg.teacher.revision,
+                "dtype": str(cfg.teacher.dtype), "data": str(cfg.data.name), "top_k": k, "vocab": vocab,
+                "tokenizer": tokenizer_fingerprint(tokenizer), "sequences": len(train), "positions": n,
+                "bytes_per_token": bytes_per_token(k, vocab), "seconds": round(time.time() - started, 2)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)  # atomic: a reader sees the whole cache or none
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def run_cache(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """``kdexp cache-teacher``: the teacher's top-k log-probabilities on the training split."""
+    from kdexp import config
+    from kdexp.data import load_examples
+    from kdexp.models import load_model, load_tokenizer
+
+    issues = config.problems(cfg, keys=["teacher", "data", "rollout"])
+    if issues:
+        raise UserError("; ".join(issues))
+    if not cfg.teacher.name_or_path:
+        raise UserError("which teacher? kdexp cache-teacher teacher=NAME (teacher=none has nothing to cache)")
+    check_top_k(cfg)
+    tokenizer = load_tokenizer(cfg.teacher, "teacher")
+    train = load_examples(cfg.data, tokenizer, splits=["train"])["train"]
+    path = cache_dir(cfg, train)
+    if (path / "meta.json").is_file() and not cfg.teacher.get("rebuild_cache"):
+        meta = json.loads((path / "meta.json").read_text())
+        log.info("the teacher cache %s exists (top-%s, %s positions); teacher.rebuild_cache=true rebuilds it",
+                 path, meta.get("top_k"), meta.get("positions"))
+        print(path)
+        return meta
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    teacher, _ = load_model(cfg.teacher, "teacher", tokenizer)
+    teacher.requires_grad_(False).eval().to(device)
+    log.info("caching the teacher's top-%d log-probabilities on %d sequences into %s",
+             cfg.teacher.top_k, len(train), path)
+    meta = build(cfg, teacher, tokenizer, train, path, int(cfg.train.micro_batch_size), device)
+    (run_dir / "cache.json").write_text(json.dumps({"path": str(path), **meta}, indent=2) + "\n")
+    log.info("teacher cache: %d positions x top-%d, %d bytes/token, %.1f MB, %.1f s", meta["positions"],
+             meta["top_k"], meta["bytes_per_token"], meta["positions"] * meta["bytes_per_token"] / 1e6,
+             meta["seconds"])
+    print(path)
+    return meta
