@@ -23,9 +23,12 @@ test-fast: ## unit and config tests only (no end-to-end runs)
 lint: ## ruff
 	ruff check kdexp tests
 
-bench: ## benchmarks: loss memory (plain vs chunked, V = 152k) and step throughput / kd overhead / rollouts (minutes)
-	$(PYTHON) benchmarks/loss_memory.py
+bench: ## benchmarks (about 1 hour on 2 cores): divergences, throughput, GPT-2 shapes, TRL, teacher cache
+	$(PYTHON) benchmarks/divergences.py
 	$(PYTHON) benchmarks/throughput.py
+	$(PYTHON) benchmarks/throughput.py --shape gpt2 --steps 10 --batch 8 --rounds 1 --methods sft kd "kd (teacher cache)"
+	$(PYTHON) benchmarks/trl_gkd.py
+	$(PYTHON) benchmarks/teacher_cache.py
 
 figures: ## the figures of docs/evaluation.md: train sft / kd-fkl / kd-rkl, run every analysis (about 10 minutes)
 	bash scripts/evaluation_figures.sh

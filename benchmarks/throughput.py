@@ -168,7 +168,7 @@ def main() -> None:
                         help="the bundled tiny models, or GPT-2-shaped random ones (124M / 355M)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    name = "throughput" if args.shape == "tiny" else f"throughput_{args.shape}"
+    stem = "throughput" if args.shape == "tiny" else f"throughput_{args.shape}"
 
     # Rounds over the methods, interleaved, so that a slow spell of a shared machine hits
     # every method alike; each number is the median over the rounds (min and max kept).
@@ -206,7 +206,7 @@ def main() -> None:
                                      "throughput_ratio": sft / cached["step_s"], "target": 0.9}
     result["rollout"] = rollout_speed(args) if args.shape == "tiny" else []
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     models = ("tiny models" if args.shape == "tiny" else
               "GPT-2-shaped random models: 124M student, 355M teacher, 50257 logits")
     lines = [f"# Training throughput ({models}, this machine, one run)", "",
@@ -229,7 +229,7 @@ def main() -> None:
     if result["rollout"]:
         lines += ["", "| rollout batch | new tokens / s |", "|---|---|"]
         lines += [f"| {r['batch']} | {r['tokens_per_s']:.0f} |" for r in result["rollout"]]
-    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

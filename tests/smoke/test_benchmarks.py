@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("teacher_available")]
 
 def test_throughput_benchmark_writes_its_ratios(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--steps", "12", "--rounds", "1",
-                           "--methods", "sft", "kd", "--new-tokens", "8", "--out", str(tmp_path)],
+                           "--methods", "sft", "kd", "kd (teacher cache)", "--new-tokens", "8", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
                                                                               "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -27,3 +27,71 @@ def test_throughput_benchmark_writes_its_ratios(tmp_path):
     assert overhead["ratio"] == pytest.approx(overhead["kd_step_s"] / (overhead["sft_step_s"] + overhead["teacher_forward_s"]))
     assert [r["batch"] for r in result["rollout"]] == [1, 8, 32] and all(r["tokens"] > 0 for r in result["rollout"])
     assert "kd overhead" in (tmp_path / "throughput.md").read_text()
+    cached = result["kd_cache_vs_sft"]
+    assert cached["throughput_ratio"] == pytest.approx(by["sft"]["step_s"] / by["kd (teacher cache)"]["step_s"])
+    assert by["kd (teacher cache)"]["teacher_forward_s"] < by["kd"]["teacher_forward_s"]  # no teacher forward
+
+
+def test_trl_gkd_benchmark_reports_both_sides(tmp_path):
+    pytest.importorskip("trl", reason="the TRL comparison needs `pip install trl==1.16.0`")
+    # lmbda 1: every step samples from the student on both sides, so 6 steps always time both.
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trl_gkd.py"), "--steps", "6", "--rounds", "1",
+                           "--batch", "4", "--new-tokens", "8", "--lmbda", "1", "--beta", "0.9", "--warmup", "2",
+                           "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                              "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "trl_gkd.json").read_text())
+    kd, trl = result["sides"]["kdexp"], result["sides"]["trl"]
+    for side in (kd, trl):
+        assert side["step_s"] > 0 and side["peak_mib"] > 0 and side["above_start_mib"] > 0
+        assert side["steps_on_policy"] == 4 and side["steps_off_policy"] == 0  # steps 3..6 timed
+        assert side["step_s"] == pytest.approx(side["step_s_on_policy"])
+        assert 0 < side["tokens_on_policy"] <= 4 * 8  # at most batch x new tokens are trained on
+    ratios = result["ratios"]
+    assert ratios["step_time"] == pytest.approx(kd["step_s"] / trl["step_s"])
+    assert ratios["speedup"] == pytest.approx(trl["step_s"] / kd["step_s"])
+    assert ratios["peak_memory"] == pytest.approx(kd["peak_mib"] / trl["peak_mib"])
+    assert result["beta_convention"]["max_abs_diff"] < 1e-9
+    assert result["settings"]["beta"] == 0.9 and "loss.beta=0.9" in result["kdexp_overrides"]
+    assert "Not identical" in (tmp_path / "trl_gkd.md").read_text()
+
+
+def test_divergence_benchmark_measures_both_paths_and_reports_their_ratios(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "divergences.py"), "--vocab", "4096",
+                           "--positions", "64", "--losses", "fkl", "jsd", "--chunk", "16", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "divergences.json").read_text())
+    cells = {(c["loss"], c["path"]): c for c in result["cells"]}
+    assert set(cells) == {(loss, path) for loss in ("fkl", "jsd") for path in ("plain", "chunked")}
+    for c in cells.values():
+        assert c["error"] is None and c["vocab"] == 4096 and c["positions"] == 64
+        assert c["seconds"] > 0 and c["extra_bytes"] > 0 and c["grad_bytes"] == 64 * 4096 * 2  # bf16 student grad
+    assert cells["fkl", "chunked"]["chunk"] == 16 and cells["fkl", "plain"]["chunk"] is None
+    for r in result["ratios"]:
+        plain, chunked = cells[r["loss"], "plain"], cells[r["loss"], "chunked"]
+        assert r["memory_ratio"] == pytest.approx(chunked["extra_bytes"] / plain["extra_bytes"])
+        assert r["time_ratio"] == pytest.approx(chunked["seconds"] / plain["seconds"])
+        assert chunked["value"] == pytest.approx(plain["value"], rel=1e-5)  # the same loss either way
+    assert {r["loss"] for r in result["ratios"]} == {"fkl", "jsd"}
+    assert set(result["target"]["per_loss"]) == {"fkl", "jsd"} and result["target"]["positions"] == 64
+    text = (tmp_path / "divergences.md").read_text()
+    assert "## V = 4096" in text and "Target: chunked peak memory <= 25%" in text
+
+
+def test_teacher_cache_benchmark_compares_each_k_with_the_live_teacher(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "teacher_cache.py"), "--ks", "4", "1024",
+                           "--seeds", "0", "--steps", "6", "--extra", "data.toy.n_train=32", "data.toy.n_test=4",
+                           "eval.seeds=[10]", "train.log_every=2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["teacher"]: r for r in json.loads((tmp_path / "teacher_cache.json").read_text())["rows"]}
+    assert list(rows) == ["live", "top-4", "top-1024"]
+    assert rows["top-4"]["bytes_per_token"] == 4 * 4 + 4 and rows["top-1024"]["bytes_per_token"] == 1024 * 4 + 4
+    assert rows["top-4"]["positions"] == rows["top-1024"]["positions"] > 32
+    for r in rows.values():
+        assert r["step_time_vs_live"] == pytest.approx(r["step_s"] / rows["live"]["step_s"])
+        assert r["rougeL_vs_live"] == pytest.approx(r["rougeL"] - rows["live"]["rougeL"])
+    # k = V holds the teacher's whole distribution: the same run as the live teacher (float16 aside)
+    assert abs(rows["top-1024"]["rougeL_vs_live"]) < 5
