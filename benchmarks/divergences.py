@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from procmem import reset_peak_rss, status_bytes  # benchmarks/procmem.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 GIB = 1024**3
@@ -50,20 +52,6 @@ CHUNK_WHY = ("a fixed number of positions, so the chunked path's working set (a 
              "student-logit gradient that both paths allocate (2.3 GiB at 152k x 8k) while the Python loop "
              "over chunks stays negligible (32 chunks at B*T = 8k)")
 TILE = 1024  # rows of fresh normal samples; larger inputs repeat them (values change neither time nor memory)
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's high-water mark of this process's RSS (Linux: clear_refs 5)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _logits(positions: int, vocab: int, dtype, device: str, seed: int):
@@ -98,9 +86,9 @@ def measure(loss: str, positions: int, vocab: int, chunk: int | None, device: st
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        _reset_peak_rss()
-        base = _status_bytes("VmRSS")
-        room = limit - _status_bytes("VmSize") if limit else None  # address space left above the inputs
+        reset_peak_rss()
+        base = status_bytes("VmRSS")
+        room = limit - status_bytes("VmSize") if limit else None  # address space left above the inputs
     start = time.perf_counter()
     try:
         value = fn(s, t).sum()  # [] float32
@@ -114,7 +102,7 @@ def measure(loss: str, positions: int, vocab: int, chunk: int | None, device: st
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _status_bytes("VmHWM")
+        peak = status_bytes("VmHWM")
     seconds = time.perf_counter() - start
     return {"extra": peak - base, "grad": s.grad.numel() * s.grad.element_size(), "seconds": seconds,
             "value": value.item()}

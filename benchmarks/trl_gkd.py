@@ -79,6 +79,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from procmem import reset_peak_rss, status_bytes  # benchmarks/procmem.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MIB = 1024**2
@@ -183,14 +185,6 @@ def beta_convention(betas: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)) -> dic
 
 # -- inside each fresh process ----------------------------------------------------------------
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 class Probe:
     """This process's memory when training starts and when its last step is done."""
 
@@ -201,14 +195,9 @@ class Probe:
     def start(self) -> None:
         import torch
 
-        self.at["hwm_before"] = _status_bytes("VmHWM")
-        self.at["rss_start"] = _status_bytes("VmRSS")
-        try:  # the kernel's high-water mark from here on (Linux: clear_refs 5)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.at["hwm_reset"] = 1
-        except OSError:
-            self.at["hwm_reset"] = 0
+        self.at["hwm_before"] = status_bytes("VmHWM")
+        self.at["rss_start"] = status_bytes("VmRSS")
+        self.at["hwm_reset"] = int(reset_peak_rss())  # the kernel's high-water mark from here on
         if self.cuda:
             self.at["cuda_start"] = torch.cuda.memory_allocated()
 
@@ -217,7 +206,7 @@ class Probe:
 
         if "hwm_training" in self.at:
             return
-        self.at["hwm_training"] = _status_bytes("VmHWM")
+        self.at["hwm_training"] = status_bytes("VmHWM")
         if self.cuda:
             torch.cuda.synchronize()
             self.at["cuda_peak"] = torch.cuda.max_memory_allocated()
