@@ -87,7 +87,7 @@ def test_kd_weight_is_the_ce_kd_shorthand(compose):
     spec = methods.objective_spec(compose(["method=kd", "loss=rkl", "method.kd_weight=0.3",
                                            "loss.temperature=2"]))
     assert spec == [{"loss": "ce", "weight": pytest.approx(0.7)},
-                    {"loss": "rkl", "weight": 0.3, "temperature": 2.0, "t2_scale": True, "chunk_size": 256}]
+                    {"loss": "rkl", "weight": 0.3, "temperature": 2.0, "t2_scale": True, "chunk_size": "auto"}]
     assert methods.objective_spec(compose(["method=sft"])) == [{"loss": "ce", "weight": 1.0}]
 
 

@@ -20,6 +20,7 @@ Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 GENERIC = {"temperature": 1.0, "chunk_size": None}  # accepted by every divergence
+AUTO_CHUNK_ELEMENTS = 256 * 152064  # chunk_size="auto": positions x V per chunk (149 MiB of float32)
 
 
 def names() -> list[str]:
@@ -47,7 +48,10 @@ def divergence(name: str, **params: object) -> Divergence:
 
     ``chunk_size=N`` computes it over N positions at a time, in the forward pass and again
     (recomputed) in the backward pass, so that the extra memory is O(N x V) instead of
-    O(B x T x V): the values and gradients are those of the plain path.
+    O(B x T x V): the values and gradients are those of the plain path. ``chunk_size="auto"``
+    takes ``N = AUTO_CHUNK_ELEMENTS // V`` (256 positions at V = 152064, 1216 at 32000), so a
+    working tensor stays near 149 MiB of float32 whatever the vocabulary. Inputs of no more
+    than N positions take the plain path (one chunk is the plain path, without the recompute).
     """
     fn = DIVERGENCES.get(name)
     allowed = parameters(name)
@@ -65,9 +69,9 @@ def divergence(name: str, **params: object) -> Divergence:
             raise UserError(f"loss '{name}': {key} must be a finite number, got {value!r}")
     bound = Bound(name, fn, params)
     bound(torch.zeros(1, 2), torch.zeros(1, 2))  # range checks now, not at the first step
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
-        raise UserError(f"loss '{name}': chunk_size must be a positive integer or null, got {chunk_size!r}")
+    if chunk_size not in (None, "auto") and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                             or chunk_size < 1):
+        raise UserError(f"loss '{name}': chunk_size must be a positive integer, auto or null, got {chunk_size!r}")
     bound.chunk_size = chunk_size
     return bound
 
@@ -85,9 +89,16 @@ class Bound:
         self.name, self.fn, self.params, self.chunk_size = name, fn, params, chunk_size
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        if self.chunk_size is not None:
-            return chunked(self._plain, self.chunk_size, student_logits, teacher_logits)
+        rows = self.chunk_rows(student_logits.shape[-1])
+        if rows is not None and student_logits[..., 0].numel() > rows:
+            return chunked(self._plain, rows, student_logits, teacher_logits)
         return self._plain(student_logits, teacher_logits)
+
+    def chunk_rows(self, vocab: int) -> int | None:
+        """Positions per chunk at this vocabulary size (None: the plain path)."""
+        if self.chunk_size == "auto":
+            return max(1, AUTO_CHUNK_ELEMENTS // vocab)
+        return self.chunk_size
 
     def _plain(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return self.fn(student_logits, teacher_logits, **self.params).clamp_min(0.0)

@@ -343,6 +343,20 @@ def test_chunked_equals_plain_values_and_gradients(name, chunk):
     torch.testing.assert_close(chunk_t.grad, plain_t.grad, rtol=1e-6, atol=1e-7)
 
 
+def test_auto_chunks_by_vocabulary_size(monkeypatch):
+    fkl = losses.divergence("fkl", chunk_size="auto")
+    assert fkl.chunk_rows(152064) == 256 and fkl.chunk_rows(32000) == 1216 and fkl.chunk_rows(10**9) == 1
+    monkeypatch.setattr(losses, "AUTO_CHUNK_ELEMENTS", 5 * 123)  # 5 positions per chunk at V = 123
+    calls = []
+    monkeypatch.setattr(losses, "chunked", lambda fn, rows, s, t: calls.append(rows) or fn(s, t))
+    s, t = pair((3, 47, 123), seed=16)
+    fkl(s, t)
+    fkl(s[:1, :5], t[:1, :5])  # one chunk's worth: the plain path
+    assert calls == [5]
+    with pytest.raises(UserError, match="chunk_size must be a positive integer, auto or null"):
+        losses.divergence("fkl", chunk_size="big")
+
+
 def test_chunked_on_vocab_sliced_logits_and_frozen_teacher():
     # Logits sliced to a shared vocabulary (non-contiguous) and a teacher without gradient.
     s_full, t_full = pair((2, 9, 40), seed=17)
