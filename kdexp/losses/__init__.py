@@ -88,11 +88,23 @@ class Bound:
                  chunk_size: int | None = None):
         self.name, self.fn, self.params, self.chunk_size = name, fn, params, chunk_size
 
-    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position values ``[...]``; with ``mask`` (bool, ``logits.shape[:-1]``) only the
+        masked-in positions are computed (the others are 0): a batch's prompt and padding
+        positions, whose values the loss drops, cost nothing."""
         rows = self.chunk_rows(student_logits.shape[-1])
-        if rows is not None and student_logits[..., 0].numel() > rows:
-            return chunked(self._plain, rows, student_logits, teacher_logits)
-        return self._plain(student_logits, teacher_logits)
+        if mask is not None and bool(mask.all()):
+            mask = None
+        wanted = student_logits[..., 0].numel() if mask is None else int(mask.sum())
+        if rows is not None and wanted > rows:
+            return chunked(self._plain, rows, student_logits, teacher_logits, mask)
+        if mask is None:
+            return self._plain(student_logits, teacher_logits)
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        if wanted:
+            out = out.masked_scatter(mask, self._plain(student_logits[mask], teacher_logits[mask]))
+        return out
 
     def chunk_rows(self, vocab: int) -> int | None:
         """Positions per chunk at this vocabulary size (None: the plain path)."""
@@ -113,11 +125,13 @@ def _is_number(value: object) -> bool:
 
 
 def chunked(fn: Divergence, chunk_size: int, student_logits: torch.Tensor,
-            teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``fn`` over ``chunk_size`` positions at a time, with O(chunk x V) extra memory."""
+            teacher_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``fn`` over ``chunk_size`` positions at a time, with O(chunk x V) extra memory; with
+    ``mask``, over the masked-in positions only (0 elsewhere, and no gradient there)."""
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"logits shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
-    return _Chunked.apply(fn, chunk_size, student_logits, teacher_logits)
+    index = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+    return _Chunked.apply(fn, chunk_size, index, student_logits, teacher_logits)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -125,34 +139,46 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _chunks(n: int, chunk_size: int, index: torch.Tensor | None) -> list:
+    """Row selectors of ``chunk_size`` rows: slices of all ``n`` rows, or pieces of ``index``."""
+    if index is None:
+        return [slice(i, i + chunk_size) for i in range(0, n, chunk_size)]
+    return list(index.split(chunk_size))
+
+
 class _Chunked(torch.autograd.Function):
     """Forward without a graph, chunk by chunk; backward recomputes each chunk's graph alone.
 
     The gradients are written into one preallocated tensor per input of the input's shape,
-    handed to autograd as is (no view in between, so no copy is made when accumulating).
+    handed to autograd as is (no view in between, so no copy is made when accumulating). With
+    a row ``index``, only those rows are computed; the others are 0, and so are their gradients.
     """
 
     @staticmethod
-    def forward(ctx, fn, chunk_size, student_logits, teacher_logits):  # noqa: D102 (autograd protocol)
-        ctx.fn, ctx.chunk_size = fn, chunk_size
+    def forward(ctx, fn, chunk_size, index, student_logits, teacher_logits):  # noqa: D102 (autograd protocol)
+        ctx.fn, ctx.chunk_size, ctx.index = fn, chunk_size, index
         ctx.save_for_backward(student_logits, teacher_logits)
         s, t = _rows(student_logits), _rows(teacher_logits)
         with torch.no_grad():
-            out = torch.cat([fn(s[i:i + chunk_size], t[i:i + chunk_size])
-                             for i in range(0, s.shape[0], chunk_size)])
+            if index is None:
+                out = torch.cat([fn(s[rows], t[rows]) for rows in _chunks(s.shape[0], chunk_size, None)])
+            else:
+                out = torch.zeros(s.shape[0], dtype=torch.float32, device=s.device)
+                for rows in _chunks(s.shape[0], chunk_size, index):
+                    out[rows] = fn(s[rows], t[rows])
         return out.view(student_logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         inputs = ctx.saved_tensors
-        need = ctx.needs_input_grad[2:]
-        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if n else None
+        need = ctx.needs_input_grad[3:]
+        alloc = torch.empty if ctx.index is None else torch.zeros  # rows outside the index: 0
+        grads = [alloc(x.shape, dtype=x.dtype, device=x.device) if n else None
                  for x, n in zip(inputs, need, strict=True)]
         rows_in = [_rows(x) for x in inputs]
         rows_out = [_rows(g) if g is not None else None for g in grads]
         grad_rows = grad_out.reshape(-1)
-        for i in range(0, rows_in[0].shape[0], ctx.chunk_size):
-            rows = slice(i, i + ctx.chunk_size)
+        for rows in _chunks(rows_in[0].shape[0], ctx.chunk_size, ctx.index):
             with torch.enable_grad():
                 pieces = [x[rows].detach().requires_grad_(n) for x, n in zip(rows_in, need, strict=True)]
                 value = ctx.fn(*pieces)
@@ -161,7 +187,7 @@ class _Chunked(torch.autograd.Function):
             for g, n in zip(rows_out, need, strict=True):
                 if n:
                     g[rows] = next(got)
-        return None, None, *grads
+        return None, None, None, *grads
 
 
 __all__ = ["Divergence", "chunked", "divergence", "names", "parameters"]

@@ -115,8 +115,8 @@ def make_term(spec: Mapping[str, object]) -> Term:
     div = losses.divergence(name, **spec)
     if t2_scale:
         weight *= float(spec.get("temperature", 1.0)) ** 2
-    return Term(name, weight, lambda s, t, b: div(s, t), needs_teacher=True, adaptive=adaptive,
-                rows=rows)
+    return Term(name, weight, lambda s, t, b: div(s, t, b["targets"] != IGNORE_INDEX), needs_teacher=True,
+                adaptive=adaptive, rows=rows)
 
 
 def _teacher_term(name: str, weight: float, spec: dict, t2_scale: bool, rows) -> Term:
@@ -128,7 +128,7 @@ def _teacher_term(name: str, weight: float, spec: dict, t2_scale: bool, rows) ->
     elif name in losses.names():
         div = losses.divergence(name, **spec)
         weight *= float(spec.get("temperature", 1.0)) ** 2 if t2_scale else 1.0
-        fn = lambda s, t, b: div(s.detach(), t)  # noqa: E731
+        fn = lambda s, t, b: div(s.detach(), t, b["targets"] != IGNORE_INDEX)  # noqa: E731
     else:
         raise UserError(f"term '{name}' cannot train the teacher: only ce and the divergences can")
     return Term(f"teacher_{name}", weight, fn, needs_teacher=True, rows=rows, trains="teacher")

@@ -343,12 +343,35 @@ def test_chunked_equals_plain_values_and_gradients(name, chunk):
     torch.testing.assert_close(chunk_t.grad, plain_t.grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("chunk", [None, 7, "auto"])
+def test_masked_positions_are_skipped_with_the_same_values_and_gradients(name, chunk):
+    """With a mask (the positions that have targets), the masked-in values and gradients are
+    the plain path's, the others 0: nothing is computed for prompt and padding positions."""
+    s, t = pair((3, 20, 50), seed=21)
+    mask = torch.rand(3, 20, generator=torch.Generator().manual_seed(1)) < 0.6
+    mask[2] = False  # a row without targets
+    params = NON_DEFAULT.get(name, {})
+    plain_s, plain_t = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    masked_s, masked_t = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    plain = losses.divergence(name, **params)(plain_s, plain_t)
+    masked = losses.divergence(name, chunk_size=chunk, **params)(masked_s, masked_t, mask)
+    torch.testing.assert_close(masked[mask], plain[mask], rtol=1e-6, atol=1e-7)
+    assert torch.all(masked[~mask] == 0)
+    upstream = torch.rand(3, 20, generator=torch.Generator().manual_seed(2))
+    (torch.where(mask, plain, 0.0) * upstream).sum().backward()
+    (masked * upstream).sum().backward()
+    torch.testing.assert_close(masked_s.grad, plain_s.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(masked_t.grad, plain_t.grad, rtol=1e-6, atol=1e-7)
+    assert torch.all(masked_s.grad[~mask] == 0)
+
+
 def test_auto_chunks_by_vocabulary_size(monkeypatch):
     fkl = losses.divergence("fkl", chunk_size="auto")
     assert fkl.chunk_rows(152064) == 256 and fkl.chunk_rows(32000) == 1216 and fkl.chunk_rows(10**9) == 1
     monkeypatch.setattr(losses, "AUTO_CHUNK_ELEMENTS", 5 * 123)  # 5 positions per chunk at V = 123
     calls = []
-    monkeypatch.setattr(losses, "chunked", lambda fn, rows, s, t: calls.append(rows) or fn(s, t))
+    monkeypatch.setattr(losses, "chunked", lambda fn, rows, s, t, mask: calls.append(rows) or fn(s, t))
     s, t = pair((3, 47, 123), seed=16)
     fkl(s, t)
     fkl(s[:1, :5], t[:1, :5])  # one chunk's worth: the plain path
