@@ -26,7 +26,7 @@ lint: ## ruff
 bench: ## benchmarks (about 1 hour on 2 cores): divergences, throughput, GPT-2 shapes, TRL, teacher cache
 	$(PYTHON) benchmarks/divergences.py
 	$(PYTHON) benchmarks/throughput.py
-	$(PYTHON) benchmarks/throughput.py --shape gpt2 --steps 10 --batch 8 --rounds 1 --methods sft kd "kd (teacher cache)"
+	$(PYTHON) benchmarks/throughput.py --shape gpt2 --steps 15 --batch 8 --rounds 1 --methods sft kd "kd (teacher cache)"
 	$(PYTHON) benchmarks/trl_gkd.py
 	$(PYTHON) benchmarks/teacher_cache.py
 

@@ -3,6 +3,7 @@
     from kdexp import losses
     fkl = losses.divergence("fkl", temperature=2.0)
     per_position = fkl(student_logits, teacher_logits)   # [B, T, V] x [B, T, V] -> [B, T] float32
+    per_position = fkl(student_logits, teacher_logits, mask)   # computed where mask [B, T] is true, 0 elsewhere
 """
 
 from __future__ import annotations
