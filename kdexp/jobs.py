@@ -184,7 +184,7 @@ def run_generate(cfg: DictConfig, run_dir: Path) -> Path:
         from kdexp.data.sources import read_rows
 
         records = []
-        for line, row in read_rows(g.prompts):
+        for line, row in read_rows(g.prompts, cfg.data.get("on_error") or "fail"):
             if not str(row.get("prompt") or "").strip():
                 raise UserError(f"{g.prompts}:{line}: no \"prompt\" (each line needs a non-empty "
                                 f"\"prompt\" field)")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kdexp.data.sources import on_error_policy
 from kdexp.errors import UserError
 from kdexp.losses.objective import IGNORE_INDEX, ORIGINS
 
@@ -49,19 +50,25 @@ def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, An
     template's "### Response:" marker is at the end), to its first tokens (``cut_end``: what
     MiniLLM's evaluation does, ``prompt_ids[:max_prompt_length]`` in its PromptDataset), dropped
     (``skip``, MiniLLM's choice for Dolly's training data), or an error (``error``). A response is cut to fit ``max_length``; a cut response
-    has no EOS, so the model is never taught to stop where the text did not.
+    has no EOS, so the model is never taught to stop where the text did not. A prompt with no
+    tokens is a bad row: an error, or dropped under ``data.on_error=skip``.
     """
     max_prompt, max_len, policy = cfg["max_prompt_length"], cfg["max_length"], cfg["too_long"]
+    on_error = on_error_policy(cfg)
     if policy not in TOO_LONG:
         raise UserError(f"data.too_long must be one of {', '.join(TOO_LONG)}, got '{policy}'")
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; kdexp needs one to end responses")
     prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]
     responses = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
-    out, n_cut, n_skipped, n_resp_cut = [], 0, 0, 0
+    out, n_cut, n_skipped, n_empty, n_resp_cut = [], 0, 0, 0, 0
     for i, (record, p, r) in enumerate(zip(records, prompts, responses, strict=True)):
         if not p:
-            raise UserError(f"data '{cfg['name']}' ({split} split, record {i}): the prompt is empty")
+            if on_error == "fail":
+                raise UserError(f"data '{cfg['name']}' ({split} split, record {i}): the prompt is empty "
+                                f"(no tokens); fix the record or set data.on_error=skip")
+            n_empty += 1
+            continue
         if len(p) > max_prompt:
             if policy == "error":
                 raise UserError(
@@ -77,13 +84,14 @@ def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, An
         if len(r) > room:
             r, n_resp_cut = r[:room], n_resp_cut + 1
         out.append(Example(list(p), r, dict(record)))
-    if n_cut or n_skipped or n_resp_cut:
+    if n_cut or n_skipped or n_empty or n_resp_cut:
         log.warning("data %s/%s: %d prompts truncated and %d skipped (longer than %d tokens), "
-                    "%d responses cut at max_length=%d", cfg["name"], split, n_cut, n_skipped,
-                    max_prompt, n_resp_cut, max_len)
+                    "%d skipped as empty, %d responses cut at max_length=%d", cfg["name"], split,
+                    n_cut, n_skipped, max_prompt, n_empty, n_resp_cut, max_len)
     if not out:
-        raise UserError(f"data '{cfg['name']}': the {split} split is empty after dropping prompts "
-                        f"longer than data.max_prompt_length={max_prompt}")
+        raise UserError(f"data '{cfg['name']}': the {split} split is empty: of its {len(records)} "
+                        f"records, {n_skipped} were longer than data.max_prompt_length={max_prompt} "
+                        f"(data.too_long=skip) and {n_empty} had an empty prompt (data.on_error=skip)")
     return out
 
 

@@ -3,15 +3,22 @@
 A *record* is ``{"prompt": str, "output": str, "references": [str, ...]}`` plus whatever
 metadata the source keeps (the toy task keeps its ``family``). Every source yields the three
 splits ``train`` / ``valid`` / ``test``.
+
+A bad row (malformed JSON, non-UTF-8 bytes, a missing field, an empty prompt or response) is
+an error naming its file and line, or, with ``data.on_error=skip``, dropped and counted in one
+warning per file.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +26,55 @@ from kdexp.data import toy
 from kdexp.data.templates import TEMPLATES
 from kdexp.errors import UserError
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "valid", "test")
+ON_ERROR = ("fail", "skip")
 Record = dict[str, Any]
+
+
+class BadRow(UserError):
+    """One row that cannot become a record; ``data.on_error`` decides whether that stops the run."""
+
+
+@dataclass
+class BadRows:
+    """The bad rows of one file under ``data.on_error``: ``fail`` raises at the first, ``skip``
+    counts them (and keeps the first, to show in the warning)."""
+
+    source: str
+    on_error: str = "fail"
+    n: int = 0
+    first: str = ""
+
+    def add(self, err: BadRow) -> None:
+        if self.on_error != "skip":
+            raise UserError(f"{err}; fix the line or set data.on_error=skip") from None
+        self.n, self.first = self.n + 1, self.first or str(err)
+
+    def warn(self) -> None:
+        if self.n:
+            log.warning("data: skipped %d bad rows of %s (first: %s)", self.n, self.source, self.first)
+
+    def why_empty(self) -> str:
+        """Why no record came from this source (when none did)."""
+        if not self.n:
+            return f"{self.source} holds no records"
+        return (f"all {self.n} rows of {self.source} were skipped as bad (data.on_error=skip); "
+                f"the first: {self.first}")
+
+
+def on_error_policy(cfg: Mapping[str, Any]) -> str:
+    """``data.on_error``, checked; ``fail`` for configs written before the key existed."""
+    policy = cfg.get("on_error") or "fail"
+    if policy not in ON_ERROR:
+        raise UserError(f"data.on_error must be fail or skip, got '{policy}'")
+    return policy
 
 
 def load_splits(cfg: Mapping[str, Any]) -> dict[str, list[Record]]:
     """The ``train`` / ``valid`` / ``test`` records described by a ``data`` config."""
+    on_error_policy(cfg)
     if cfg["source"] == "toy":
         splits = _toy_splits(cfg)
     elif cfg["source"] == "file":
@@ -32,9 +82,9 @@ def load_splits(cfg: Mapping[str, Any]) -> dict[str, list[Record]]:
     else:
         raise UserError(f"data.source must be 'toy' or 'file', got '{cfg['source']}'")
     for name in SPLITS:
-        if not splits[name]:
-            raise UserError(f"data '{cfg['name']}': the {name} split is empty; "
-                            f"check the file and data.split.valid / data.split.test")
+        if not splits[name]:  # one file per split is checked as it is read: here a size was 0
+            size = f"data.toy.n_{name}" if cfg["source"] == "toy" else f"data.split.{name}"
+            raise UserError(f"data '{cfg['name']}': the {name} split is empty: {size} is 0")
     return splits
 
 
@@ -43,12 +93,9 @@ def load_test_split(cfg: Mapping[str, Any]) -> list[Record]:
     data is an evaluation set (only ``files.test`` given: Self-Instruct, Vicuna, S-NI, ...)."""
     files = cfg.get("files") or {}
     if cfg["source"] == "file" and files.get("test") and not files.get("train") and not files.get("valid"):
-        records = [to_record(r, cfg, f"{files['test']}:{i}") for i, r in read_rows(files["test"])]
+        records = _file_records(files["test"], cfg, "test")
         cap = (cfg.get("split") or {}).get("test")
-        records = records[:cap] if cap else records
-        if not records:
-            raise UserError(f"data '{cfg['name']}': {files['test']} holds no records")
-        return records
+        return records[:cap] if cap else records
     return load_splits(cfg)["test"]
 
 
@@ -74,20 +121,15 @@ def _file_splits(cfg: Mapping[str, Any]) -> dict[str, list[Record]]:
         if missing:
             raise UserError(f"data.files sets some splits but not {missing}; give all three, "
                             f"or data.path alone for a seeded split")
-        return {s: [to_record(r, cfg, f"{files[s]}:{i}") for i, r in read_rows(files[s])]
-                for s in SPLITS}
+        return {s: _file_records(files[s], cfg, s) for s in SPLITS}
     if cfg.get("path"):
-        rows = read_rows(cfg["path"])
-        where = str(cfg["path"])
+        records = _file_records(cfg["path"], cfg)
     elif cfg.get("hub_id"):
         rows = _hub_rows(cfg["hub_id"], cfg.get("hub_split") or "train")
-        where = str(cfg["hub_id"])
+        records = _records(rows, cfg, BadRows(str(cfg["hub_id"]), on_error_policy(cfg)))
     else:
         raise UserError(f"data '{cfg['name']}' needs a file: set data.path=FILE.jsonl "
                         f"(or data.hub_id=NAME when the Hugging Face hub is reachable)")
-    if not rows:
-        raise UserError(f"data '{cfg['name']}': {where} holds no records")
-    records = [to_record(r, cfg, f"{where}:{i}") for i, r in rows]
     return seeded_split(records, seed=cfg["split"]["seed"], n_valid=cfg["split"]["valid"],
                         n_test=cfg["split"]["test"])
 
@@ -106,15 +148,53 @@ def seeded_split(records: list[Record], seed: int, n_valid: int, n_test: int,
             "train": shuffled[n_test + n_valid:]}
 
 
-def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line or row number, row)`` pairs from a .jsonl, .json (a list of objects) or .csv file."""
+def _file_records(path: str | Path, cfg: Mapping[str, Any], split: str | None = None) -> list[Record]:
     path = Path(path).expanduser()
+    bad = BadRows(str(path), on_error_policy(cfg))
+    return _records(_read_rows(path, bad), cfg, bad, split)
+
+
+def _records(rows: Iterable[tuple[int, Mapping[str, Any]]], cfg: Mapping[str, Any], bad: BadRows,
+             split: str | None = None) -> list[Record]:
+    """The records of one source's rows, its bad rows handled under ``data.on_error``; never empty."""
+    records = []
+    for line, row in rows:
+        try:
+            records.append(to_record(row, cfg, f"{bad.source}:{line}"))
+        except BadRow as err:
+            bad.add(err)
+    bad.warn()
+    if not records:
+        empty = f" the {split} split is empty:" if split else ""
+        raise UserError(f"data '{cfg['name']}':{empty} {bad.why_empty()}")
+    return records
+
+
+def read_rows(path: str | Path, on_error: str = "fail") -> list[tuple[int, dict[str, Any]]]:
+    """``(line or row number, row)`` pairs from a .jsonl, .json (a list of objects) or .csv file.
+
+    A .jsonl line that is not UTF-8, not JSON or not an object is a bad row: an error naming
+    the file and line (``on_error="fail"``), or dropped and counted in a warning (``"skip"``).
+    A .json or .csv file that is not UTF-8 is an error naming the line of the first bad byte.
+    """
+    path = Path(path).expanduser()
+    bad = BadRows(str(path), on_error)
+    rows = _read_rows(path, bad)
+    bad.warn()
+    return rows
+
+
+def _read_rows(path: Path, bad: BadRows) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is harmless
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a leading byte-order mark is harmless
+    if path.suffix in (".csv", ".json"):  # a row may span lines: the file is decoded as a whole
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw.count(b"\n", 0, err.start) + 1
+            raise UserError(f"{path}:{line}: not UTF-8 ({err.reason}, byte 0x{raw[err.start]:02x}); "
+                            f"save the file as UTF-8") from None
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may hold newlines
         return [(i, row) for i, row in enumerate(reader, start=2)]
@@ -128,17 +208,33 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         return list(enumerate(data, start=1))
     rows = []
     # Split on "\n" only: JSON strings may hold U+2028 and friends, which splitlines() breaks on.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append((lineno, row))
+            row = _json_line(line, f"{path}:{lineno}")
+        except BadRow as err:
+            bad.add(err)
+            continue
+        if row is not None:
+            rows.append((lineno, row))
     return rows
+
+
+def _json_line(line: bytes, where: str) -> dict[str, Any] | None:
+    """The object on one .jsonl line, None for a blank line; a BadRow when it is neither."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRow(f"{where}: not UTF-8 ({err.reason}, byte 0x{line[err.start]:02x} "
+                     f"at column {err.start + 1})") from None
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadRow(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise BadRow(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def _hub_rows(hub_id: str, split: str) -> list[tuple[int, dict[str, Any]]]:
@@ -157,7 +253,11 @@ def _hub_rows(hub_id: str, split: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 def to_record(row: Mapping[str, Any], cfg: Mapping[str, Any], where: str) -> Record:
-    """A record from one raw row, following ``data.fields`` and ``data.template``."""
+    """A record from one raw row, following ``data.fields`` and ``data.template``.
+
+    A row without a required field, or whose output, prompt or instruction is empty (or only
+    whitespace), raises ``BadRow`` naming ``where`` (``FILE:LINE``).
+    """
     fields = cfg["fields"]
 
     def get(role: str, required: bool) -> Any:
@@ -167,20 +267,26 @@ def to_record(row: Mapping[str, Any], cfg: Mapping[str, Any], where: str) -> Rec
         if key not in row:
             if not required:
                 return None
-            raise UserError(f"{where}: missing field '{key}' (data.fields.{role}); the row has "
-                            f"{sorted(row)}; set data.fields.{role}=NAME")
+            raise BadRow(f"{where}: missing field '{key}' (data.fields.{role}); the row has "
+                         f"{sorted(row)}; set data.fields.{role}=NAME")
         return row[key]
+
+    def not_blank(value: Any, role: str) -> Any:
+        if value is None or not str(value).strip():
+            raise BadRow(f"{where}: the {role} is empty (field '{fields[role]}')")
+        return value
 
     output = get("output", required=True)
     references = get("references", required=False)
     if isinstance(output, list):  # several answers (MiniLLM's processed S-NI, Vicuna, ...)
         if not output:
-            raise UserError(f"{where}: the output list is empty (data.fields.output)")
+            raise BadRow(f"{where}: the output list is empty (field '{fields['output']}')")
         output, references = output[0], references or output
+    not_blank(output, "output")
     if fields.get("prompt"):
-        prompt = get("prompt", required=True)
+        prompt = not_blank(get("prompt", required=True), "prompt")
     else:
-        instruction = get("instruction", required=True)
+        instruction = not_blank(get("instruction", required=True), "instruction")
         prompt = TEMPLATES.get(cfg["template"])(str(instruction), str(get("input", False) or ""))
     references = references or [output]
     if isinstance(references, str):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import copy
 import csv
 import importlib
 import json
+import logging
 
 import pytest
 import torch
@@ -46,6 +48,7 @@ BASE_CFG = {
     "max_length": 512,
     "max_new_tokens": 256,
     "too_long": "error",
+    "on_error": "fail",
     "toy": {"seed": 0, "n_train": 4000, "n_valid": 200, "n_test": 200, "families": None},
 }
 
@@ -411,7 +414,20 @@ def test_encode_response_cut_by_max_length_has_no_eos(tok):
 def test_encode_empty_prompt(tok):
     with pytest.raises(UserError) as info:
         encode([_rec("fine\n", "a"), _rec("", "b")], tok, make_cfg(), "valid")
-    assert "record 1" in str(info.value)
+    assert "valid split, record 1" in str(info.value)
+    assert "data.on_error=skip" in str(info.value)
+
+
+def test_encode_empty_prompt_skipped_and_counted(tok, caplog):
+    cfg = make_cfg(on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="kdexp.data.encode"):
+        out = encode([_rec("fine\n", "a"), _rec("", "b"), _rec("also fine\n", "c")], tok, cfg, "train")
+    assert [ex.record["output"] for ex in out] == ["a", "c"]
+    assert "1 skipped as empty" in caplog.text
+    with pytest.raises(UserError) as info:  # nothing left: say what removed the records
+        encode([_rec("", "b")], tok, cfg, "valid")
+    assert "the valid split is empty" in str(info.value)
+    assert "1 had an empty prompt (data.on_error=skip)" in str(info.value)
 
 
 def test_encode_empty_response_is_just_eos(tok):
@@ -534,3 +550,141 @@ def test_encode_cut_end_keeps_the_first_tokens(tok):
     k = len(full) // 2
     (ex,) = encode([long], tok, make_cfg(max_prompt_length=k, max_length=k + 20, too_long="cut_end"), "test")
     assert ex.prompt_ids == full[:k]
+
+
+# ---------------------------------------------------------------- bad rows (data.on_error)
+
+GOOD = {"instruction": "good", "input": "", "output": "fine"}
+
+# (line 3 of a .jsonl file between good rows, what the error says about it)
+BAD_LINES = {
+    "malformed": (b'{"instruction": "a", "output": "b",}', "malformed JSON"),
+    "not-utf8": ('{"instruction": "caf\xe9", "output": "b"}'.encode("latin-1"), "not UTF-8"),
+    "not-an-object": (b'["a", "b"]', "expected a JSON object, got list"),
+    "missing-field": (b'{"instruction": "a"}', "missing field 'output'"),
+    "empty-response": (b'{"instruction": "a", "output": ""}', "the output is empty"),
+    "blank-response": (b'{"instruction": "a", "output": " \\n\\t "}', "the output is empty"),
+    "null-response": (b'{"instruction": "a", "output": null}', "the output is empty"),
+    "empty-output-list": (b'{"instruction": "a", "output": []}', "the output list is empty"),
+    "empty-prompt": (b'{"instruction": "  ", "output": "b"}', "the instruction is empty"),
+}
+
+
+def write_with_bad_line(path, bad: bytes, n_good=5):
+    """Good rows on every line but line 3."""
+    lines = [json.dumps({**GOOD, "output": f"fine {i}"}).encode() for i in range(n_good)]
+    lines.insert(2, bad)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", BAD_LINES)
+def test_a_bad_row_fails_naming_file_and_line(tmp_path, kind):
+    bad, reason = BAD_LINES[kind]
+    path = write_with_bad_line(tmp_path / "d.jsonl", bad)
+    with pytest.raises(UserError) as info:
+        sources.load_splits(make_cfg(path=str(path), split={"seed": 0, "valid": 1, "test": 1}))
+    msg = str(info.value)
+    assert f"d.jsonl:3: {reason}" in msg
+    assert msg.endswith("; fix the line or set data.on_error=skip")
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("kind", BAD_LINES)
+def test_a_bad_row_is_skipped_and_counted(tmp_path, kind, caplog):
+    bad, reason = BAD_LINES[kind]
+    path = write_with_bad_line(tmp_path / "d.jsonl", bad)
+    cfg = make_cfg(path=str(path), split={"seed": 0, "valid": 1, "test": 1}, on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="kdexp.data.sources"):
+        splits = sources.load_splits(cfg)
+    assert sorted(r["output"] for s in splits.values() for r in s) == [f"fine {i}" for i in range(5)]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"data: skipped 1 bad rows of {path} (first: {path}:3: {reason}")
+
+
+def test_one_warning_per_file_counts_read_and_record_problems(tmp_path, caplog):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\nnot json\n{"instruction": "c"}\n'
+                    '{"instruction": "d", "output": "e"}\n', encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="kdexp.data.sources"):
+        records = sources.load_test_split(make_cfg(files={"test": str(path)}, on_error="skip"))
+    assert [r["output"] for r in records] == ["b", "e"]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"skipped 2 bad rows of {path} (first: {path}:2: malformed JSON" in warning
+
+
+def test_read_rows_non_utf8_byte_on_line_3(tmp_path, caplog):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a": "caf\xe9"}\n{"a": 4}\n')
+    with pytest.raises(UserError, match=r"latin\.jsonl:3: not UTF-8 .*byte 0xe9"):
+        sources.read_rows(path)
+    with caplog.at_level(logging.WARNING, logger="kdexp.data.sources"):
+        assert sources.read_rows(path, on_error="skip") == [(1, {"a": 1}), (2, {"a": 2}), (4, {"a": 4})]
+    assert "skipped 1 bad rows" in caplog.text and "latin.jsonl:3: not UTF-8" in caplog.text
+
+
+def test_empty_prompt_field():
+    cfg = make_cfg(fields={"prompt": "text", "output": "answer"}, template="none")
+    with pytest.raises(sources.BadRow, match=r"^x:4: the prompt is empty \(field 'text'\)$"):
+        sources.to_record({"text": "\n ", "answer": "A"}, cfg, "x:4")
+
+
+def test_a_split_of_only_bad_rows_says_so(tmp_path):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text("".join('{"instruction": "a", "output": " "}\n' for _ in range(3)), encoding="utf-8")
+    good = str(write_jsonl(tmp_path / "good.jsonl", rows(3)))
+    cfg = make_cfg(files={"train": str(bad), "valid": good, "test": good}, on_error="skip")
+    with pytest.raises(UserError) as info:
+        sources.load_splits(cfg)
+    assert str(info.value).startswith(f"data 'unit': the train split is empty: all 3 rows of {bad} "
+                                      f"were skipped as bad (data.on_error=skip); the first: {bad}:1: "
+                                      f"the output is empty")
+    with pytest.raises(UserError, match=f"all 3 rows of {bad} were skipped as bad"):  # one file, split by seed
+        sources.load_splits(make_cfg(path=str(bad), on_error="skip"))
+    with pytest.raises(UserError, match="the test split is empty: all 3 rows"):  # an evaluation set
+        sources.load_test_split(make_cfg(files={"test": str(bad)}, on_error="skip"))
+
+
+def test_an_empty_file_and_a_zero_split_size_say_so(tmp_path):
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n \n", encoding="utf-8")
+    full = str(write_jsonl(tmp_path / "t.jsonl", rows(5)))
+    with pytest.raises(UserError, match=f"the valid split is empty: {empty} holds no records"):
+        sources.load_splits(make_cfg(files={"train": full, "valid": str(empty), "test": full}))
+    with pytest.raises(UserError, match="the valid split is empty: data.split.valid is 0"):
+        sources.load_splits(make_cfg(path=full, split={"seed": 0, "valid": 0, "test": 1}))
+
+
+def test_on_error_must_be_fail_or_skip(tmp_path, tok):
+    path = str(write_jsonl(tmp_path / "d.jsonl", rows(5)))
+    for load in (sources.load_splits, sources.load_test_split):
+        with pytest.raises(UserError, match="^data.on_error must be fail or skip, got 'ignore'$"):
+            load(make_cfg(path=path, on_error="ignore"))
+    with pytest.raises(UserError, match="data.on_error must be fail or skip"):
+        encode([_rec("p\n", "o")], tok, make_cfg(on_error="warn"), "train")
+    # A config from before the key existed fails on the first bad row.
+    old = make_cfg(path=str(write_with_bad_line(tmp_path / "b.jsonl", b"{")), split={"seed": 0, "valid": 1, "test": 1})
+    del old["on_error"]
+    with pytest.raises(UserError, match="b.jsonl:3: malformed JSON"):
+        sources.load_splits(old)
+
+
+def test_a_byte_order_mark_is_harmless(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + b'{"a": 1}\n{"a": 2\n')
+    assert sources.read_rows(path, on_error="skip") == [(1, {"a": 1})]
+    with pytest.raises(UserError, match="bom.jsonl:2: malformed JSON"):  # line numbers unchanged
+        sources.read_rows(path)
+    csv_path = tmp_path / "bom.csv"
+    csv_path.write_bytes(codecs.BOM_UTF8 + b"instruction,output\nq,a\n")
+    assert sources.read_rows(csv_path) == [(2, {"instruction": "q", "output": "a"})]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_a_non_utf8_csv_or_json_file_names_the_line(tmp_path, suffix):
+    path = tmp_path / f"latin{suffix}"
+    text = ('instruction,output\nq,a\ncaf\xe9,b\n' if suffix == ".csv"
+            else '[{"a": 1},\n {"a": 2},\n {"a": "caf\xe9"}]')
+    path.write_bytes(codecs.BOM_UTF8 + text.encode("latin-1"))
+    with pytest.raises(UserError, match=rf"latin\{suffix}:3: not UTF-8 .*byte 0xe9"):
+        sources.read_rows(path, on_error="skip")  # the whole file is unreadable: no row to skip
