@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kdexp.errors import UserError, did_you_mean, unknown_choice
+from kdexp.errors import Problems, Stopped, UserError, did_you_mean, unknown_choice
 
 COMMANDS: dict[str, str] = {
     "train": "distill (or fine-tune) a student, then evaluate it on the test split",
@@ -46,6 +47,12 @@ RUNNERS: dict[str, str] = {"train": "kdexp.train:run", "eval": "kdexp.jobs:run_e
                            "generate": "kdexp.jobs:run_generate", "analyze": "kdexp.analyze:run_analyze",
                            "compare": "kdexp.compare:run_compare",
                            "cache-teacher": "kdexp.teacher_cache:run_cache"}
+# Run directories that existed before this command: never removed by it.
+_EXISTING: set[str] = set()
+# The config sections each command checks (None: all of them).
+CHECKED: dict[str, list[str] | None] = {"train": None, "eval": ["data", "eval"], "generate": ["data", "eval"],
+                                        "analyze": ["data", "analyze"], "compare": [],
+                                        "cache-teacher": ["teacher", "data", "rollout"]}
 # Hydra's own flags that take a value: the value is not an override.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
                      "-cn", "--config-dir", "-cd", "--experimental-rerun", "--shell-completion"}
@@ -54,7 +61,9 @@ log = logging.getLogger("kdexp")
 
 
 def fail(message: str, status: int = 2) -> None:
-    print(f"kdexp: error: {message}", file=sys.stderr, flush=True)
+    """Print each line of ``message`` as ``kdexp: error: LINE`` and exit with ``status``."""
+    for line in message.splitlines() or [""]:
+        print(f"kdexp: error: {line}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 
@@ -100,8 +109,9 @@ def _split_args(args: list[str]) -> tuple[list[str], bool]:
     return overrides, multirun
 
 
-def preflight(args: list[str]) -> None:
-    """Check group options, keys and the output directory before Hydra runs anything."""
+def preflight(args: list[str], checked: list[str] | None = None) -> None:
+    """Check group options, keys, values (of the sections ``checked``; ``None``: all) and the
+    output directory before Hydra runs anything. Every problem is reported at once."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -115,15 +125,18 @@ def preflight(args: list[str]) -> None:
     except HydraException as err:
         raise UserError(f"cannot parse the overrides: {str(err).splitlines()[0]}") from None
     groups = set(all_groups())
-    group_overrides, key_overrides = [], []
+    group_overrides, key_overrides, problems, bad_groups = [], [], Problems(), set()
     for o in parsed:
         key = o.key_or_group
         if key.startswith("hydra") or o.is_delete():
             group_overrides.append(o.input_line)
         elif key in groups:
-            for value in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()]):
-                if str(value) not in group_choices(key):
-                    raise unknown_choice(f"{key} option", value, group_choices(key))
+            bad = [v for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()])
+                   if str(v) not in group_choices(key)]
+            if bad:  # its keys are not checked: they belong to the option meant
+                problems.add(str(unknown_choice(f"{key} option", bad[0], group_choices(key))))
+                bad_groups.add(key)
+                continue
             first = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.value()
             group_overrides.append(f"{'+' if o.is_add() else ''}{key}={first}")
         else:
@@ -136,12 +149,19 @@ def preflight(args: list[str]) -> None:
                 raise UserError("hydra/launcher=slurm needs hydra-submitit-launcher: "
                                 "pip install 'kdexp[slurm]'") from None
             raise UserError(str(err).splitlines()[0]) from None
-    known = set(flat_keys(cfg))
+    known, valid = set(flat_keys(cfg)), []
     for o in key_overrides:
+        if o.key_or_group.split(".")[0] in bad_groups:
+            continue
         if not (o.is_add() or o.is_force_add()) and o.key_or_group not in known:
             options = [k for k in known if not k.startswith("hydra")]
-            raise UserError(f"unknown option '{o.key_or_group}';{did_you_mean(o.key_or_group, options)} "
-                            f"(to add a new key, write +{o.input_line})")
+            problems.add(f"unknown option '{o.key_or_group}';{did_you_mean(o.key_or_group, options)} "
+                         f"(to add a new key, write +{o.input_line})")
+        else:
+            valid.append(o)
+    for line in _value_problems(valid, group_overrides, checked):
+        problems.add(line)
+    problems.raise_if_any()
     try:
         out = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
     except Exception:  # an interpolation only Hydra's runtime can resolve: Hydra will check
@@ -149,6 +169,61 @@ def preflight(args: list[str]) -> None:
     problem = writable_dir_problem(out) if out else None
     if problem:
         raise UserError(problem)
+    if out and Path(out).exists():
+        _EXISTING.add(str(Path(out).resolve()))
+    if checked is None and out and not multirun:
+        _check_existing_run(valid, group_overrides, Path(out))
+
+
+def _check_existing_run(key_overrides: list, group_overrides: list[str], run_dir: Path) -> None:
+    """``kdexp train`` into a directory that holds a run: refused (or, with train.resume=true,
+    checked against the run's config) before Hydra rewrites the run's ``.hydra/`` files; and
+    train.resume=true where there is nothing to resume."""
+    from hydra import compose, initialize_config_dir
+
+    from kdexp.config import conf_dir
+    from kdexp.train import check_run_dir, requeued
+
+    if requeued():
+        return  # the job decides: a requeued job continues its run
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="preflight"):
+            cfg = compose("config", overrides=group_overrides + [o.input_line for o in key_overrides])
+    except Exception:  # the job checks again, where every interpolation resolves
+        return
+    check_run_dir(cfg, run_dir)
+
+
+def _value_problems(key_overrides: list, group_overrides: list[str], checked: list[str] | None) -> list[str]:
+    """:func:`kdexp.config.problems` of the config with the overrides applied, every value of a
+    sweep (``a=1,2,3``) included."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kdexp.config import conf_dir, problems
+
+    plain = [o.input_line for o in key_overrides if not o.is_sweep_override()]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="preflight"):
+            cfg = compose("config", overrides=group_overrides + plain)
+        if checked is None:  # train: the method's own parameters and combinations too
+            from kdexp.train import check_config
+
+            def check(c) -> list[str]:
+                return list(check_config(c, int(os.environ.get("WORLD_SIZE", "1")))[0])
+        else:
+            def check(c) -> list[str]:
+                return problems(c, checked)
+        found = check(cfg)
+        for o in key_overrides:
+            if o.is_sweep_override():
+                for value in o.sweep_iterator():
+                    one = cfg.copy()
+                    OmegaConf.update(one, o.key_or_group, value, force_add=True)
+                    found += [p for p in check(one) if p not in found]
+    except Exception:  # a value Hydra itself will reject, with its own message, or an interpolation
+        return []      # only the job can resolve: the job checks again
+    return found
 
 
 def _job(command: str) -> Callable:
@@ -162,9 +237,13 @@ def _job(command: str) -> Callable:
         module, name = RUNNERS[command].split(":")
         try:
             getattr(importlib.import_module(module), name)(cfg, run_dir)
+        except Stopped as err:  # not an error: the run can go on from its checkpoint
+            print(f"kdexp: {err}", file=sys.stderr, flush=True)
+            sys.exit(err.status)
         except UserError as err:
-            _discard_if_empty(run_dir, resumed=bool(cfg.get("train", {}).get("resume")))
-            fail(str(err))
+            _discard_if_empty(run_dir, bool(cfg.get("train", {}).get("resume")),
+                              Path(HydraConfig.get().runtime.cwd))
+            fail(str(err), err.status)
 
     return task
 
@@ -177,17 +256,19 @@ def _quiet_libraries() -> None:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
-def _discard_if_empty(run_dir: Path, resumed: bool) -> None:
-    """Remove a run directory that holds nothing but Hydra's own files."""
-    if resumed or not run_dir.is_dir():
+def _discard_if_empty(run_dir: Path, resumed: bool, cwd: Path) -> None:
+    """Remove a run directory this job created that holds nothing but Hydra's own files, and
+    the folders above it (``runs/DATE``) it leaves empty, up to ``cwd``."""
+    if resumed or not run_dir.is_dir() or str(run_dir.resolve()) in _EXISTING:
         return
     hydra_files = {".hydra", "config.yaml"} | {p.name for p in run_dir.glob("*.log")}
     if all(p.name in hydra_files for p in run_dir.iterdir()):
         logging.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
-        parent = run_dir.parent
-        if parent.is_dir() and not any(parent.iterdir()):
+        parent, cwd = run_dir.resolve().parent, cwd.resolve()
+        while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
             parent.rmdir()
+            parent = parent.parent
 
 
 def _bare(args: list[str], i: int) -> bool:
@@ -252,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     register_resolvers()
     if not any(a in ("--help", "-h", "--hydra-help", "--version", "--info", "-i") for a in rest):
         try:
-            preflight(rest)
+            preflight(rest, CHECKED[command])
         except UserError as err:
             fail(str(err))
     import hydra

@@ -119,6 +119,8 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("train.eval_samples", _positive_int, "an integer > 0"),
     ("train.save_every", _nonneg_int, "an integer >= 0 (0: only at the end)"),
     ("train.keep_checkpoints", _positive_int, "an integer > 0"),
+    ("train.max_bad_steps", _positive_int, "an integer > 0"),
+    ("data.on_error", lambda v: v in ("fail", "skip"), "fail or skip"),
     ("train.log_every", _positive_int, "an integer > 0"),
     ("method.kd_weight", lambda v: v == "adaptive" or _in(0, 1)(v), "in [0, 1] or 'adaptive'"),
     ("method.sample_weight", lambda v: v in ("none", "teacher_likelihood", "student_likelihood"),

@@ -139,6 +139,15 @@ def vocab_rows(model: torch.nn.Module) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
+def same_tokenizer(student_tok, teacher_tok, names: tuple[str, str]) -> None:
+    """A one-line error unless the student and the teacher share one vocabulary."""
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise UserError(
+            f"the student '{names[0]}' ({len(student_tok)} tokens) and the teacher '{names[1]}' "
+            f"({len(teacher_tok)} tokens) use different tokenizers; token-level KD needs one "
+            f"vocabulary: pick a teacher and a student of the same model family")
+
+
 def shared_vocab(student: torch.nn.Module, student_tok, teacher: torch.nn.Module, teacher_tok,
                  names: tuple[str, str]) -> int | None:
     """The logit width both models are compared on, or ``None`` when no slicing is needed.
@@ -148,11 +157,7 @@ def shared_vocab(student: torch.nn.Module, student_tok, teacher: torch.nn.Module
     (Qwen2.5-0.5B's 151936 rows vs Qwen2.5-7B's 152064) are compared on the tokenizer's tokens;
     the padded rows are not tokens.
     """
-    if student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise UserError(
-            f"the student '{names[0]}' ({len(student_tok)} tokens) and the teacher '{names[1]}' "
-            f"({len(teacher_tok)} tokens) use different tokenizers; token-level KD needs one "
-            f"vocabulary: pick a teacher and a student of the same model family")
+    same_tokenizer(student_tok, teacher_tok, names)
     rows_s, rows_t = vocab_rows(student), vocab_rows(teacher)
     if rows_s == rows_t:
         return None

@@ -17,11 +17,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -32,11 +33,11 @@ from tqdm.auto import tqdm
 from kdexp import checkpoint, config, methods, teacher_cache
 from kdexp import engine as engines
 from kdexp.data import collate_train, load_examples
-from kdexp.errors import UserError
+from kdexp.errors import Problems, Stopped, TrainingAborted, UserError
 from kdexp.evaluation import evaluate_generation, format_table, teacher_forced_nll
 from kdexp.logging import make_logger
 from kdexp.losses.objective import IGNORE_INDEX
-from kdexp.models import load_model, load_tokenizer, shared_vocab, vocab_rows
+from kdexp.models import load_model, load_tokenizer, same_tokenizer, shared_vocab, vocab_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,17 @@ class BatchStream:
 
     def __init__(self, n: int, micro_batch_size: int, world: int, rank: int, seed: int):
         self.n, self.mbs, self.world, self.rank, self.seed = n, micro_batch_size, world, rank, seed
-        self.per_epoch = n // (micro_batch_size * world)
-        if self.per_epoch == 0:
-            raise UserError(f"the training split has {n} examples, fewer than one micro-batch of "
-                            f"{micro_batch_size} x {world} processes; lower train.micro_batch_size")
+        self.per_epoch = self.check(n, micro_batch_size, world)
         self.epoch, self.index = 0, 0
         self._order = self._permutation()
+
+    @staticmethod
+    def check(n: int, micro_batch_size: int, world: int) -> int:
+        """Micro-batches per epoch; at least one, or a one-line error."""
+        if n < micro_batch_size * world:
+            raise UserError(f"the training split has {n} examples, fewer than one micro-batch of "
+                            f"{micro_batch_size} x {world} processes; lower train.micro_batch_size")
+        return n // (micro_batch_size * world)
 
     def _permutation(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -152,16 +158,9 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                         f"or choose another hydra.run.dir")
 
 
-def open_teacher_cache(cfg: DictConfig, plan: methods.Plan, train: list, student: torch.nn.Module,
-                       tokenizer) -> tuple[teacher_cache.TeacherCache, int | None]:
-    """``teacher.source=cache``: the cache and the logit width to compare on (as
+def cache_vocab(cache: teacher_cache.TeacherCache, student: torch.nn.Module, tokenizer) -> int | None:
+    """``teacher.source=cache``: the logit width to compare on (as
     :func:`kdexp.models.shared_vocab`: the tokenizer's tokens when the widths differ)."""
-    if plan.online is not None or type(plan.source) is not methods.Source or \
-            any(c.needs_teacher for c in plan.hooks):
-        raise UserError(f"teacher.source=cache serves methods that train on the dataset text (sft, kd, "
-                        f"taid, ...); method={cfg.method.name} generates or trains sequences the cache "
-                        f"cannot hold: use teacher.source=live")
-    cache = teacher_cache.open_cache(cfg, train, tokenizer)
     rows = vocab_rows(student)
     vocab = None if cache.vocab == rows else len(tokenizer)
     if vocab is not None and vocab > min(rows, cache.vocab):
@@ -170,22 +169,81 @@ def open_teacher_cache(cfg: DictConfig, plan: methods.Plan, train: list, student
     if (vocab or rows) < cache.top_k:
         raise UserError(f"the teacher cache holds top-{cache.top_k} entries but the student has "
                         f"{vocab or rows} logits")
-    return cache, vocab
+    return vocab
+
+
+def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Plan | None]:
+    """Every problem of a training config found without loading anything: value ranges, the
+    method's parameters, and combinations that make no sense. ``(problems, plan)``."""
+    problems = Problems(config.problems(cfg))
+    plan = None
+    with problems.check(consequences=True):  # the method's own parameters, whatever the loss
+        method = methods.METHODS.get(cfg.method.name)
+        method.source(cfg), method.online(cfg)
+    if not any(p.startswith("loss.") for p in problems):  # else its problems are reported already
+        with problems.check(consequences=True):
+            plan = methods.build(cfg)
+    t = cfg.train
+    with problems.check(consequences=True):
+        accum, rest = divmod(t.batch_size, t.micro_batch_size * world)
+        if rest or accum == 0:
+            raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                            f"train.micro_batch_size ({t.micro_batch_size}) x {world} processes")
+    if plan is None:
+        return problems, plan
+    from_cache = cfg.teacher.get("source") == "cache"
+    if from_cache and (plan.online is not None or type(plan.source) is not methods.Source
+                       or any(c.needs_teacher for c in plan.hooks)):
+        problems.add(f"teacher.source=cache serves methods that train on the dataset text (sft, kd, "
+                     f"taid, ...); method={cfg.method.name} generates or trains sequences the cache "
+                     f"cannot hold: use teacher.source=live")
+    elif plan.needs_teacher and not from_cache and not cfg.teacher.get("name_or_path"):
+        problems.add(f"method={cfg.method.name} needs a teacher; choose one with teacher=NAME")
+    return problems, plan
+
+
+class Inputs(NamedTuple):
+    plan: methods.Plan
+    tokenizer: Any
+    data: dict[str, list]
+    teacher_tokenizer: Any  # None: not needed, or from the cache
+    cache: teacher_cache.TeacherCache | None
+
+
+def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
+    """Check the config, the run directory, the tokenizers, the data and the teacher cache
+    before any model is loaded; every problem at once."""
+    problems, plan = check_config(cfg, world)
+    with problems.check():
+        check_run_dir(cfg, run_dir)
+    tokenizer = teacher_tok = data = cache = None
+    with problems.check(consequences=True):
+        tokenizer = load_tokenizer(cfg.student, "student")
+    wants_teacher = plan is not None and (plan.needs_teacher or cfg.eval.teacher)
+    if wants_teacher and cfg.teacher.get("name_or_path") and cfg.teacher.source == "live":
+        with problems.check(consequences=True):
+            teacher_tok = load_tokenizer(cfg.teacher, "teacher")
+            if tokenizer is not None:
+                same_tokenizer(tokenizer, teacher_tok, (cfg.student.name_or_path, cfg.teacher.name_or_path))
+    if tokenizer is not None:
+        with problems.check(consequences=True):
+            data = load_examples(cfg.data, tokenizer)
+            BatchStream.check(len(data["train"]), cfg.train.micro_batch_size, world)
+    if data is not None and cfg.teacher.source == "cache" and not problems:
+        with problems.check():
+            cache = teacher_cache.open_cache(cfg, data["train"], tokenizer)
+    problems.raise_if_any()
+    return Inputs(plan, tokenizer, data, teacher_tok, cache)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train, save the final student, evaluate it (and the teacher) on the test split."""
-    issues = config.problems(cfg)
-    if issues:
-        raise UserError("; ".join(issues))
-    engines.export_slurm_tasks()
-    check_run_dir(cfg, run_dir)
-    t = cfg.train
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's (torchrun, accelerate, submitit)
-    accum, rest = divmod(t.batch_size, t.micro_batch_size * world)
-    if rest or accum == 0:
-        raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of "
-                        f"train.micro_batch_size ({t.micro_batch_size}) x {world} processes")
+    engines.export_slurm_tasks()
+    # Everything that can be wrong with the inputs is found here, before any model is loaded.
+    plan, tokenizer, data, teacher_tok, cache = prepare_inputs(cfg, run_dir, world)
+    t = cfg.train
+    accum = t.batch_size // (t.micro_batch_size * world)
     accelerator = engines.make_accelerator(cfg, accum, world)
     if accelerator.num_processes != world:
         raise UserError(f"launched as {world} processes but the training engine sees "
@@ -196,24 +254,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                  accelerator.distributed_type.value)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    plan = methods.build(cfg)
     objective = plan.objective
 
-    # Data first (cheap, and the likeliest to be wrong), then the models. The student is
-    # created right after seeding, so a random init is reproducible.
-    tokenizer = load_tokenizer(cfg.student, "student")
-    data = load_examples(cfg.data, tokenizer)
+    # The student is created right after seeding, so a random init is reproducible.
     set_seed(cfg.seed)
     student, tokenizer = load_model(cfg.student, "student", tokenizer)
-    teacher, vocab, cache = None, None, None
-    from_cache = cfg.teacher.source == "cache"
+    teacher, vocab = None, None
+    from_cache = cache is not None
     if from_cache:
-        cache, vocab = open_teacher_cache(cfg, plan, data["train"], student, tokenizer)
+        vocab = cache_vocab(cache, student, tokenizer)
     wants_teacher_eval = cfg.eval.teacher and cfg.teacher.name_or_path and not from_cache
     if (plan.needs_teacher and not from_cache) or wants_teacher_eval:
-        if not cfg.teacher.name_or_path:
-            raise UserError(f"method '{cfg.method.name}' needs a teacher; choose one with teacher=NAME")
-        teacher, teacher_tok = load_model(cfg.teacher, "teacher")
+        teacher, teacher_tok = load_model(cfg.teacher, "teacher", teacher_tok)
         vocab = shared_vocab(student, tokenizer, teacher, teacher_tok,
                              (cfg.student.name_or_path, cfg.teacher.name_or_path))
         if plan.online is not None:  # online KD: the teacher trains a module of its own
@@ -257,8 +309,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     logger = make_logger(cfg, run_dir, accelerator.is_main_process, job_type=cfg.method.name)
     if t.resume:
-        latest = checkpoint.list_checkpoints(run_dir)[-1]
-        accelerator.load_state(str(latest))
+        latest = checkpoint.load_latest(accelerator, run_dir)  # the newest intact one
         if accelerator.is_main_process:
             logger.truncate_after(progress.step)
         log.info("resumed from %s (step %d)", latest, progress.step)
@@ -285,6 +336,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     bar = tqdm(total=t.max_steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_main_process)
     student.train()
+    guard = NonFinite(os.environ.get("KDEXP_NAN_AT_ATTEMPT"))
+    stop = StopSignals()  # SIGTERM / SIGUSR1: checkpoint after this step, then exit
     while progress.step < t.max_steps:
         batches = [micro_batch(stream.next(), i) for i in range(accum)]
         ctx.check_decisions(progress.step)
@@ -318,18 +371,31 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     teacher_seconds += _clock(accelerator.device) - started
                 loss, parts = objective(student_logits, teacher_logits, batch,
                                         {k: n / world for k, n in counts.items()})
+                loss = guard.inject(loss)
                 # The engines divide by the accumulation count; the loss is already a share
                 # of the whole step's token mean.
                 accelerator.backward(loss * accum)
             for k, v in parts.items():
                 step_parts[k] = step_parts.get(k, 0.0) + v.item()
         if t.max_grad_norm <= 0:
-            norms = [None]
+            norms = [None if zero else _grad_norm(groups[0])]
         elif zero:  # DeepSpeed clipped inside its step, over all parameters at once
             norms = [accelerator.clip_grad_norm_(groups[0], t.max_grad_norm)]
         else:
             norms = [accelerator.clip_grad_norm_(g, t.max_grad_norm) for g in groups]
         grad_norm = norms[0]
+        # The step's term values, token means over all processes: logged, and fed to the
+        # objective's running scales and the method's hooks (the same numbers on every rank).
+        reduced = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                   for k, v in step_parts.items()}
+        bad = guard.check(reduced, norms, progress.step + 1)  # the same verdict on every rank
+        if bad:  # skipped: no update, the step is taken again with the next batches
+            optimizer.zero_grad(set_to_none=True)
+            if guard.consecutive >= t.max_bad_steps:
+                bar.close()
+                logger.finish()
+                raise TrainingAborted(guard.abort_message(run_dir))
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -337,11 +403,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         tokens_seen += n_tokens
         bar.update(1)
         _fault_injection(progress.step)
-
-        # The step's term values, token means over all processes: logged, and fed to the
-        # objective's running scales and the method's hooks (the same numbers on every rank).
-        reduced = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
-                   for k, v in step_parts.items()}
         if progress.step % t.log_every == 0 or progress.step == t.max_steps:
             weights = objective.weights()
             total = sum(weights[key] * reduced[key] for key in objective.keys)
@@ -353,6 +414,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                        "train/epoch": stream.epoch + stream.index / stream.per_epoch}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
+            if guard.skipped:
+                metrics["train/skipped_steps"] = guard.skipped
             if len(norms) > 1 and norms[1] is not None:
                 metrics["train/teacher_grad_norm"] = float(norms[1])
             for key, term in zip(objective.keys, objective.terms, strict=True):
@@ -375,8 +438,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             valid = broadcast_object_list(valid)[0]  # DistiLLM's scheduler acts on it on every rank
             for component in plan.components:
                 component.after_validation(ctx, progress.step, valid["valid/loss"])
-        if (t.save_every and progress.step % t.save_every == 0) or progress.step == t.max_steps:
+        saved = (t.save_every and progress.step % t.save_every == 0) or progress.step == t.max_steps
+        signum = stop.requested(accelerator)
+        if saved or signum:
+            guard.check_weights(engine, progress.step, run_dir)
             checkpoint.save(accelerator, run_dir, progress.step, t.keep_checkpoints)
+        if signum and progress.step < t.max_steps:
+            bar.close()
+            logger.finish()
+            raise Stopped(f"stopped by {signal.Signals(signum).name} after step {progress.step} of "
+                          f"{t.max_steps}; checkpoint saved in {checkpoint.checkpoint_dir(run_dir)}: "
+                          f"continue with train.resume=true hydra.run.dir={run_dir}", signum)
+    stop.restore()
     bar.close()
     train_time = time.time() - start_time
 
@@ -404,6 +477,91 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all gradients (with clipping off, the guard still needs it)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+class NonFinite:
+    """The guard against NaN / inf: a step whose loss terms or gradient norm are not finite is
+    skipped (no update, a warning); ``train.max_bad_steps`` consecutive ones abort the run.
+
+    The loss terms are means over all processes and the gradients are already synchronized, so
+    every rank reaches the same verdict. ``KDEXP_NAN_AT_ATTEMPT=3,4`` (tests) makes the loss of
+    the 3rd and 4th step attempts (counting skipped ones) NaN.
+    """
+
+    def __init__(self, inject_at: str | None = None):
+        self.attempt, self.consecutive, self.skipped = 0, 0, 0
+        self.inject_at = {int(a) for a in inject_at.split(",")} if inject_at else set()
+        self.last = ""
+
+    def inject(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if self.attempt + 1 in self.inject_at else loss
+
+    def check(self, parts: dict[str, float], norms: list, step: int) -> bool:
+        """Whether this step attempt is bad (and must be skipped)."""
+        self.attempt += 1
+        bad = [k for k, v in parts.items() if not math.isfinite(v)]
+        bad += [f"grad_norm[{i}]" for i, n in enumerate(norms) if n is not None and not math.isfinite(float(n))]
+        if not bad:
+            self.consecutive = 0
+            return False
+        self.consecutive, self.skipped = self.consecutive + 1, self.skipped + 1
+        self.last = f"step {step}: {', '.join(bad)} not finite"
+        log.warning("%s; the step is skipped (%d in a row, %d in all)", self.last, self.consecutive, self.skipped)
+        return True
+
+    def abort_message(self, run_dir: Path) -> str:
+        kept = checkpoint.list_checkpoints(run_dir)
+        return (f"{self.consecutive} consecutive steps had a non-finite loss or gradient (train.max_bad_steps; "
+                f"last: {self.last}); the run stops with its last good checkpoint "
+                f"{'intact: ' + kept[-1].name if kept else 'none (none was written yet)'}: lower train.lr, "
+                f"check the data, or train in float32")
+
+    @staticmethod
+    def check_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
+        """Never checkpoint non-finite weights (a finite step with a huge lr can make them)."""
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.numel()):
+            raise TrainingAborted(f"the weights are not finite after step {step}; nothing was saved, the "
+                                  f"checkpoints in {checkpoint.checkpoint_dir(run_dir)} are the last good "
+                                  f"ones: lower train.lr or raise train.warmup_steps")
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (what SLURM sends before a time limit, ``--signal=USR1@120``) ask
+    the loop to checkpoint after the current step and exit; the previous handlers are restored
+    after the loop. With several processes the request is shared (one small all-reduce a
+    step), so every rank stops after the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous = {}
+        try:
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: signals stay with whoever owns them
+            self.previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        log.warning("received %s: checkpointing after this step, then exiting", signal.Signals(signum).name)
+
+    def requested(self, accelerator: Accelerator) -> int:
+        """The signal received by any process (0: none)."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([float(self.signum)], device=accelerator.device)
+        return int(accelerator.gather(flag).max().item())
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _clock(device: torch.device) -> float:
