@@ -238,14 +238,24 @@ def _job(command: str) -> Callable:
         try:
             getattr(importlib.import_module(module), name)(cfg, run_dir)
         except Stopped as err:  # not an error: the run can go on from its checkpoint
+            _close_progress_bars()
             print(f"kdexp: {err}", file=sys.stderr, flush=True)
             sys.exit(err.status)
         except UserError as err:
+            _close_progress_bars()
             _discard_if_empty(run_dir, bool(cfg.get("train", {}).get("resume")),
                               Path(HydraConfig.get().runtime.cwd))
             fail(str(err), err.status)
 
     return task
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar left open by the failed job, so that the message starts a line."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _quiet_libraries() -> None:

@@ -238,8 +238,8 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train, save the final student, evaluate it (and the teacher) on the test split."""
+    engines.export_slurm_tasks()  # several SLURM tasks: torch.distributed's variables from SLURM's
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's (torchrun, accelerate, submitit)
-    engines.export_slurm_tasks()
     # Everything that can be wrong with the inputs is found here, before any model is loaded.
     plan, tokenizer, data, teacher_tok, cache = prepare_inputs(cfg, run_dir, world)
     t = cfg.train
@@ -392,7 +392,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if bad:  # skipped: no update, the step is taken again with the next batches
             optimizer.zero_grad(set_to_none=True)
             if guard.consecutive >= t.max_bad_steps:
-                bar.close()
                 logger.finish()
                 raise TrainingAborted(guard.abort_message(run_dir))
             continue
@@ -444,8 +443,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             guard.check_weights(engine, progress.step, run_dir)
             checkpoint.save(accelerator, run_dir, progress.step, t.keep_checkpoints)
         if signum and progress.step < t.max_steps:
-            bar.close()
             logger.finish()
+            stop.hand_over(signum)  # e.g. submitit: requeue the job, which resumes from here
             raise Stopped(f"stopped by {signal.Signals(signum).name} after step {progress.step} of "
                           f"{t.max_steps}; checkpoint saved in {checkpoint.checkpoint_dir(run_dir)}: "
                           f"continue with train.resume=true hydra.run.dir={run_dir}", signum)
@@ -532,12 +531,16 @@ class NonFinite:
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (what SLURM sends before a time limit, ``--signal=USR1@120``) ask
-    the loop to checkpoint after the current step and exit; the previous handlers are restored
-    after the loop. With several processes the request is shared (one small all-reduce a
-    step), so every rank stops after the same step."""
+    """SIGTERM, SIGUSR1 and SIGUSR2 (what SLURM sends before a time limit: ``--signal=USR1@120``;
+    submitit asks for USR2) ask the loop to checkpoint after the current step and exit; the
+    previous handlers are restored after the loop. With several processes the request is
+    shared (one small all-reduce a step), so every rank stops after the same step.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    A handler that was there before (submitit's, which requeues the job on USR2) is called
+    after the checkpoint: the requeued job resumes from it.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.signum = 0
@@ -558,6 +561,13 @@ class StopSignals:
             return self.signum
         flag = torch.tensor([float(self.signum)], device=accelerator.device)
         return int(accelerator.gather(flag).max().item())
+
+    def hand_over(self, signum: int) -> None:
+        """Call the handler that was installed before ours for ``signum`` (it may exit)."""
+        self.restore()
+        previous = self.previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
 
     def restore(self) -> None:
         for s, handler in self.previous.items():

@@ -139,3 +139,42 @@ def test_consecutive_non_finite_steps_abort_and_keep_the_last_good_checkpoint(tm
     assert [p.name for p in saved] == ["step_0000002", "step_0000004"]
     assert all(checkpoint.verify(p) is None for p in saved)
     assert not (run / "final").exists() and not (run / "results.json").exists()
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
+    """The run directory on a small file system that holds one checkpoint but not two."""
+    run = tmp_path / "disk"
+    run.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(run)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here")
+    try:
+        proc = kdexp("train", *ARGS, "train.eval_every=0", f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        line = [x for x in proc.stderr.splitlines() if x.startswith("kdexp: error:")]
+        assert len(line) == 1 and "could not write checkpoint step 4" in line[0] and "ENOSPC" in line[0], proc.stderr[-3000:]
+        saved = checkpoint.list_checkpoints(run)
+        assert [p.name for p in saved] == ["step_0000002"] and checkpoint.verify(saved[0]) is None
+        assert not [p for p in checkpoint.checkpoint_dir(run).iterdir() if p.name.startswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(run)], check=False)
+
+
+def test_a_handler_installed_before_the_run_gets_the_signal_after_the_checkpoint(tmp_path):
+    """As under submitit, whose SIGUSR2 handler requeues the job: it runs after the checkpoint."""
+    run = tmp_path / "run"
+    wrapper = ("import signal, sys\n"
+               "def requeue(signum, frame):\n"
+               "    open('handed-over', 'w').write(signal.Signals(signum).name)\n"
+               "    sys.exit(7)\n"
+               "signal.signal(signal.SIGUSR2, requeue)\n"
+               "from kdexp.cli import main\n"
+               "main(sys.argv[1:])\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    args = [*ARGS, "train.max_steps=40", "train.save_every=100", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, "train", *args], cwd=tmp_path, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    status, err = interrupt_after(proc, run, 2, signal.SIGUSR2)
+    assert status == 7, err[-2000:]
+    assert (tmp_path / "handed-over").read_text() == "SIGUSR2"
+    saved = checkpoint.list_checkpoints(run)
+    assert len(saved) == 1 and checkpoint.verify(saved[0]) is None
