@@ -11,12 +11,14 @@ Numerics, shared by all of them:
 
 * Everything is computed in float32 (float64 inputs: float64) from ``log_softmax``; probabilities are ``exp`` of the
   exact log-probabilities, so an entry whose logit is ``-inf`` has probability exactly 0.
-* Inside logarithms, log-probabilities are floored at ``LOG_FLOOR = log(1.18e-38)``, the
-  smallest normal float32: a probability that float32 cannot represent counts as that number.
-  This keeps values and gradients finite when an entry is ``-inf`` in one model only (a
-  masked or padded vocabulary entry), and changes nothing elsewhere.
-* Mixtures are formed in log space (``logaddexp`` of floored log-probabilities): there is no
-  log of a sum of probabilities anywhere.
+* Inside logarithms, a log-probability of exactly ``-inf`` (an entry masked out of one model:
+  a ``-inf`` logit) stands as ``NEG_INF_STANDIN = log(1.18e-38)``, the log of the smallest
+  normal float32. This keeps values and gradients finite when an entry is ``-inf`` in one
+  model only. Finite log-probabilities are never moved, however small (a student's log q of
+  -91 on a token the teacher supports keeps its value and its gradient ``q - p``).
+* Mixtures are formed in log space (``logaddexp`` of finite log-probabilities): there is no
+  log of a sum of probabilities anywhere, and no ``exp`` that can overflow where a factor
+  that multiplies it underflows (Amari's alpha-divergence switches form, see there).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from kdexp.registry import Registry
 
 DIVERGENCES: Registry = Registry("loss")
 
-LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # -87.34
+NEG_INF_STANDIN = math.log(torch.finfo(torch.float32).tiny)  # -87.34, for -inf entries only
 
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -41,22 +43,24 @@ def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return F.log_softmax(logits / temperature, dim=-1)
 
 
-def floor(log_p: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities floored at ``LOG_FLOOR`` (finite, gradient 0 where floored)."""
-    return log_p.clamp_min(LOG_FLOOR)
+def finite(log_p: torch.Tensor) -> torch.Tensor:
+    """``log_p`` with its ``-inf`` entries replaced by ``NEG_INF_STANDIN``; every finite entry,
+    and its gradient, is left exactly as it is (no clamp)."""
+    return torch.where(log_p == float("-inf"), NEG_INF_STANDIN, log_p)
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_v p_v (log p_v - log q_v), with 0 log 0 = 0. [..., V] -> [...]
 
-    ``p`` is ``exp(log_p)`` (exactly 0 where ``log_p = -inf``); both logs are floored, so the
-    difference is finite and the product is 0, not NaN, at entries outside p's support.
+    ``p`` is ``exp(log_p)`` (exactly 0 where ``log_p = -inf``); a ``-inf`` in either log stands
+    as a finite number, so the difference is finite and the product is 0, not NaN, at entries
+    outside p's support.
     """
-    return (log_p.exp() * (floor(log_p) - floor(log_q))).sum(-1)
+    return (log_p.exp() * (finite(log_p) - finite(log_q))).sum(-1)
 
 
 def log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
-    """``log(w * a + (1 - w) * b)`` from finite (floored) logs, exact at w = 0 and w = 1."""
+    """``log(w * a + (1 - w) * b)`` from finite logs, exact at w = 0 and w = 1."""
     if w == 0:
         return log_b
     if w == 1:
@@ -112,7 +116,7 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         return kl(log_p, log_q)
     if beta == 1:
         return kl(log_q, log_p)
-    log_m = log_mix(floor(log_p), floor(log_q), beta)
+    log_m = log_mix(finite(log_p), finite(log_q), beta)
     return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
 
 
@@ -139,7 +143,7 @@ def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     """
     _check_unit("loss.alpha", alpha, high_open=True)
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
-    return kl(log_p, log_mix(floor(log_p), floor(log_q), alpha))
+    return kl(log_p, log_mix(finite(log_p), finite(log_q), alpha))
 
 
 @DIVERGENCES.register("srkl", description="skew reverse KL(q || alpha q + (1-alpha) p) of DistiLLM")
@@ -189,7 +193,7 @@ def adaptive_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
 def _ab_terms(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """The summand of the alpha-beta divergence for each case of (alpha, beta). [..., V]"""
-    lp, lq = floor(log_p), floor(log_q)
+    lp, lq = finite(log_p), finite(log_q)
     if alpha == 0 and beta == 0:
         return 0.5 * (lp - lq) ** 2
     if beta == 0:  # 1/a^2 (p^a log(p^a / q^a) - p^a + q^a)
@@ -219,7 +223,8 @@ def alpha_beta(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     continuous limits (factor 1/alpha^2 or 1/beta^2), so that (1, 0) is KL(p || q) and (0, 1)
     is KL(q || p). ABKD's code divides the limits by alpha (or beta) instead of its square,
     which agrees at alpha = 1 (beta = 1) only. Negative exponents make the divergence
-    infinite where p or q is 0; the log floor bounds it.
+    infinite where p or q is 0: a ``-inf`` entry stands as ``NEG_INF_STANDIN``, which bounds
+    it; finite entries are exact (in float32, a finite value can still overflow to inf).
     """
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     return _ab_terms(log_p, log_q, float(alpha), float(beta)).sum(-1)
@@ -242,12 +247,24 @@ def amari_alpha(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         return kl(log_p, log_q)
     if a == 0:
         return kl(log_q, log_p)
-    lp, lq = floor(log_p), floor(log_q)
+    lp, lq = finite(log_p), finite(log_q)
     if a < 0.5:
-        numerator = -(log_q.exp() * torch.expm1(a * (lp - lq))).sum(-1)
+        numerator = -_scaled_expm1(lq, a * (lp - lq)).sum(-1)
     else:
-        numerator = -(log_p.exp() * torch.expm1((1 - a) * (lq - lp))).sum(-1)
+        numerator = -_scaled_expm1(lp, (1 - a) * (lq - lp)).sum(-1)
     return numerator / (a * (1 - a))
+
+
+def _scaled_expm1(log_w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w * expm1(x)`` with ``w = exp(log_w)``, accurate and finite everywhere, gradients too.
+
+    ``expm1`` keeps the digits for small ``x``; for ``x > 1`` the direct ``exp(log_w + x) - w``
+    has no cancellation, and it cannot overflow where ``w`` underflows (``w * expm1(x)`` would
+    be ``0 * inf``). Each branch is evaluated on bounded arguments only, so the branch that
+    ``where`` discards has a finite gradient.
+    """
+    w = log_w.exp()
+    return torch.where(x <= 1, w * torch.expm1(x.clamp_max(1)), (log_w + x.clamp_min(1)).exp() - w)
 
 
 @DIVERGENCES.register("taid", description="TAID: KL(p_t || q), p_t interpolates q and p by t")
@@ -265,7 +282,7 @@ def taid(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     if t == 1:
         return kl(log_p, log_q)
-    target = F.log_softmax((1 - t) * floor(log_q).detach() + t * floor(log_p), dim=-1)
+    target = F.log_softmax((1 - t) * finite(log_q).detach() + t * finite(log_p), dim=-1)
     return kl(target, log_q)
 
 
@@ -287,7 +304,7 @@ def amid(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         choices = ", ".join(n for n in DIVERGENCES.names() if n != "amid")
         raise UserError(f"loss.base must be a divergence other than amid, got '{base}'; choices: {choices}")
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
-    lp, lq = floor(log_p), floor(log_q)
+    lp, lq = finite(log_p), finite(log_q)
     if alpha == 1:
         log_r = lam * lp + (1 - lam) * lq
     else:

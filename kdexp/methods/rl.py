@@ -20,7 +20,7 @@ from kdexp.data.encode import Example
 from kdexp.errors import UserError
 from kdexp.evaluation.metrics import exact_match, rouge_l
 from kdexp.losses import Bound
-from kdexp.losses.divergences import floor, log_probs
+from kdexp.losses.divergences import finite, log_probs
 from kdexp.losses.objective import IGNORE_INDEX, TERMS, TermFn
 from kdexp.methods.context import Context
 from kdexp.methods.sources import Source
@@ -118,7 +118,7 @@ def taid_ce(**params: Any) -> tuple[TermFn, bool]:
         with torch.no_grad():
             t, temperature = float(bound.params["t"]), float(bound.params.get("temperature", 1.0))
             log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
-            target = ((1 - t) * floor(log_q) + t * floor(log_p)).log_softmax(-1)
+            target = ((1 - t) * finite(log_q) + t * finite(log_p)).log_softmax(-1)
             entropy = -(target.exp() * target).sum(-1).float()
         return bound(student_logits, teacher_logits) + entropy
 

@@ -469,3 +469,48 @@ def test_bad_parameters_are_user_errors_at_construction(name, params):
 
 def test_repr_names_the_parameters():
     assert repr(losses.divergence("jsd", beta=0.9)) == "divergence('jsd', beta=0.9)"
+
+
+# ----------------------------------------------------------------------------- finite values untouched
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_very_unlikely_finite_student_token_keeps_its_value_and_gradient(dtype):
+    # p = (0.5, 0.5); the student gives the second token log q = -91 (below log of the smallest
+    # normal float32, -87.3). KL(p || q) = 0.5 log 0.5 - 0.5 log q1 + 0.5 log 0.5 - 0.5 log q2,
+    # and its gradient in the student's logit of that token is q2 - p2 = -0.5. A floor on
+    # finite log-probabilities reads 43.5 instead and a gradient of ~1e-40.
+    s = torch.tensor([[0.0, -91.0]], dtype=dtype, requires_grad=True)
+    t = torch.tensor([[0.0, 0.0]], dtype=dtype)
+    out = losses.divergence("fkl")(s, t)
+    log_q = torch.log_softmax(s.detach().double(), -1)
+    expected = (0.5 * (math.log(0.5) - log_q)).sum()
+    torch.testing.assert_close(out.double().squeeze(), expected, rtol=1e-6, atol=1e-5)
+    out.sum().backward()
+    torch.testing.assert_close(s.grad.float(), torch.tensor([[0.5, -0.5]]), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_values_match_the_reference_on_very_peaked_logits(name):
+    # Logits with std 30: many log-probabilities far below -87 (finite), in both models.
+    s, t = pair((4, 6, 40), seed=21, scale=30.0)
+    out = losses.divergence(name)(s, t).double().numpy()
+    ref = reference(name, s, t)
+    np.testing.assert_allclose(out, ref, rtol=2e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "skl", "srkl", "alpha", "ab", "amid"])
+def test_gradients_through_very_unlikely_tokens_match_the_reference(name):
+    # Central differences of the float64 numpy reference: where the student's log q is far below
+    # -87 on a token the teacher supports, the gradient is large; a floor on finite values
+    # makes it 0. (akl and taid detach part of their formula, so their gradient is not the
+    # reference's.)
+    s, t = pair((2, 3, 16), seed=22, scale=30.0)
+    leaf = s.clone().requires_grad_(True)
+    losses.divergence(name)(leaf, t).sum().backward()
+    numeric = torch.zeros_like(s, dtype=torch.float64)
+    h = 1e-4
+    for idx in np.ndindex(*s.shape):
+        up, down = s.double().clone(), s.double().clone()
+        up[idx] += h
+        down[idx] -= h
+        numeric[idx] = float((reference(name, up, t).sum() - reference(name, down, t).sum()) / (2 * h))
+    torch.testing.assert_close(leaf.grad.double(), numeric, rtol=1e-3, atol=2e-3)
