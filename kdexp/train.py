@@ -215,6 +215,10 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
                             f"train.micro_batch_size ({t.micro_batch_size}) x {world} processes")
     if plan is None:
         return problems, plan
+    if plan.objective.sample_weight != "none" and cfg.get("deepspeed"):
+        problems.add(f"method.sample_weight={plan.objective.sample_weight} is normalized over the optimizer "
+                     f"step by rescaling the accumulated gradients, which DeepSpeed's fused step does not "
+                     f"allow: train it without deepspeed= (DDP or one process)")
     from_cache = cfg.teacher.get("source") == "cache"
     if from_cache and (plan.online is not None or type(plan.source) is not methods.Source
                        or any(c.needs_teacher for c in plan.hooks)):
@@ -427,6 +431,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 accelerator.backward(loss * accum)
             for k, v in parts.items():
                 step_parts[k] = step_parts.get(k, 0.0) + v.item()
+        # The step's term values, token means over all processes: logged, and fed to the
+        # objective's running scales and the method's hooks (the same numbers on every rank).
+        reduced = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                   for k, v in step_parts.items()}
+        # Sample weights are normalized over the whole step: the micro-batches used raw ones.
+        factor = objective.normalize_step(reduced)
+        if factor != 1.0:
+            for group in groups:
+                for p in group:
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
         if t.max_grad_norm <= 0:
             norms = [None if zero else _grad_norm(groups[0])]
         elif zero:  # DeepSpeed clipped inside its step, over all parameters at once
@@ -434,10 +449,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         else:
             norms = [accelerator.clip_grad_norm_(g, t.max_grad_norm) for g in groups]
         grad_norm = norms[0]
-        # The step's term values, token means over all processes: logged, and fed to the
-        # objective's running scales and the method's hooks (the same numbers on every rank).
-        reduced = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
-                   for k, v in step_parts.items()}
         bad = guard.check(reduced, norms, progress.step + 1)  # the same verdict on every rank
         if bad:  # skipped: no update, the step is taken again with the next batches
             optimizer.zero_grad(set_to_none=True)

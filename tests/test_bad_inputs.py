@@ -119,6 +119,7 @@ CASES: list[tuple[str, str, list[str], list[str], Setup | None]] = [
     ("okd-without-teacher", "train", ["method=okd", "teacher=none"], ["method=okd needs a teacher", "teacher=NAME"], None),
     ("kd-without-teacher", "train", ["method=kd", "teacher=none"], ["method=kd needs a teacher"], None),
     ("cache-without-cache", "train", ["teacher.source=cache"], ["no teacher cache at", "kdexp cache-teacher"], None),
+    ("sample-weight-under-deepspeed", "train", ["method.sample_weight=teacher_likelihood", "deepspeed=zero2"], ["method.sample_weight=teacher_likelihood is normalized over the optimizer step", "without deepspeed="], None),
     ("cache-with-on-policy", "train", ["method=gkd", "teacher.source=cache"], ["teacher.source=cache serves methods", "method=gkd"], None),
     ("tokenizer-mismatch", "train", [], ["use different tokenizers", "other-teacher"], other_tokenizer),
     ("missing-model", "train", ["student.name_or_path=no-such-model-dir"], ["no-such-model-dir"], None),

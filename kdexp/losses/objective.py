@@ -23,7 +23,12 @@ Two options act on the terms, never inside a divergence:
 * ``sample_weight``: every sequence's per-position losses are multiplied by its per-token
   geometric-mean probability under the teacher (``teacher_likelihood``) or the student
   (``student_likelihood``), detached, clamped below at ``min_weight`` and normalized to mean
-  1 over the micro-batch's sequences: the sample-wise weighting of student-generated outputs.
+  1 over the sequences of the whole optimizer step (every micro-batch, every process): the
+  sample-wise weighting of student-generated outputs. A micro-batch only knows its own
+  weights, so it is computed with the raw weights, and the step divides by their mean once
+  all micro-batches are in (:meth:`Objective.normalize_step`): the loss is linear in that
+  factor, so scaling the accumulated gradients by it is exact, and the step's value and
+  gradient do not depend on how the batch is split across micro-batches and processes.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 SAMPLE_WEIGHTS = ("none", "teacher_likelihood", "student_likelihood")
+# The two extra entries of a micro-batch's values under sample weights: the sum of its raw
+# sequence weights and the number of sequences they cover (see Objective.normalize_step).
+WEIGHT_SUM, WEIGHT_ROWS = "sample_weight_sum", "sample_weight_rows"
 
 
 @dataclass(frozen=True)
@@ -135,18 +143,18 @@ def _teacher_term(name: str, weight: float, spec: dict, t2_scale: bool, rows) ->
 
 
 def sequence_weights(logits: torch.Tensor, targets: torch.Tensor, min_weight: float) -> torch.Tensor:
-    """Per-sequence weights from a model's likelihood of the targets. [B, T, V] x [B, T] -> [B]
+    """Raw per-sequence weights from a model's likelihood of the targets. [B, T, V] x [B, T] -> [B]
 
     The weight is ``exp(mean log prob)`` over the sequence's valid positions (its per-token
-    geometric-mean probability), clamped below at ``min_weight``, then divided by the mean
-    over the sequences that have a valid position (those without one get weight 0).
+    geometric-mean probability), clamped below at ``min_weight``; a sequence without a valid
+    position gets 0. They are not normalized: the objective divides them by their mean over
+    the whole optimizer step (:meth:`Objective.normalize_step`).
     """
     with torch.no_grad():
         mask = targets != IGNORE_INDEX
         count = mask.sum(-1)
         mean_logp = -(cross_entropy(logits, targets) * mask).sum(-1) / count.clamp_min(1)
-        w = mean_logp.exp().clamp_min(min_weight) * (count > 0)
-        return w * (count > 0).sum() / w.sum().clamp_min(1e-30)
+        return mean_logp.exp().clamp_min(min_weight) * (count > 0)
 
 
 class Objective:
@@ -204,8 +212,27 @@ class Objective:
         if not any(t.adaptive for t in self.terms):
             return
         m = self.EMA_MOMENTUM
-        for key, value in step_values.items():
+        for key in self.keys:
+            value = step_values[key]
             self.ema[key] = value if key not in self.ema else m * self.ema[key] + (1 - m) * value
+
+    def normalize_step(self, step_values: dict[str, float]) -> float:
+        """Divide the step's term values by the step's mean sample weight, in place; the factor
+        to multiply the step's accumulated gradients by (1.0 without sample weights).
+
+        ``step_values`` are the micro-batches' values summed over the step and averaged over
+        the processes (the same reduction as the terms'), so ``WEIGHT_SUM / WEIGHT_ROWS`` is
+        the mean raw weight over every sequence of the step. Its two entries are replaced by
+        ``sample_weight_mean``, logged with the terms.
+        """
+        if self.sample_weight == "none":
+            return 1.0
+        total, rows = step_values.pop(WEIGHT_SUM), step_values.pop(WEIGHT_ROWS)
+        mean = total / rows if rows > 0 and total > 0 else 1.0
+        for key in self.keys:
+            step_values[key] /= mean
+        step_values["sample_weight_mean"] = mean
+        return 1.0 / mean
 
     def state_dict(self) -> dict[str, object]:
         return {"ema": dict(self.ema)}
@@ -235,18 +262,23 @@ class Objective:
         terms restricted to some rows, ``origin`` [B]). ``num_tokens`` is each term's count of
         valid positions over the whole step (a number when every term covers every row). Each
         returned value is the micro-batch's share of the term's token mean over the whole step,
-        so summing them over the micro-batches (and processes) gives the step's mean.
+        so summing them over the micro-batches (and processes) gives the step's mean. Under
+        sample weights the loss and the values use the raw weights, and the values carry two
+        more entries that :meth:`normalize_step` turns into the step's normalization.
         """
         targets = batch["targets"]
         seq_w = None
+        parts: dict[str, torch.Tensor] = {}
         if self.sample_weight != "none":
             source = teacher_logits if self.sample_weight == "teacher_likelihood" else student_logits
-            seq_w = sequence_weights(source, targets, self.min_weight)[:, None]  # [B, 1]
+            raw = sequence_weights(source, targets, self.min_weight)  # [B]
+            parts[WEIGHT_SUM] = raw.sum()
+            parts[WEIGHT_ROWS] = (targets != IGNORE_INDEX).any(-1).sum().float()
+            seq_w = raw[:, None]  # [B, 1]
         weights = self.weights()
         # The student's terms see a fixed teacher (a no-op unless the teacher is being trained).
         fixed_teacher = teacher_logits.detach() if teacher_logits is not None else None
         total = student_logits.new_zeros((), dtype=torch.float32)
-        parts: dict[str, torch.Tensor] = {}
         for key, term in zip(self.keys, self.terms, strict=True):
             mask = self._mask(term, batch)
             count = num_tokens[key] if isinstance(num_tokens, Mapping) else num_tokens

@@ -84,3 +84,18 @@ def test_two_processes_train_like_one(tmp_path, method):
     for name, tensor in load_file(str(tmp_path / "one" / "final" / "model.safetensors")).items():
         other = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))[name]
         torch.testing.assert_close(other, tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sample_weights_are_normalized_over_the_step_across_processes(tmp_path):
+    """WSGO's weights (the teacher's likelihood of each sequence) have mean 1 over the whole
+    optimizer step: 1 process with micro-batches of 4 and 2 processes with micro-batches of 1
+    (where a per-micro-batch normalization would make every weight 1) train alike."""
+    args = [*QUICK, "method=kd", "method.sample_weight=teacher_likelihood", "method.min_weight=0.01",
+            "train.batch_size=8", "seed=0"]
+    kdexp("train", *args, "train.micro_batch_size=4", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    torchrun(*args, "train.micro_batch_size=1", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
+    one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
+    for a, b in zip(one, two, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)

@@ -293,12 +293,81 @@ def test_sample_weights_by_hand():
     w = sequence_weights(logits, y, min_weight=0.1)
     g0 = (0.8 * 0.5) ** 0.5          # geometric mean of the target probabilities: 0.632
     g1 = max((0.01 * 0.01) ** 0.5, 0.1)  # 0.01, clamped to 0.1
-    torch.testing.assert_close(w, torch.tensor([g0, g1]) * 2 / (g0 + g1))
-    assert w.mean().item() == pytest.approx(1.0)
-    # A row without valid targets gets 0 and does not count in the mean.
+    torch.testing.assert_close(w, torch.tensor([g0, g1]))  # raw: the step normalizes them
+    # A row without valid targets gets 0.
     y3 = torch.cat([y, torch.full((1, 3), IGNORE_INDEX)])
     w3 = sequence_weights(torch.cat([logits, logits[:1]]), y3, min_weight=0.1)
     torch.testing.assert_close(w3, torch.cat([w, torch.zeros(1)]))
+
+
+def _weighted_by_hand(s, t, y, source, min_weight, spec_weights):
+    """The step's loss with per-sequence weights normalized to mean 1 over all of its sequences
+    that have a target, written without kdexp's objective (float64)."""
+    mask = y != IGNORE_INDEX
+    logits = (t if source == "teacher_likelihood" else s).double()
+    logp = torch.log_softmax(logits, -1).gather(-1, y.clamp_min(0)[..., None]).squeeze(-1)
+    gm = torch.exp((logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)).clamp_min(min_weight)
+    has = mask.any(-1)
+    w = torch.where(has, gm / gm[has].mean(), 0.0)[:, None]
+    n = mask.sum()
+    ce = -(torch.log_softmax(s.double(), -1).gather(-1, y.clamp_min(0)[..., None]).squeeze(-1) * mask * w).sum() / n
+    kd = (_kl_per_position(s, t) * mask * w).sum() / n
+    return spec_weights[0] * ce + spec_weights[1] * kd, {"ce": ce, "fkl": kd}
+
+
+def _step(objective, s, t, y, slices):
+    """One optimizer step as the loop takes it: each micro-batch's loss over the step's token
+    count, backward, values summed; then the step's sample-weight normalization, applied to
+    the values and to the accumulated gradient. (loss, values, gradient of s)"""
+    leaf = s.clone().requires_grad_(True)
+    n = float((y != IGNORE_INDEX).sum())
+    values: dict[str, float] = {}
+    for sl in slices:
+        loss, parts = objective(leaf[sl], t[sl], {"targets": y[sl]}, n)
+        loss.backward()
+        for k, v in parts.items():
+            values[k] = values.get(k, 0.0) + float(v)
+    factor = objective.normalize_step(values)
+    grad = leaf.grad * factor
+    weights = objective.weights()
+    return sum(weights[k] * values[k] for k in objective.keys), values, grad
+
+
+@pytest.mark.parametrize("source", ["teacher_likelihood", "student_likelihood"])
+def test_sample_weights_are_normalized_over_the_step_whatever_the_split(source):
+    """The same 4 sequences as 1 x 4, 2 x 2 and 4 x 1 micro-batches: the same loss and gradient,
+    equal to the by-hand weighted mean with the weights normalized over all 4 sequences (a
+    per-micro-batch normalization does nothing at micro-batch size 1)."""
+    s, t, y = _batch([3, 5, 2, 6], T=8, seed=33)
+    s[2] *= 3.0  # sequences of very different likelihoods
+    spec = [{"loss": "ce", "weight": 0.3}, {"loss": "fkl", "weight": 0.7}]
+    objective = Objective.from_spec(spec, sample_weight=source, min_weight=0.05)
+    expected, expected_parts = _weighted_by_hand(s, t, y, source, 0.05, (0.3, 0.7))
+    ref_leaf = s.clone().double().requires_grad_(True)
+    _weighted_by_hand(ref_leaf, t, y, source, 0.05, (0.3, 0.7))[0].backward()
+    unweighted = Objective.from_spec(spec)(s, t, {"targets": y}, float((y != IGNORE_INDEX).sum()))[0]
+    assert abs(unweighted.item() - expected.item()) > 1e-2  # the weights do matter here
+    splits = {"1x4": [slice(0, 4)], "2x2": [slice(0, 2), slice(2, 4)],
+              "4x1": [slice(i, i + 1) for i in range(4)]}
+    for name, slices in splits.items():
+        loss, values, grad = _step(objective, s, t, y, slices)
+        assert loss == pytest.approx(expected.item(), rel=1e-5), name
+        for k in ("ce", "fkl"):
+            assert values[k] == pytest.approx(expected_parts[k].item(), rel=1e-5), (name, k)
+        if source == "teacher_likelihood":  # weights of the student's likelihood are detached
+            torch.testing.assert_close(grad.double(), ref_leaf.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_micro_batch_of_one_sequence_is_weighted_against_the_others():
+    # Micro-batches of 1: a per-micro-batch normalization would make every weight 1.
+    s, t, y = _batch([4, 4], T=6, seed=34)
+    t[1] = t[1] * 0.0  # the teacher is uniform on sequence 1: a low likelihood, a small weight
+    spec = [{"loss": "fkl", "weight": 1.0}]
+    weighted = Objective.from_spec(spec, sample_weight="teacher_likelihood", min_weight=0.01)
+    plain = Objective.from_spec(spec)
+    loss_w = _step(weighted, s, t, y, [slice(0, 1), slice(1, 2)])[0]
+    loss_p = _step(plain, s, t, y, [slice(0, 1), slice(1, 2)])[0]
+    assert abs(loss_w - loss_p) > 1e-3
 
 
 @pytest.mark.parametrize("source", ["teacher_likelihood", "student_likelihood"])
@@ -315,9 +384,15 @@ def test_sample_weight_multiplies_each_sequence(source):
     mask = y != IGNORE_INDEX
     ce = (cross_entropy(s, y) * w[:, None] * mask).sum() / n
     kd = (_kl_per_position(s, t).float() * w[:, None] * mask).sum() / n
+    # A micro-batch uses the raw weights; the step divides by their mean.
     assert parts["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
     assert parts["fkl"].item() == pytest.approx(kd.item(), rel=1e-5)
     assert loss.item() == pytest.approx(0.3 * ce.item() + 0.7 * kd.item(), rel=1e-5)
+    values = {k: float(v) for k, v in parts.items()}
+    factor = weighted.normalize_step(values)
+    assert factor == pytest.approx(3 / w.sum().item(), rel=1e-6)
+    assert values["sample_weight_mean"] == pytest.approx(w.sum().item() / 3, rel=1e-6)
+    assert values["ce"] == pytest.approx(ce.item() * factor, rel=1e-5)
     # The weights are detached: the gradient is that of the weighted sum with w held fixed.
     leaf = s.clone().requires_grad_(True)
     weighted(leaf, t, {"targets": y}, n)[0].backward()
