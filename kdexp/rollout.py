@@ -117,12 +117,14 @@ class RolloutSpec(SamplingSpec):
 class Sampled:
     """One rollout: the response tokens (up to and including the first stop token, which is
     kept, also when pad == eos) and, per response token, its log-probability under the
-    sampling distribution and under the student's own (untempered, unfiltered) distribution.
+    sampling distribution and under the student's own (untempered, unfiltered) distribution;
+    and under the teacher's, untempered, when it was scored (``score_teacher``).
     """
 
     response_ids: list[int]
     logp_sampler: list[float]
     logp_student: list[float]
+    logp_teacher: list[float] | None = None
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -169,10 +171,13 @@ class _Decoder:
 @torch.no_grad()
 def sample(student: torch.nn.Module, prompts: Sequence[list[int]], spec: RolloutSpec, eos_id: int,
            pad_id: int, generator: torch.Generator, teacher: torch.nn.Module | None = None,
-           teacher_mix: float = 0.0, vocab: int | None = None) -> list[Sampled]:
+           teacher_mix: float = 0.0, vocab: int | None = None, score_teacher: bool = False,
+           ) -> list[Sampled]:
     """Sample one response per prompt from the student, or from ``teacher_mix * p + (1 -
     teacher_mix) * q`` (MiniLLM's teacher-mixed sampling, Gu et al. ICLR 2024, Sec. 2.2) when a
     teacher is given. ``student`` / ``teacher`` are plain (unwrapped) models in eval mode.
+    ``score_teacher``: also return the teacher's log-probability of every sampled token
+    (MiniLLM's reward), from the same incremental passes.
 
     Prompts of different lengths are left-padded and their positions counted from their first
     real token, so each row is decoded exactly as it would be alone. A row stops at its first
@@ -187,15 +192,15 @@ def sample(student: torch.nn.Module, prompts: Sequence[list[int]], spec: Rollout
         mask[b, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     decoders = [_Decoder(student, ids, mask, vocab)]
-    if teacher is not None and teacher_mix > 0:
+    if teacher is not None and (teacher_mix > 0 or score_teacher):
         decoders.append(_Decoder(teacher, ids, mask, vocab))
     stops = torch.tensor(sorted({eos_id, *spec.stop_ids}), device=device)
     alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
-    tokens, logp_sampler, logp_student = [], [], []
+    tokens, logp_sampler, logp_student, logp_teacher = [], [], [], []
     for _ in range(spec.max_new_tokens):
         log_q = decoders[0].logits.log_softmax(-1)  # [B, V]
         policy = _policy(decoders[0].logits, spec)
-        if len(decoders) == 2:  # mixed in probability space, after each model's temperature and cuts
+        if len(decoders) == 2 and teacher_mix > 0:  # in probability space, after each model's temperature and cuts
             log_p = _policy(decoders[1].logits, spec)
             policy = log_p if teacher_mix == 1 else torch.logaddexp(
                 log_p + math.log(teacher_mix), policy + math.log1p(-teacher_mix))
@@ -207,13 +212,15 @@ def sample(student: torch.nn.Module, prompts: Sequence[list[int]], spec: Rollout
         tokens.append(token)
         logp_sampler.append(policy.gather(1, token[:, None]).squeeze(1))
         logp_student.append(log_q.gather(1, token[:, None]).squeeze(1))
+        if score_teacher and len(decoders) == 2:
+            logp_teacher.append(decoders[1].logits.log_softmax(-1).gather(1, token[:, None]).squeeze(1))
         was_alive = alive
         alive = alive & ~torch.isin(token, stops)
         if not alive.any():
             break
         for d in decoders:
             d.step(token, was_alive)
-    return _unpack(tokens, logp_sampler, logp_student, stops)
+    return _unpack(tokens, logp_sampler, logp_student, stops, logp_teacher)
 
 
 def _policy(logits: torch.Tensor, spec: RolloutSpec) -> torch.Tensor:
@@ -222,13 +229,15 @@ def _policy(logits: torch.Tensor, spec: RolloutSpec) -> torch.Tensor:
 
 
 def _unpack(tokens: list[torch.Tensor], logp_sampler: list[torch.Tensor],
-            logp_student: list[torch.Tensor], stops: torch.Tensor) -> list[Sampled]:
+            logp_student: list[torch.Tensor], stops: torch.Tensor,
+            logp_teacher: list[torch.Tensor]) -> list[Sampled]:
     """Per-row responses, cut after the first stop token."""
     toks = torch.stack(tokens, 1).tolist()  # [B, N]
     ls, lq = torch.stack(logp_sampler, 1).tolist(), torch.stack(logp_student, 1).tolist()
+    lp = torch.stack(logp_teacher, 1).tolist() if logp_teacher else [None] * len(toks)
     stop_set = set(stops.tolist())
     out = []
-    for row, a, b in zip(toks, ls, lq, strict=True):
+    for row, a, b, c in zip(toks, ls, lq, lp, strict=True):
         n = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
-        out.append(Sampled(row[:n], a[:n], b[:n]))
+        out.append(Sampled(row[:n], a[:n], b[:n], None if c is None else c[:n]))
     return out

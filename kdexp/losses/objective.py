@@ -76,6 +76,7 @@ WEIGHT_SUM, WEIGHT_ROWS = "sample_weight_sum", "sample_weight_rows"
 class Term:
     """One weighted term: ``fn(student_logits, teacher_logits, batch) -> [B, T]``, averaged
     over the valid positions of the rows whose origin is in ``rows`` (every row when None).
+    ``fn`` sees the other rows' targets as ``IGNORE_INDEX``.
     """
 
     name: str
@@ -286,7 +287,11 @@ class Objective:
                 parts[key] = total.new_zeros(()).detach()
                 continue
             teacher = teacher_logits if term.trains == "teacher" else fixed_teacher
-            per_position = term.fn(student_logits, teacher, batch)  # [B, T]
+            # A term restricted to some rows sees the others without targets, so that every
+            # statistic it computes over its valid positions (means, whitening, ...) is over
+            # its own rows only, not just its final sum (and a divergence skips those rows).
+            own = batch if term.rows is None else {**batch, "targets": torch.where(mask, targets, IGNORE_INDEX)}
+            per_position = term.fn(student_logits, teacher, own)  # [B, T]
             if seq_w is not None:
                 per_position = per_position * seq_w
             value = torch.where(mask, per_position, 0.0).sum() / max(count, 1)

@@ -170,8 +170,7 @@ METHODS.add("sgo", Method(
 
 def minillm_terms(cfg: DictConfig) -> list[TermSpec]:
     """Policy gradient + single-step term on the rollouts, and the LM term on ``pt`` rows."""
-    pg = {"loss": "minillm_pg", "weight": 1.0, "rows": ["student"],
-          **{k: cfg.method[k] for k in ("clip", "gamma", "reward_scaling")}}
+    pg = {"loss": "minillm_pg", "weight": 1.0, "rows": ["student"], "clip": cfg.method.clip}
     terms = [pg, loss_term(cfg, 1.0, rows=["student"])]
     if cfg.method.get("pt_data"):
         lm, kd = float(cfg.method.lm_coef), float(param(cfg, "pt_kd_ratio", _unit, "in [0, 1]"))
@@ -184,10 +183,12 @@ METHODS.add("minillm", Method(
     "minillm", "MiniLLM (Gu et al., ICLR 2024): reverse-KL policy gradient with single-step "
                "decomposition, teacher-mixed sampling, length normalization and PPO clipping",
     terms=minillm_terms,
-    source=lambda cfg: sources.RolloutStore(
+    source=lambda cfg: rl.RolloutStore(
         param(cfg, "num_rollouts", _positive_int, "an integer > 0"),
         param(cfg, "ppo_epochs", _positive_int, "an integer > 0"),
-        param(cfg, "teacher_mix", _unit, "in [0, 1]"), cfg.method.get("pt_data"))))
+        param(cfg, "teacher_mix", _unit, "in [0, 1]"), cfg.method.get("pt_data"),
+        gamma=float(param(cfg, "gamma", _unit, "in [0, 1]")),
+        reward_scaling=float(param(cfg, "reward_scaling", lambda v: isinstance(v, (int, float)) and v > 0, "> 0")))))
 
 
 def distillm2_terms(cfg: DictConfig) -> list[TermSpec]:

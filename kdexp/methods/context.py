@@ -113,6 +113,12 @@ class Context:
         in the global batch, not by the process: 2 processes sample what 1 process samples."""
         return self.rollout(examples, name, step, self.slot(micro), shared=True, **kwargs)
 
+    def reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the processes (``x`` itself with one process); every rank calls it."""
+        if self.world == 1:
+            return x
+        return self.accelerator.reduce(x.to(self.accelerator.device), "sum").to(x.device)
+
     def permutation(self, n: int, *key: object) -> list[int]:
         """A permutation of ``range(n)`` shared by every process."""
         g = torch.Generator().manual_seed(stable_seed(self.seed, "perm", *key))
@@ -135,13 +141,14 @@ class Context:
 
     def rollout(self, examples: Sequence[Example], *key: object, model: str = "student",
                 teacher_mix: float = 0.0, spec: RolloutSpec | None = None, shared: bool = False,
-                ) -> list[Example]:
+                score_teacher: bool = False) -> list[Example]:
         """``examples`` with their responses replaced by samples of ``model`` (``student``,
         ``teacher``, or the student mixed with the teacher at ``teacher_mix``).
 
         Student samples carry ``logq_old`` (the student's log-probability of each token when
         it was sampled) and ``logp_sampler`` (the sampling distribution's), for importance
-        weights and policy-gradient ratios.
+        weights and policy-gradient ratios; with ``score_teacher``, also ``logp_teacher`` (the
+        teacher's log-probability of each token, for rewards).
         """
         spec = spec or self.spec
         policy = self.student if model == "student" else self.teacher
@@ -150,17 +157,19 @@ class Context:
         out: list[Example] = []
         size = int(self.cfg.rollout.batch_size)
         g = self.generator(*key, shared=shared)
-        mixing = self.unwrapped(self.teacher) if teacher_mix > 0 else nullcontext()
+        mixing = self.unwrapped(self.teacher) if teacher_mix > 0 or score_teacher else nullcontext()
         with self.unwrapped(policy) as plain, mixing as mix, torch.no_grad():
             for start in range(0, len(examples), size):
                 chunk = examples[start:start + size]
                 samples = sample(plain, [e.prompt_ids for e in chunk], spec, self.tokenizer.eos_token_id,
                                  self.tokenizer.pad_token_id, g, teacher=mix, teacher_mix=teacher_mix,
-                                 vocab=self.vocab)
+                                 vocab=self.vocab, score_teacher=score_teacher)
                 for e, s in zip(chunk, samples, strict=True):
                     room = max(1, self.max_length - len(e.prompt_ids))
                     values = ({"logq_old": s.logp_student[:room], "logp_sampler": s.logp_sampler[:room]}
                               if model == "student" else {})
+                    if s.logp_teacher is not None:
+                        values["logp_teacher"] = s.logp_teacher[:room]
                     out.append(e.with_response(s.response_ids[:room], model, values))
         return out
 

@@ -1,5 +1,5 @@
-"""Policy-gradient terms and schedules: MiniLLM's clipped policy gradient, REINFORCE for
-GKD + RL, the rewards of sampled responses, and TAID's schedule of ``t``.
+"""Policy-gradient terms, their sources and schedules: MiniLLM's clipped policy gradient and
+its rollout store, REINFORCE for GKD + RL and its rewarded samples, and TAID's schedule of ``t``.
 
 The terms are ordinary objective terms (``fn(student_logits, teacher_logits, batch) -> [B,
 T]``, averaged over valid target positions); what they need from the rollout (the student's
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from kdexp.losses import Bound
 from kdexp.losses.divergences import finite, log_probs
 from kdexp.losses.objective import IGNORE_INDEX, TERMS, TermFn
 from kdexp.methods.context import Context
-from kdexp.methods.sources import Source
+from kdexp.methods.sources import Source, pack_example, unpack_example, load_pt_corpus
 
 
 def token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -50,47 +51,58 @@ def normalized_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
     return out / remaining * mask
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / sqrt(var + 1e-8) over the valid positions (0 elsewhere)."""
-    n = mask.sum().clamp_min(1)
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / n
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
-def minillm_pg(*, clip: float = 0.2, gamma: float = 0.95, reward_scaling: float = 0.5,
-               reward_clip: float = 100.0) -> tuple[TermFn, bool]:
+def minillm_pg(*, clip: float = 0.2) -> tuple[TermFn, bool]:
     """MiniLLM's policy-gradient term with importance weights and PPO clipping.
 
     Gu, Dong, Wei & Huang, "MiniLLM: Knowledge Distillation of Large Language Models", ICLR
-    2024, Eq. 5-7 and Sec. 2.2: per-token reward ``r_t = (log p(y_t) - log q_old(y_t)) /
-    reward_scaling`` (clipped to +-reward_clip), the length-normalized discounted return,
-    whitened over the micro-batch's valid tokens (the advantage; no value model), the ratio
-    ``exp(log q_theta - log q_old) * w_t`` with the teacher-mixed importance weight
-    ``w_t = q_old(y_t) / (alpha p + (1 - alpha) q_old)(y_t)``, and the clipped surrogate
-    ``max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip))``.
+    2024, Eq. 5-7 and Sec. 2.2: the ratio ``exp(log q_theta - log q_old) * w_t`` with the
+    teacher-mixed importance weight ``w_t = q_old(y_t) / (alpha p + (1 - alpha) q_old)(y_t)``,
+    and the clipped surrogate ``max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip))``. The
+    advantage ``A`` arrives with the rollouts (``value_advantage``): :class:`RolloutStore`
+    computes it when it samples them, from the teacher's reward, whitened over every rollout
+    token of the store on every process (:func:`minillm_advantages`).
     """
-    for name, value, ok in (("clip", clip, 0 < clip < 1), ("gamma", gamma, 0 <= gamma <= 1),
-                            ("reward_scaling", reward_scaling, reward_scaling > 0),
-                            ("reward_clip", reward_clip, reward_clip > 0)):
-        if not ok:
-            raise UserError(f"minillm_pg: {name}={value} is out of range")
+    if not 0 < clip < 1:
+        raise UserError(f"minillm_pg: clip={clip} is out of range")
 
     def fn(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
            batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         targets = batch["targets"]
         mask = (targets != IGNORE_INDEX).float()
         logq = token_logp(student_logits, targets)
-        logq_old = batch["value_logq_old"]
-        with torch.no_grad():
-            logp = token_logp(teacher_logits, targets)
-            reward = ((logp - logq_old) / reward_scaling).clamp(-reward_clip, reward_clip)
-            advantage = whiten(normalized_returns(reward, mask, gamma), mask)
-            weight = (logq_old - batch["value_logp_sampler"]).exp()
+        logq_old, advantage = batch["value_logq_old"], batch["value_advantage"]
+        weight = (logq_old - batch["value_logp_sampler"]).exp()
         ratio = (logq - logq_old).exp() * weight
         return torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip, 1 + clip)) * mask
 
-    return fn, True
+    return fn, False
+
+
+def minillm_advantages(rows: Sequence[Example], gamma: float, reward_scaling: float,
+                       reward_clip: float, reduce_sum=None) -> list[list[float]]:
+    """MiniLLM's advantage of every token of ``rows`` (rollouts that carry ``logp_teacher`` and
+    ``logq_old``), Gu et al., ICLR 2024, Sec. 2.2.
+
+    Per token the reward ``r_t = (log p(y_t) - log q_old(y_t)) / reward_scaling``, clipped to
+    +-reward_clip; its length-normalized discounted return (:func:`normalized_returns`); then
+    whitened with the mean and variance over every token of ``rows`` and, through
+    ``reduce_sum`` (a sum over processes), of every process's rows. The reference whitens each
+    micro-batch (over all processes); over the whole store the advantage of a token does not
+    depend on how the store is cut into micro-batches or spread over processes.
+    """
+    returns = []
+    for e in rows:
+        reward = (torch.tensor(e.values["logp_teacher"], dtype=torch.float64)
+                  - torch.tensor(e.values["logq_old"], dtype=torch.float64)) / reward_scaling
+        reward = reward.clamp(-reward_clip, reward_clip)[None]  # [1, T]
+        returns.append(normalized_returns(reward, torch.ones_like(reward), gamma)[0])
+    flat = torch.cat(returns) if returns else torch.zeros(0, dtype=torch.float64)
+    reduce_sum = reduce_sum or (lambda x: x)
+    total, count = reduce_sum(torch.stack([flat.sum(), torch.tensor(float(flat.numel()), dtype=torch.float64)]))
+    mean = total / count.clamp_min(1)
+    var = reduce_sum(((flat - mean) ** 2).sum()) / count.clamp_min(1)
+    scale = torch.rsqrt(var + 1e-8)
+    return [((r - mean) * scale).tolist() for r in returns]
 
 
 def reinforce() -> tuple[TermFn, bool]:
@@ -228,3 +240,80 @@ class TaidSchedule(Source):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.t, self.momentum, self.previous = float(state["t"]), float(state["momentum"]), state["previous"]
         self.divergence.params["t"] = self.t
+
+
+class RolloutStore(Source):
+    """MiniLLM's rollouts (Gu et al., ICLR 2024, Alg. 1): ``num_rollouts`` responses sampled
+    from the teacher-mixed policy ``alpha * p + (1 - alpha) * q``, then ``ppo_epochs`` passes
+    over them in shuffled micro-batches before the store is refilled with the latest student.
+    With ``pt`` examples (``method.pt_data``) every micro-batch also carries as many
+    pre-training sequences (origin ``pt``) for the language-modelling term.
+
+    The sampler also scores every rollout token under the teacher (the reward needs ``log
+    p``), and each refill computes the advantages of the whole store at once
+    (:func:`minillm_advantages`; ``gamma``, ``reward_scaling``, ``reward_clip``), as the
+    reference computes rewards when it samples.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, num_rollouts: int, ppo_epochs: int, teacher_mix: float, pt_data: str | None = None,
+                 gamma: float = 0.95, reward_scaling: float = 0.5, reward_clip: float = 100.0):
+        for name, value, ok in (("gamma", gamma, 0 <= gamma <= 1), ("reward_scaling", reward_scaling, reward_scaling > 0),
+                                ("reward_clip", reward_clip, reward_clip > 0)):
+            if not ok:
+                raise UserError(f"method.{name}={value} is out of range")
+        self.num_rollouts, self.ppo_epochs, self.teacher_mix = num_rollouts, ppo_epochs, teacher_mix
+        self.gamma, self.reward_scaling, self.reward_clip = gamma, reward_scaling, reward_clip
+        self.pt_data = pt_data
+        if pt_data and not Path(pt_data).expanduser().is_file():
+            raise UserError(f"method.pt_data: {pt_data} is not a file; give a .jsonl (a 'text' field "
+                            f"per line) or a .txt file (one document per line)")
+        self.pt: list[Example] = []
+        self.store: list[Example] = []
+        self.order: list[int] = []
+        self.refills, self.served, self.pt_served = 0, 0, 0
+
+    def setup(self, ctx: Context, resumed: bool) -> None:
+        if self.pt_data:
+            self.pt = load_pt_corpus(self.pt_data, ctx.tokenizer, ctx.max_length)
+
+    def micro_batch(self, ctx: Context, indices: list[int], step: int, micro: int) -> list[Example]:
+        if self.served >= len(self.order):
+            self._refill(ctx)
+        picks = self.order[self.served:self.served + len(indices)]
+        self.served += len(picks)
+        rows = [self.store[j] for j in picks]
+        if self.pt:
+            perm = ctx.permutation(len(self.pt), "pt", self.pt_served // len(self.pt), ctx.rank)
+            start = self.pt_served % len(self.pt)
+            rows += [self.pt[perm[(start + j) % len(self.pt)]] for j in range(len(indices))]
+            self.pt_served += len(indices)
+        return rows
+
+    def _refill(self, ctx: Context) -> None:
+        per_rank = max(1, self.num_rollouts // ctx.world)
+        prompts = ctx.permutation(len(ctx.train), "minillm-prompts", self.refills)
+        mine = prompts[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+        self.store = ctx.rollout([ctx.train[i] for i in mine], "minillm", self.refills,
+                                 teacher_mix=self.teacher_mix, score_teacher=True)
+        advantages = minillm_advantages(self.store, self.gamma, self.reward_scaling, self.reward_clip,
+                                        ctx.reduce_sum)
+        for e, a in zip(self.store, advantages, strict=True):
+            e.values["advantage"] = a
+        self.order = [j for epoch in range(self.ppo_epochs)
+                      for j in ctx.permutation(len(self.store), "minillm-order", self.refills, epoch, ctx.rank)]
+        self.served = 0
+        self.refills += 1
+
+    def metrics(self) -> dict[str, float]:
+        return {"refills": float(self.refills)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"store": [pack_example(e) for e in self.store], "order": self.order, "served": self.served,
+                "refills": self.refills, "pt_served": self.pt_served}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.store = [unpack_example(e) for e in state["store"]]
+        self.order, self.served = list(state["order"]), int(state["served"])
+        self.refills, self.pt_served = int(state["refills"]), int(state["pt_served"])

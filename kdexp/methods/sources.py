@@ -186,20 +186,20 @@ class AdaptiveOffPolicy(Source):
 
     def state_dict(self) -> dict[str, Any]:
         return {"phi": self.phi, "reference_loss": self.reference_loss, "counts": dict(self.counts),
-                "buffer": [_pack(e) for e in self.buffer]}
+                "buffer": [pack_example(e) for e in self.buffer]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.phi, self.reference_loss = float(state["phi"]), state["reference_loss"]
         self.counts = dict(state["counts"])
-        self.buffer = deque((_unpack(e) for e in state["buffer"]), maxlen=self.capacity)
+        self.buffer = deque((unpack_example(e) for e in state["buffer"]), maxlen=self.capacity)
 
 
-def _pack(e: Example) -> dict[str, Any]:
+def pack_example(e: Example) -> dict[str, Any]:
     return {"prompt_ids": e.prompt_ids, "response_ids": e.response_ids, "record": e.record,
             "origin": e.origin, "values": e.values}
 
 
-def _unpack(d: Mapping[str, Any]) -> Example:
+def unpack_example(d: Mapping[str, Any]) -> Example:
     return Example(list(d["prompt_ids"]), list(d["response_ids"]), dict(d["record"]), d["origin"],
                    dict(d["values"]))
 
@@ -237,11 +237,11 @@ class Pregenerated(Source):
         return {"generations": float(self.generations)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generations": self.generations, "outputs": [_pack(e) for e in self.outputs]}
+        return {"generations": self.generations, "outputs": [pack_example(e) for e in self.outputs]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generations = int(state["generations"])
-        self.outputs = [_unpack(e) for e in state["outputs"]]
+        self.outputs = [unpack_example(e) for e in state["outputs"]]
 
 
 class Contrastive(Source):
@@ -271,72 +271,10 @@ class Contrastive(Source):
         return teacher + student
 
     def state_dict(self) -> dict[str, Any]:
-        return {"student": [_pack(e) for e in self.student]}
+        return {"student": [pack_example(e) for e in self.student]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.student = [_unpack(e) for e in state["student"]]
-
-
-class RolloutStore(Source):
-    """MiniLLM's rollouts (Gu et al., ICLR 2024, Alg. 1): ``num_rollouts`` responses sampled
-    from the teacher-mixed policy ``alpha * p + (1 - alpha) * q``, then ``ppo_epochs`` passes
-    over them in shuffled micro-batches before the store is refilled with the latest student.
-    With ``pt`` examples (``method.pt_data``) every micro-batch also carries as many
-    pre-training sequences (origin ``pt``) for the language-modelling term.
-    """
-
-    needs_teacher = True
-
-    def __init__(self, num_rollouts: int, ppo_epochs: int, teacher_mix: float, pt_data: str | None = None):
-        self.num_rollouts, self.ppo_epochs, self.teacher_mix = num_rollouts, ppo_epochs, teacher_mix
-        self.pt_data = pt_data
-        if pt_data and not Path(pt_data).expanduser().is_file():
-            raise UserError(f"method.pt_data: {pt_data} is not a file; give a .jsonl (a 'text' field "
-                            f"per line) or a .txt file (one document per line)")
-        self.pt: list[Example] = []
-        self.store: list[Example] = []
-        self.order: list[int] = []
-        self.refills, self.served, self.pt_served = 0, 0, 0
-
-    def setup(self, ctx: Context, resumed: bool) -> None:
-        if self.pt_data:
-            self.pt = load_pt_corpus(self.pt_data, ctx.tokenizer, ctx.max_length)
-
-    def micro_batch(self, ctx: Context, indices: list[int], step: int, micro: int) -> list[Example]:
-        if self.served >= len(self.order):
-            self._refill(ctx)
-        picks = self.order[self.served:self.served + len(indices)]
-        self.served += len(picks)
-        rows = [self.store[j] for j in picks]
-        if self.pt:
-            perm = ctx.permutation(len(self.pt), "pt", self.pt_served // len(self.pt), ctx.rank)
-            start = self.pt_served % len(self.pt)
-            rows += [self.pt[perm[(start + j) % len(self.pt)]] for j in range(len(indices))]
-            self.pt_served += len(indices)
-        return rows
-
-    def _refill(self, ctx: Context) -> None:
-        per_rank = max(1, self.num_rollouts // ctx.world)
-        prompts = ctx.permutation(len(ctx.train), "minillm-prompts", self.refills)
-        mine = prompts[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
-        self.store = ctx.rollout([ctx.train[i] for i in mine], "minillm", self.refills,
-                                 teacher_mix=self.teacher_mix)
-        self.order = [j for epoch in range(self.ppo_epochs)
-                      for j in ctx.permutation(len(self.store), "minillm-order", self.refills, epoch, ctx.rank)]
-        self.served = 0
-        self.refills += 1
-
-    def metrics(self) -> dict[str, float]:
-        return {"refills": float(self.refills)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"store": [_pack(e) for e in self.store], "order": self.order, "served": self.served,
-                "refills": self.refills, "pt_served": self.pt_served}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.store = [_unpack(e) for e in state["store"]]
-        self.order, self.served = list(state["order"]), int(state["served"])
-        self.refills, self.pt_served = int(state["refills"]), int(state["pt_served"])
+        self.student = [unpack_example(e) for e in state["student"]]
 
 
 def load_pt_corpus(path: str, tokenizer, max_length: int) -> list[Example]:

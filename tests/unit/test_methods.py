@@ -39,47 +39,135 @@ def test_normalized_returns_by_brute_force():
             assert got[b, t].item() == pytest.approx(ref / len(later), rel=1e-5, abs=1e-6)
 
 
-def _pg_batch(targets, logq_old, logp_sampler):
+def _pg_batch(targets, logq_old, logp_sampler, advantage):
     return {"targets": targets, "value_logq_old": logq_old, "value_logp_sampler": logp_sampler,
-            "origin": torch.full((targets.shape[0],), 2)}
+            "value_advantage": advantage, "origin": torch.full((targets.shape[0],), 2)}
 
 
 def test_minillm_pg_on_policy_gradient_is_advantage_weighted_score():
     """Fresh samples (q_theta = q_old) and alpha = 0 (w = 1): no clipping acts, and the
-    gradient is exactly -A_t * grad log q(y_t) with A the whitened normalized return."""
+    gradient is exactly -A_t * grad log q(y_t)."""
     torch.manual_seed(1)
     s = torch.randn(2, 5, 6, requires_grad=True)
-    t = torch.randn(2, 5, 6)
     y = torch.tensor([[1, 2, 3, IGNORE_INDEX, IGNORE_INDEX], [0, 5, 4, 4, 2]])
+    adv = torch.randn(2, 5)
     logq = rl.token_logp(s.detach(), y)
-    fn, needs_teacher = rl.minillm_pg(gamma=1.0, reward_scaling=1.0)
-    assert needs_teacher
-    fn(s, t, _pg_batch(y, logq, logq)).sum().backward()
-    mask = (y != IGNORE_INDEX).float()
-    reward = rl.token_logp(t, y) - logq
-    adv = rl.whiten(rl.normalized_returns(reward, mask, 1.0), mask)
+    fn, needs_teacher = rl.minillm_pg()
+    assert not needs_teacher  # the reward was computed with the rollouts
+    fn(s, None, _pg_batch(y, logq, logq, adv)).sum().backward()
     leaf = s.detach().clone().requires_grad_(True)
     (-(adv * rl.token_logp(leaf, y))).sum().backward()
     torch.testing.assert_close(s.grad, leaf.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_minillm_pg_clips_a_stale_ratio_and_applies_importance_weights():
-    s = torch.zeros(1, 1, 2, requires_grad=True)  # never used: stays without a gradient
-    fn, _ = rl.minillm_pg(gamma=1.0)
-    old = torch.tensor([[math.log(0.25)]])  # ratio 2 > 1.2: clipped, no gradient for A > 0
-    # A single token whitens to 0, so use two rows with different rewards.
-    s2 = torch.zeros(2, 1, 2, requires_grad=True)
-    y2 = torch.tensor([[0], [1]])
-    t2 = torch.tensor([[[5.0, 0.0]], [[5.0, 0.0]]])  # row 0 rewarded, row 1 punished
-    out = fn(s2, t2, _pg_batch(y2, old.expand(2, 1).clone(), old.expand(2, 1).clone()))
-    out.sum().backward()
-    assert s2.grad[0].abs().sum() == 0  # A > 0 and ratio above 1 + clip: clipped
-    assert s2.grad[1].abs().sum() > 0   # A < 0: the unclipped branch is the max
+    fn, _ = rl.minillm_pg(clip=0.2)
+    old = torch.tensor([[math.log(0.25)], [math.log(0.25)]])  # q_theta = 0.5: ratio 2 > 1.2
+    y = torch.tensor([[0], [1]])
+    adv = torch.tensor([[1.0], [-1.0]])  # row 0 rewarded, row 1 punished
+    s = torch.zeros(2, 1, 2, requires_grad=True)
+    fn(s, None, _pg_batch(y, old, old, adv)).sum().backward()
+    assert s.grad[0].abs().sum() == 0  # A > 0 and ratio above 1 + clip: clipped
+    assert s.grad[1].abs().sum() > 0   # A < 0: the unclipped branch is the max
     # An importance weight multiplies the ratio: w = 0.5 brings ratio 2 back to 1, unclipped.
     s3 = torch.zeros(2, 1, 2, requires_grad=True)
-    fn(s3, t2, _pg_batch(y2, old.expand(2, 1).clone(), (old + math.log(2)).expand(2, 1).clone())).sum().backward()
+    fn(s3, None, _pg_batch(y, old, old + math.log(2), adv)).sum().backward()
     assert s3.grad[0].abs().sum() > 0
-    assert s.grad is None
+
+
+def _rollout_rows(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [Example([1], [5] * n, {}, "student",
+                    {"logp_teacher": (torch.randn(n, generator=g) - 2).tolist(),
+                     "logq_old": (torch.randn(n, generator=g) - 2).tolist()}) for n in lengths]
+
+
+def test_minillm_advantages_by_hand():
+    """r_t = clip((log p - log q_old) / scaling), the length-normalized discounted return, then
+    whitened over every token of every row at once."""
+    rows = _rollout_rows([3, 1, 4], seed=5)
+    got = rl.minillm_advantages(rows, gamma=0.9, reward_scaling=0.5, reward_clip=1.5)
+    returns = []
+    for e in rows:
+        r = [max(-1.5, min(1.5, (p - q) / 0.5)) for p, q in zip(e.values["logp_teacher"], e.values["logq_old"],
+                                                                 strict=True)]
+        returns.append([sum(0.9 ** (k - t) * r[k] for k in range(t, len(r))) / (len(r) - t) for t in range(len(r))])
+    flat = [x for row in returns for x in row]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / len(flat) + 1e-8)
+    for a, ref in zip(got, returns, strict=True):
+        assert a == pytest.approx([(x - mean) / std for x in ref], rel=1e-6, abs=1e-9)
+
+
+def test_minillm_advantages_over_two_processes_equal_one():
+    """Each process whitens with the statistics of both (a sum over processes): the store split
+    over 2 processes gets the advantages the whole store gets on 1."""
+    import threading
+
+    rows = _rollout_rows([3, 5, 2, 4], seed=6)
+    whole = rl.minillm_advantages(rows, 0.95, 0.5, 100.0)
+    barrier, slots = threading.Barrier(2), [[None, None], [None, None]]
+    out: list = [None, None]
+
+    def process(rank: int) -> None:
+        calls = iter(range(10))
+
+        def reduce_sum(x):  # an all-reduce between the two threads
+            k = next(calls)
+            slots[k][rank] = x
+            barrier.wait()
+            total = slots[k][0] + slots[k][1]
+            barrier.wait()
+            return total
+
+        out[rank] = rl.minillm_advantages(rows[2 * rank:2 * rank + 2], 0.95, 0.5, 100.0, reduce_sum)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for a, b in zip(out[0] + out[1], whole, strict=True):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
+
+
+def _centered(**params):
+    """A test term whose value depends on a statistic of its rows: x - mean(x) over the valid
+    positions, with x the student's log-probability of the target."""
+
+    def fn(s, t, batch):
+        mask = batch["targets"] != IGNORE_INDEX
+        x = rl.token_logp(s, batch["targets"])
+        return (x - x[mask].mean()) ** 2
+
+    return fn, False
+
+
+from kdexp.losses.objective import TERMS  # noqa: E402
+
+TERMS.add("test_centered", _centered)
+
+
+def test_a_term_restricted_to_rows_computes_its_statistics_on_those_rows_only():
+    """MiniLLM's micro-batches hold rollouts and pre-training rows: a term of the rollouts must
+    not see the pt rows in any statistic (here a mean), only in its final sum."""
+    torch.manual_seed(7)
+    s = torch.randn(4, 5, 6)
+    y = torch.tensor([[1, 2, 3, IGNORE_INDEX, IGNORE_INDEX], [0, 5, 4, 4, 2],
+                      [3, 3, 3, 3, 3], [1, 1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
+    origin = torch.tensor([2, 2, 3, 3])  # student, student, pt, pt
+    obj = Objective.from_spec([{"loss": "test_centered", "weight": 1.0, "rows": ["student"]},
+                               {"loss": "ce", "weight": 1.0, "rows": ["pt"]}])
+    mixed = {"targets": y, "origin": origin}
+    alone = {"targets": y[:2], "origin": origin[:2]}
+    leaf = s.clone().requires_grad_(True)
+    loss, parts = obj(leaf, None, mixed, obj.token_counts(mixed))
+    loss.backward()  # the pt rows' ce reaches rows 2-3 only
+    ref_leaf = s[:2].clone().requires_grad_(True)
+    ref_loss, ref_parts = obj(ref_leaf, None, alone, obj.token_counts(alone))
+    ref_loss.backward()
+    assert parts["test_centered"].item() == pytest.approx(ref_parts["test_centered"].item(), rel=1e-6)
+    torch.testing.assert_close(leaf.grad[:2], ref_leaf.grad)
 
 
 def test_reinforce_gradient_is_minus_advantage_times_score():
@@ -304,16 +392,36 @@ def test_sgo_outputs_are_regenerated_refresh_times(ctx):
 
 
 def test_minillm_store_serves_ppo_epochs_passes_then_refills(ctx):
-    src = sources.RolloutStore(num_rollouts=4, ppo_epochs=2, teacher_mix=0.2)
+    src = rl.RolloutStore(num_rollouts=4, ppo_epochs=2, teacher_mix=0.2)
     seen = [src.micro_batch(ctx, [0, 1], step, 0) for step in range(4)]
     assert src.refills == 1
     ids = [tuple(r.response_ids) for batch in seen for r in batch]
     assert len(set(ids)) <= 4 and sorted(ids[:4]) == sorted(ids[4:])  # each rollout once per epoch
     src.micro_batch(ctx, [0, 1], 4, 0)
     assert src.refills == 2
-    alpha0 = sources.RolloutStore(num_rollouts=4, ppo_epochs=1, teacher_mix=0.0)
+    alpha0 = rl.RolloutStore(num_rollouts=4, ppo_epochs=1, teacher_mix=0.0)
     for r in alpha0.micro_batch(ctx, [0, 1, 2, 3], 0, 0):  # importance weights 1 when alpha = 0
         assert r.values["logp_sampler"] == pytest.approx(r.values["logq_old"], abs=1e-5)
+
+
+@pytest.mark.parametrize("teacher_mix", [0.0, 0.5])
+def test_minillm_rollouts_carry_the_teachers_log_probabilities_and_whitened_advantages(ctx, teacher_mix):
+    """The reward's log p(y_t), recorded while sampling, is the teacher's log-probability of the
+    token in a full forward pass over the sequence; the advantages of the store have mean 0 and
+    variance 1 over all its tokens."""
+    src = rl.RolloutStore(num_rollouts=4, ppo_epochs=1, teacher_mix=teacher_mix)
+    rows = src.micro_batch(ctx, [0, 1, 2, 3], 0, 0)
+    batch = collate_train(rows, ctx.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = ctx.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(batch["value_logp_teacher"], rl.token_logp(logits, batch["targets"]),
+                               rtol=1e-4, atol=1e-4)
+    flat = torch.tensor([a for r in rows for a in r.values["advantage"]], dtype=torch.float64)
+    assert flat.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert flat.var(unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
+    again = rl.minillm_advantages(rows, src.gamma, src.reward_scaling, src.reward_clip)
+    for r, a in zip(rows, again, strict=True):
+        assert r.values["advantage"] == pytest.approx(a, rel=1e-9, abs=1e-12)
 
 
 def test_gkd_rl_advantages_are_leave_one_out(ctx, monkeypatch):
