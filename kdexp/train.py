@@ -370,6 +370,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         component.setup(ctx, resumed=bool(t.resume))
     setup_time = time.time() - setup_start
 
+    def validation(step: int) -> None:
+        """Validate on the main process, log, and hand the loss to the method on every rank."""
+        valid = [None]
+        with engines.full_parameters(accelerator, engine):  # every rank: collective
+            if accelerator.is_main_process:
+                valid[0] = validate(cfg, accelerator.unwrap_model(student), tokenizer, data["valid"])
+                logger.log(valid[0], step)
+        valid = broadcast_object_list(valid)[0]  # DistiLLM's scheduler acts on it on every rank
+        for component in plan.components:
+            component.after_validation(ctx, step, valid["valid/loss"])
+
+    # A method that compares validations with the start (DistiLLM) gets one before training.
+    if not t.resume and t.eval_every and any(c.validates_first for c in plan.components):
+        validation(0)
+
     def micro_batch(indices: list[int], micro: int) -> dict[str, torch.Tensor]:
         examples = plan.source.micro_batch(ctx, indices, progress.step, micro)
         batch = collate_train(examples, pad_id)
@@ -490,14 +505,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for component in plan.components:
             component.after_step(ctx, progress.step, reduced)
         if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
-            valid = [None]
-            with engines.full_parameters(accelerator, engine):  # every rank: collective
-                if accelerator.is_main_process:
-                    valid[0] = validate(cfg, accelerator.unwrap_model(student), tokenizer, data["valid"])
-                    logger.log(valid[0], progress.step)
-            valid = broadcast_object_list(valid)[0]  # DistiLLM's scheduler acts on it on every rank
-            for component in plan.components:
-                component.after_validation(ctx, progress.step, valid["valid/loss"])
+            validation(progress.step)
         saved = (t.save_every and progress.step % t.save_every == 0) or progress.step == t.max_steps
         signum = stop.requested(accelerator)
         if saved or signum:
@@ -654,12 +662,13 @@ def _fault_injection(step: int) -> None:
 
 
 def validate(cfg: DictConfig, model: torch.nn.Module, tokenizer, valid: list) -> dict[str, float]:
-    """Validation loss on the whole split, ROUGE-L / exact match on its first examples (one seed)."""
+    """Validation loss on the whole split (a mean per token or per sequence, ``eval.loss_mean``,
+    as ``kdexp eval`` reports it), ROUGE-L / exact match on its first examples (one seed)."""
     subset = valid[: cfg.train.eval_samples]
     eval_cfg = {**OmegaConf.to_container(cfg.eval, resolve=True), "seeds": list(cfg.eval.seeds)[:1]}
     summary, _ = evaluate_generation(model, tokenizer, subset, eval_cfg, desc="validate")
     return {"valid/loss": teacher_forced_nll(model, valid, tokenizer.pad_token_id,
-                                             cfg.eval.batch_size),
+                                             cfg.eval.batch_size, per=cfg.eval.loss_mean),
             "valid/rougeL": summary["rougeL"], "valid/exact_match": summary["exact_match"]}
 
 

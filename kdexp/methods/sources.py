@@ -29,6 +29,7 @@ class Source:
     """Dataset references, as they are (SFT, supervised KD)."""
 
     needs_teacher = False  # the source itself runs the teacher (teacher outputs, mixed sampling)
+    validates_first = False  # wants a validation before the first step (its after_validation at step 0)
 
     def setup(self, ctx: Context, resumed: bool) -> None:
         """Once, before the first step (``resumed``: the state was just loaded from a checkpoint)."""
@@ -131,8 +132,9 @@ class AdaptiveOffPolicy(Source):
     """DistiLLM's adaptive off-policy approach (Ko et al., ICML 2024, Sec. 3.2 and Alg. 1).
 
     ``phi`` (the probability of student-generated data) starts at ``init_threshold`` and rises
-    by 0.1 (up to 1) after a validation whose loss exceeds the loss at the last rise (or at
-    the start) by ``loss_eps``. Each micro-batch draws one shared ``r ~ U(0, 1)``: fresh
+    by 0.1 (up to 1) after a validation whose loss exceeds the loss at the last rise (or, until
+    the first rise, the loss before training: the loop validates at step 0 for this source, as
+    the reference's ``finetune.py`` does) by ``loss_eps``. Each micro-batch draws one shared ``r ~ U(0, 1)``: fresh
     student outputs when ``r < s`` (``s = phi * (1 - step / total)`` for ``replay_ratio:
     decreasing``, ``phi * step / total`` for ``increasing``, ``phi / 2`` for ``constant``) or
     when ``r < phi`` and the replay buffer is not yet full; a sample of the buffer when
@@ -141,6 +143,7 @@ class AdaptiveOffPolicy(Source):
     """
 
     RATIOS = ("decreasing", "increasing", "constant")
+    validates_first = True
 
     def __init__(self, init_threshold: float, loss_eps: float, capacity: int, replay_ratio: str):
         self.phi, self.loss_eps, self.capacity, self.replay_ratio = init_threshold, loss_eps, capacity, replay_ratio
