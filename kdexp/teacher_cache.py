@@ -6,24 +6,29 @@ once and read from disk during training, so that off-policy methods train withou
 
 What is stored, per response token of every training sequence (the positions whose targets
 the loss sees): the ids of the teacher's ``k`` most likely next tokens (uint16 when the
-vocabulary fits, else int32), their log-probabilities (float16), and the log of the remaining
-probability mass (float32). At k = 64 that is 260 bytes per token for vocabularies up to 65,536
-tokens and 388 bytes above (Qwen2.5's 152k). The arrays are ``.npy`` files opened memory-mapped
-(``numpy.load(mmap_mode="r")``): a micro-batch reads its own rows, and the cache is never
-loaded whole into memory.
+vocabulary fits, else int32), their log-probabilities at temperature 1 (float16), and the log of
+the tail's share at the loss temperature T, ``log sum_{v outside the top k} p_v^(1/T)``
+(float32; at T = 1 the log of the remaining mass). At k = 64 that is 260 bytes per token for
+vocabularies up to 65,536 tokens and 388 bytes above (Qwen2.5's 152k). The arrays are ``.npy``
+files opened memory-mapped (``numpy.load(mmap_mode="r")``): a micro-batch reads its own rows,
+and the cache is never loaded whole into memory.
 
-During training the teacher's distribution at a position is rebuilt as dense log-probabilities:
-the k stored values, and the remaining mass spread evenly over the other ``V - k`` tokens (the
-residual-mass approximation of sparse-logit KD; with the mass kept, the rebuilt distribution
-still sums to 1, and every divergence of ``loss=`` applies unchanged). It is exact on the top
-k and on the total mass of the tail; only the shape of the tail is lost, which matters little
-for forward KL (the tail has little mass) and more for mode-seeking divergences at small k.
+During training the teacher's distribution at a position is rebuilt as dense logits whose
+softmax at T is: the k stored tokens with their exact tempered probabilities, and the tail's
+exact tempered mass spread evenly over the other ``V - k`` tokens (the residual-mass
+approximation of sparse-logit KD; the rebuilt distribution sums to 1, and every divergence of
+``loss=`` applies unchanged). It is exact on the top k and on the total mass of the tail at
+the temperature it was built for; only the shape of the tail is lost, which matters little for
+forward KL (the tail has little mass) and more for mode-seeking divergences at small k. The
+tail's mass at T cannot be recovered from its mass at 1 (tempering a flat tail overstates it at
+T > 1, understates it at T < 1), so a cache records its T and serves that T only: a run whose
+objective reads the teacher at another temperature (or at two) is refused.
 ``benchmarks/teacher_cache.py`` measures the effect on the final metric for k = 16, 64, 256.
 
 Where the cache lives: ``teacher.cache`` (a directory), or by default
 ``${rollout.cache_dir}/teacher-logits-KEY`` with KEY a hash of the teacher (name, revision,
-dtype, and for a local directory its files' sizes and times), the tokenized training sequences
-and k, so that ``kdexp train`` finds the cache ``kdexp cache-teacher`` wrote for the same
+dtype, and for a local directory its files' sizes and times), the tokenized training sequences,
+k and T, so that ``kdexp train`` finds the cache ``kdexp cache-teacher`` wrote for the same
 overrides. A cache is written into a temporary directory and renamed when complete: an
 interrupted ``cache-teacher`` leaves no cache behind that looks whole.
 """
@@ -51,7 +56,7 @@ from kdexp.losses.objective import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the tail at the recorded temperature (1: at T = 1 only)
 ARRAYS = ("ids", "logprobs", "log_rest", "offsets", "keys")
 SOURCES = ("live", "cache")
 # The log of the tail mass never goes below this (a tail of exactly 0, or k >= V): e^-69 ~ 1e-30,
@@ -79,8 +84,17 @@ def _id_dtype(vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab <= 2**16 else np.dtype(np.int32)
 
 
-def default_dir(cfg: DictConfig, train: Sequence[Example]) -> Path:
-    """``${rollout.cache_dir}/teacher-logits-KEY``: the teacher, the sequences and k."""
+def temperature_of(temperatures: set[float]) -> float:
+    """The one temperature a cache serves: the objective's (1 when it reads no teacher)."""
+    if len(temperatures) > 1:
+        listed = ", ".join(f"{t:g}" for t in sorted(temperatures))
+        raise UserError(f"the objective reads the teacher at temperatures {listed}, but a teacher cache is "
+                        f"exact at one temperature: use one temperature for every term, or teacher.source=live")
+    return float(next(iter(temperatures), 1.0))
+
+
+def default_dir(cfg: DictConfig, train: Sequence[Example], temperature: float) -> Path:
+    """``${rollout.cache_dir}/teacher-logits-KEY``: the teacher, the sequences, k and T."""
     teacher = cfg.teacher
     weights: list[Any] = []
     root = Path(str(teacher.name_or_path))
@@ -88,12 +102,15 @@ def default_dir(cfg: DictConfig, train: Sequence[Example]) -> Path:
         weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in root.iterdir() if p.is_file())
     sequences = hashlib.sha256(json.dumps([sequence_key(e) for e in train]).encode()).hexdigest()
     blob = json.dumps({"teacher": str(teacher.name_or_path), "revision": teacher.revision, "dtype": teacher.dtype,
-                       "weights": weights, "sequences": sequences, "top_k": int(teacher.top_k)}, sort_keys=True)
+                       "weights": weights, "sequences": sequences, "top_k": int(teacher.top_k),
+                       "temperature": float(temperature)}, sort_keys=True)
     return Path(str(cfg.rollout.cache_dir)) / f"teacher-logits-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def cache_dir(cfg: DictConfig, train: Sequence[Example]) -> Path:
-    return Path(str(cfg.teacher.cache)).expanduser() if cfg.teacher.get("cache") else default_dir(cfg, train)
+def cache_dir(cfg: DictConfig, train: Sequence[Example], temperature: float) -> Path:
+    if cfg.teacher.get("cache"):
+        return Path(str(cfg.teacher.cache)).expanduser()
+    return default_dir(cfg, train, temperature)
 
 
 def check_top_k(cfg: DictConfig) -> int:
@@ -125,6 +142,7 @@ class TeacherCache:
         self.offsets = np.asarray(arrays["offsets"])  # one int64 per sequence: small
         self.rows = {int(k): i for i, k in enumerate(arrays["keys"])}
         self.top_k, self.vocab = int(self.meta["top_k"]), int(self.meta["vocab"])
+        self.temperature = float(self.meta["temperature"])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -150,9 +168,10 @@ class TeacherCache:
                                f"{origins}); the cache holds the dataset's sequences only") from None
 
     def logits(self, rows: torch.Tensor, targets: torch.Tensor, width: int) -> torch.Tensor:
-        """Dense teacher log-probabilities [B, T, width] (float32) for the examples ``rows`` of a
-        batch with ``targets`` [B, T]: the cached distribution at every response position, 0
-        (uniform, masked by the loss anyway) elsewhere."""
+        """Dense teacher logits [B, T, width] (float32) for the examples ``rows`` of a batch with
+        ``targets`` [B, T]: at every response position, logits whose softmax at the cache's
+        temperature is the cached distribution (0, uniform, masked by the loss anyway,
+        elsewhere). At T = 1 they are its log-probabilities."""
         mask = targets != IGNORE_INDEX
         spans = [(int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows.tolist()]
         for b, (start, end) in enumerate(spans):
@@ -162,8 +181,10 @@ class TeacherCache:
         ids = torch.from_numpy(np.concatenate([self.ids[s:e] for s, e in spans]).astype(np.int64))
         values = torch.from_numpy(np.concatenate([self.logprobs[s:e] for s, e in spans]).astype(np.float32))
         rest = torch.from_numpy(np.concatenate([self.log_rest[s:e] for s, e in spans]).astype(np.float32))
-        # The tail's mass spread over the tokens outside the top k (none when k >= width).
-        spread = (rest - math.log(max(1, width - self.top_k))).clamp_min(MIN_LOG_REST)
+        # Top-k logits are the log-probabilities at 1, log p_v: divided by T they are log p_v^(1/T).
+        # The tail's share sum p^(1/T), spread over the tokens outside the top k (none when
+        # k >= width), is log(share / (V - k)) per token at T, that is T times it as a logit.
+        spread = (rest - math.log(max(1, width - self.top_k))).clamp_min(MIN_LOG_REST) * self.temperature
         # Ids past ``width`` (the teacher's padded embedding rows, never tokens) are dropped, as
         # the live path slices them off.
         dense = spread[:, None].expand(-1, max(width, self.vocab)).clone()
@@ -173,36 +194,43 @@ class TeacherCache:
         return out
 
 
-def open_cache(cfg: DictConfig, train: Sequence[Example], tokenizer) -> TeacherCache:
-    """The cache ``teacher.source=cache`` trains from, checked against this run's data."""
+def open_cache(cfg: DictConfig, train: Sequence[Example], tokenizer, temperature: float) -> TeacherCache:
+    """The cache ``teacher.source=cache`` trains from, checked against this run's data and the
+    temperature its objective reads the teacher at."""
     check_top_k(cfg)
-    path = cache_dir(cfg, train)
+    path = cache_dir(cfg, train, temperature)
     if not (path / "meta.json").is_file():
-        raise UserError(f"no teacher cache at {path}: build it first with the same teacher, data and "
-                        f"teacher.top_k overrides: kdexp cache-teacher teacher=... data=... "
+        raise UserError(f"no teacher cache at {path} (top-{cfg.teacher.top_k}, temperature {temperature:g}): "
+                        f"build it first with the same teacher, data, method and loss overrides: kdexp "
+                        f"cache-teacher teacher=... data=... loss.temperature={temperature:g} "
                         f"teacher.top_k={cfg.teacher.top_k}")
     cache = TeacherCache(path)
     if cache.top_k != int(cfg.teacher.top_k):
         raise UserError(f"the teacher cache {path} holds top-{cache.top_k}, but teacher.top_k="
                         f"{cfg.teacher.top_k}; set teacher.top_k={cache.top_k} or build another cache")
+    if cache.temperature != temperature:
+        raise UserError(f"the teacher cache {path} is exact at temperature {cache.temperature:g}, but the loss "
+                        f"reads the teacher at {temperature:g}; build a cache for it (kdexp cache-teacher "
+                        f"loss.temperature={temperature:g} ...) or set loss.temperature={cache.temperature:g}")
     cache.check(train, tokenizer)
-    log.info("teacher: top-%d log-probabilities of %d sequences from the cache %s (%d bytes/token)",
-             cache.top_k, len(cache), path, cache.meta["bytes_per_token"])
+    log.info("teacher: top-%d log-probabilities of %d sequences at temperature %g from the cache %s "
+             "(%d bytes/token)", cache.top_k, len(cache), cache.temperature, path, cache.meta["bytes_per_token"])
     return cache
 
 
 @torch.inference_mode()
-def top_k_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], k: int, chunk: int = 1024,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's top-k ids and log-probabilities, and the log of the remaining mass, at
-    the response positions of ``batch`` (in batch order, position order): [N, k], [N, k], [N]."""
+def top_k_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], k: int, temperature: float = 1.0,
+               chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k ids and log-probabilities (at temperature 1), and the log of the tail's
+    share at ``temperature``, ``log sum_tail p^(1/T)``, at the response positions of ``batch``
+    (in batch order, position order): [N, k], [N, k], [N]. The top k is the same at every T."""
     logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     rows = logits[batch["targets"] != IGNORE_INDEX]  # [N, V], model dtype
     ids, values, rest = [], [], []
     for i in range(0, rows.shape[0], chunk):  # float32 log-softmax of `chunk` rows at a time
         logp = torch.log_softmax(rows[i:i + chunk].float(), dim=-1)
         top = logp.topk(min(k, logp.shape[-1]), dim=-1)
-        tail = logp.scatter(1, top.indices, float("-inf")).logsumexp(dim=-1)
+        tail = (logp / temperature).scatter(1, top.indices, float("-inf")).logsumexp(dim=-1)
         ids.append(top.indices)
         values.append(top.values)
         rest.append(tail.clamp_min(MIN_LOG_REST))
@@ -210,8 +238,9 @@ def top_k_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], k: int,
 
 
 def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[Example], path: Path,
-          batch_size: int, device: torch.device) -> dict[str, Any]:
-    """Write the cache of ``train`` into ``path`` (via a temporary directory); its meta."""
+          batch_size: int, device: torch.device, temperature: float = 1.0) -> dict[str, Any]:
+    """Write the cache of ``train`` at ``temperature`` into ``path`` (via a temporary
+    directory); its meta."""
     from kdexp.data.encode import collate_train
     from kdexp.models import vocab_rows
 
@@ -234,7 +263,7 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
         for start in range(0, len(train), batch_size):
             chunk = train[start:start + batch_size]
             batch = {key: v.to(device) for key, v in collate_train(chunk, tokenizer.pad_token_id).items()}
-            ids, values, rest = top_k_rows(teacher, batch, k)
+            ids, values, rest = top_k_rows(teacher, batch, k, temperature)
             lo, hi = int(offsets[start]), int(offsets[start + len(chunk)])
             arrays["ids"][lo:hi] = ids.cpu().numpy()
             arrays["logprobs"][lo:hi] = values.cpu().numpy()
@@ -244,6 +273,7 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
         del arrays
         meta = {"format": FORMAT, "teacher": str(cfg.teacher.name_or_path), "revision": cfg.teacher.revision,
                 "dtype": str(cfg.teacher.dtype), "data": str(cfg.data.name), "top_k": k, "vocab": vocab,
+                "temperature": float(temperature),
                 "tokenizer": tokenizer_fingerprint(tokenizer), "sequences": len(train), "positions": n,
                 "bytes_per_token": bytes_per_token(k, vocab), "seconds": round(time.time() - started, 2)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -268,9 +298,12 @@ def run_cache(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if not cfg.teacher.name_or_path:
         raise UserError("which teacher? kdexp cache-teacher teacher=NAME (teacher=none has nothing to cache)")
     check_top_k(cfg)
+    from kdexp.methods import build_objective
+
+    temperature = temperature_of(build_objective(cfg).teacher_temperatures)
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
     train = load_examples(cfg.data, tokenizer, splits=["train"])["train"]
-    path = cache_dir(cfg, train)
+    path = cache_dir(cfg, train, temperature)
     if (path / "meta.json").is_file() and not cfg.teacher.get("rebuild_cache"):
         meta = json.loads((path / "meta.json").read_text())
         log.info("the teacher cache %s exists (top-%s, %s positions); teacher.rebuild_cache=true rebuilds it",
@@ -282,9 +315,9 @@ def run_cache(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.num_threads)
     teacher, _ = load_model(cfg.teacher, "teacher", tokenizer)
     teacher.requires_grad_(False).eval().to(device)
-    log.info("caching the teacher's top-%d log-probabilities on %d sequences into %s",
-             cfg.teacher.top_k, len(train), path)
-    meta = build(cfg, teacher, tokenizer, train, path, int(cfg.train.micro_batch_size), device)
+    log.info("caching the teacher's top-%d log-probabilities on %d sequences at temperature %g into %s",
+             cfg.teacher.top_k, len(train), temperature, path)
+    meta = build(cfg, teacher, tokenizer, train, path, int(cfg.train.micro_batch_size), device, temperature)
     (run_dir / "cache.json").write_text(json.dumps({"path": str(path), **meta}, indent=2) + "\n")
     log.info("teacher cache: %d positions x top-%d, %d bytes/token, %.1f MB, %.1f s", meta["positions"],
              meta["top_k"], meta["bytes_per_token"], meta["positions"] * meta["bytes_per_token"] / 1e6,

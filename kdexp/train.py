@@ -279,7 +279,8 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
     eval_sets(cfg, problems, read=True)
     if data is not None and cfg.teacher.source == "cache" and not problems:
         with problems.check():
-            cache = teacher_cache.open_cache(cfg, data["train"], tokenizer)
+            cache = teacher_cache.open_cache(cfg, data["train"], tokenizer,
+                                             teacher_cache.temperature_of(plan.objective.teacher_temperatures))
     problems.raise_if_any()
     return Inputs(plan, tokenizer, data, teacher_tok, cache)
 

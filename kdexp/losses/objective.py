@@ -86,6 +86,7 @@ class Term:
     adaptive: bool = False
     rows: tuple[str, ...] | None = None
     trains: str = "student"
+    temperature: float | None = None  # at which it reads the teacher's logits (None: it does not)
 
 
 def make_term(spec: Mapping[str, object]) -> Term:
@@ -118,14 +119,16 @@ def make_term(spec: Mapping[str, object]) -> Term:
             raise UserError(f"the ce term takes no parameters, got {sorted(spec) + ['adaptive'] * adaptive}")
         return Term("ce", weight, lambda s, t, b: cross_entropy(s, b["targets"]), needs_teacher=False,
                     rows=rows)
+    temperature = float(spec.get("temperature", 1.0))
     if name in TERMS:
         fn, needs_teacher = TERMS.get(name)(**spec)
-        return Term(name, weight, fn, needs_teacher=needs_teacher, adaptive=adaptive, rows=rows)
+        return Term(name, weight, fn, needs_teacher=needs_teacher, adaptive=adaptive, rows=rows,
+                    temperature=temperature if needs_teacher else None)
     div = losses.divergence(name, **spec)
     if t2_scale:
-        weight *= float(spec.get("temperature", 1.0)) ** 2
+        weight *= temperature ** 2
     return Term(name, weight, lambda s, t, b: div(s, t, b["targets"] != IGNORE_INDEX), needs_teacher=True,
-                adaptive=adaptive, rows=rows)
+                adaptive=adaptive, rows=rows, temperature=temperature)
 
 
 def _teacher_term(name: str, weight: float, spec: dict, t2_scale: bool, rows) -> Term:
@@ -194,6 +197,14 @@ class Objective:
     def needs_teacher(self) -> bool:
         return (any(t.needs_teacher for t in self.terms)
                 or self.sample_weight == "teacher_likelihood")
+
+    @property
+    def teacher_temperatures(self) -> set[float]:
+        """The temperatures at which the objective reads the teacher's logits (its divergences',
+        and 1 for the teacher's likelihood of ``sample_weight``): a stored approximation of the
+        teacher is exact for one of them only."""
+        out = {t.temperature for t in self.terms if t.needs_teacher and t.temperature is not None}
+        return out | ({1.0} if self.sample_weight == "teacher_likelihood" else set())
 
     def scale(self, key: str) -> float:
         """The current multiplier of an adaptive term (1 before the first update)."""

@@ -19,12 +19,13 @@ def metrics(run) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    """A full-vocabulary cache (k = V = 1024: exact up to float16) and a top-16 one, in the
-    default directory that `kdexp train` looks up."""
+    """A full-vocabulary cache (k = V = 1024: exact up to float16) and a top-16 one, at the kd
+    preset's temperature 2, and a top-64 one at temperature 4, in the default directories that
+    `kdexp train` looks up."""
     root = tmp_path_factory.mktemp("cache")
-    for k in (1024, 16):
-        proc = kdexp("cache-teacher", *DATA, f"teacher.top_k={k}", "logger=none",
-                     f"hydra.run.dir={root / f'c{k}'}", cwd=root)
+    for name, extra in (("c1024", ["teacher.top_k=1024"]), ("c16", ["teacher.top_k=16"]),
+                        ("c64t4", ["teacher.top_k=64", "loss.temperature=4"])):
+        proc = kdexp("cache-teacher", *DATA, *extra, "logger=none", f"hydra.run.dir={root / name}", cwd=root)
         assert proc.stdout.strip().splitlines()[-1].startswith(".kdexp-cache/teacher-logits-")
     return root
 
@@ -54,6 +55,20 @@ def test_kd_from_a_full_cache_matches_the_live_teacher(cached):
     assert "from the cache" in proc.stdout + proc.stderr
 
 
+def test_a_cache_built_at_the_loss_temperature_keeps_the_tails_tempered_mass(cached):
+    """At T = 4 the tail carries much of the tempered mass: a top-64 cache built for T = 4 gives
+    the first step a forward KL within 5 % of the live teacher's (tempering a tail stored at
+    T = 1 gave 1.17 for 1.43, 18 % low); the rest is the tail's lost shape."""
+    args = [*FAST, "loss.temperature=4", "train.max_steps=1", "train.log_every=1", "eval.teacher=false",
+            "eval.max_samples=2", "eval.seeds=[10]"]
+    kdexp("train", *args, f"hydra.run.dir={cached / 'live4'}", cwd=cached)
+    kdexp("train", *args, "teacher.source=cache", "teacher.top_k=64", f"hydra.run.dir={cached / 'cache4'}",
+          cwd=cached)
+    live, cache = metrics(cached / "live4")[0]["train/fkl"], metrics(cached / "cache4")[0]["train/fkl"]
+    assert cache == pytest.approx(live, rel=0.05)
+    assert read_json(cached / "c64t4" / "cache.json")["temperature"] == 4.0
+
+
 def test_kd_from_a_top_k_cache_trains_and_evaluates(cached):
     run = cached / "k16"
     kdexp("train", *FAST, "teacher.source=cache", "teacher.top_k=16", "loss=rkl", f"hydra.run.dir={run}",
@@ -69,9 +84,14 @@ def test_kd_from_a_top_k_cache_trains_and_evaluates(cached):
     (["data.toy.n_train=95"], "no teacher cache at"),  # other data: another key
     (["teacher.top_k=0"], "teacher.top_k must be an integer > 0"),
     (["teacher.source=disk"], "teacher.source must be live or cache"),
+    (["loss.temperature=3"], "no teacher cache at"),  # another temperature: another key
+    (["loss.temperature=3", "teacher.cache=CACHE16"], "exact at temperature 2, but the loss reads the teacher at 3"),
+    (["method.sample_weight=teacher_likelihood"], "reads the teacher at temperatures 1, 2"),
 ])
 def test_a_cache_that_cannot_serve_the_run_is_a_one_line_error(cached, overrides, message):
     run = cached / "bad"
+    path = read_json(cached / "c16" / "cache.json")["path"]
+    overrides = [o.replace("CACHE16", path) for o in overrides]
     proc = kdexp("train", *FAST, "teacher.source=cache", "teacher.top_k=16", *overrides,
                  f"hydra.run.dir={run}", cwd=cached, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

@@ -15,7 +15,16 @@ from kdexp import losses
 from kdexp.data.encode import Example, collate_train
 from kdexp.errors import UserError
 from kdexp.losses.objective import IGNORE_INDEX
-from kdexp.teacher_cache import MIN_LOG_REST, TeacherCache, build, bytes_per_token, open_cache, sequence_key
+from kdexp.teacher_cache import (
+    MIN_LOG_REST,
+    TeacherCache,
+    build,
+    bytes_per_token,
+    open_cache,
+    sequence_key,
+    temperature_of,
+    top_k_rows,
+)
 
 V = 12
 
@@ -66,10 +75,11 @@ def cfg_for(tmp_path, top_k: int):
                              "data": {"name": "hand"}, "rollout": {"cache_dir": str(tmp_path)}})
 
 
-def make(tmp_path, top_k: int, train=None, teacher=None, batch_size: int = 3):
+def make(tmp_path, top_k: int, train=None, teacher=None, batch_size: int = 3, temperature: float = 1.0):
     train = train or examples()
     cfg = cfg_for(tmp_path, top_k)
-    build(cfg, teacher or TableTeacher(), Tok(), train, tmp_path / f"cache{top_k}", batch_size, torch.device("cpu"))
+    build(cfg, teacher or TableTeacher(), Tok(), train, tmp_path / f"cache{top_k}", batch_size, torch.device("cpu"),
+          temperature)
     return cfg, train, TeacherCache(tmp_path / f"cache{top_k}")
 
 
@@ -156,24 +166,90 @@ def test_an_interrupted_build_leaves_nothing(tmp_path):
 
 def test_open_cache_checks_the_run_against_the_cache(tmp_path):
     cfg, train, _ = make(tmp_path, 4)
-    assert len(open_cache(cfg, train, Tok())) == len(train)
+    assert len(open_cache(cfg, train, Tok(), 1.0)) == len(train)
     with pytest.raises(UserError, match="another tokenizer"):
-        open_cache(cfg, train, Tok({"x": 0}))
+        open_cache(cfg, train, Tok({"x": 0}), 1.0)
     other = [*train, Example([1], [2, 3], {})]
     with pytest.raises(UserError, match="lacks 1 of the 8 training sequences"):
-        open_cache(cfg, other, Tok())
+        open_cache(cfg, other, Tok(), 1.0)
     cfg.teacher.top_k = 8
     with pytest.raises(UserError, match="holds top-4, but teacher.top_k=8"):
-        open_cache(cfg, train, Tok())
+        open_cache(cfg, train, Tok(), 1.0)
     cfg.teacher.cache = None  # the default directory of this teacher / data / k: not built
     with pytest.raises(UserError, match="no teacher cache at .*kdexp cache-teacher"):
-        open_cache(cfg, train, Tok())
+        open_cache(cfg, train, Tok(), 1.0)
+    cfg.teacher.cache = str(tmp_path / "cache4")  # built at T = 1, read at T = 2
+    cfg.teacher.top_k = 4
+    with pytest.raises(UserError, match="exact at temperature 1, but the loss reads the teacher at 2"):
+        open_cache(cfg, train, Tok(), 2.0)
     (tmp_path / "cache4" / "ids.npy").write_bytes(b"garbage")
     cfg.teacher.cache, cfg.teacher.top_k = str(tmp_path / "cache4"), 4
     with pytest.raises(UserError, match="damaged"):
-        open_cache(cfg, train, Tok())
+        open_cache(cfg, train, Tok(), 1.0)
 
 
 def test_keys_depend_on_the_boundary_between_prompt_and_response():
     assert sequence_key(Example([1, 2], [3], {})) != sequence_key(Example([1], [2, 3], {}))
     assert sequence_key(Example([1, 2], [3], {})) == sequence_key(Example([1, 2], [3], {"x": 1}))
+
+
+class ZipfTeacher(torch.nn.Module):
+    """One position's logits: a Zipf distribution over V tokens, p_v proportional to (v + 1)^-2."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.logits = -2 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
+        self.lm_head = torch.nn.Linear(1, vocab)
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": self.logits.expand(*input_ids.shape, -1)})()
+
+
+@pytest.mark.parametrize("temperature", [2.0, 0.5])
+def test_a_cache_at_the_loss_temperature_rebuilds_the_tempered_distribution(tmp_path, temperature):
+    """Zipf teacher, V = 32000, k = 64: the tempered tail mass and top-k probabilities of the
+    rebuilt logits are the true tempered ones. (Tempering the mass stored at T = 1, spread
+    flat, gives 0.824 instead of 0.567 at T = 2, and 6.9e-9 instead of 1.1e-6 at T = 0.5.)"""
+    vocab, k = 32000, 64
+    teacher = ZipfTeacher(vocab)
+    batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2),
+             "targets": torch.tensor([[5, IGNORE_INDEX]])}
+    ids, values, rest = top_k_rows(teacher, batch, k, temperature)
+    true = torch.log_softmax(teacher.logits.double() / temperature, -1)  # [V]
+    true_tail = 1 - true[:k].exp().sum()
+    cache_path = tmp_path / "zipf"
+    cache_path.mkdir()
+    cache = object.__new__(TeacherCache)  # the rebuild alone, on these rows
+    cache.top_k, cache.vocab, cache.temperature = k, vocab, temperature
+    cache.ids, cache.logprobs, cache.log_rest = ids.numpy(), values.half().numpy(), rest.numpy()
+    cache.offsets = np.array([0, 1])
+    dense = cache.logits(torch.tensor([0]), batch["targets"], vocab)[0, 0]
+    rebuilt = torch.log_softmax(dense.double() / temperature, -1)
+    assert (1 - rebuilt[:k].exp().sum()).item() == pytest.approx(true_tail.item(), rel=5e-3)  # float16 top k
+    torch.testing.assert_close(rebuilt[:k].exp(), true[:k].exp(), rtol=5e-3, atol=1e-6)
+    # What tempering the flat tail stored at T = 1 gives: far off.
+    log_p = torch.log_softmax(teacher.logits.double(), -1)
+    flat = torch.cat([log_p[:k], (torch.log1p(-log_p[:k].exp().sum()) - math.log(vocab - k)).expand(vocab - k)])
+    flat_tail = 1 - torch.log_softmax(flat / temperature, -1)[:k].exp().sum()
+    assert abs(flat_tail.item() - true_tail.item()) > 0.3 * true_tail.item()
+
+
+def test_the_temperature_of_a_cache_is_the_objectives():
+    from kdexp.losses.objective import Objective
+
+    kd = Objective.from_spec([{"loss": "ce", "weight": 0.5}, {"loss": "fkl", "weight": 0.5, "temperature": 2.0}])
+    assert temperature_of(kd.teacher_temperatures) == 2.0
+    assert temperature_of(Objective.from_spec([{"loss": "ce"}]).teacher_temperatures) == 1.0
+    weighted = Objective.from_spec([{"loss": "fkl", "temperature": 2.0}], sample_weight="teacher_likelihood")
+    with pytest.raises(UserError, match="temperatures 1, 2"):
+        temperature_of(weighted.teacher_temperatures)
+
+
+def test_the_cache_key_holds_the_temperature(tmp_path):
+    from kdexp.teacher_cache import default_dir
+
+    cfg = cfg_for(tmp_path, 4)
+    assert default_dir(cfg, examples(), 1.0) != default_dir(cfg, examples(), 2.0)
+    _, train, cache = make(tmp_path, 4, temperature=2.0)
+    assert cache.temperature == 2.0
+    assert json.loads((tmp_path / "cache4" / "meta.json").read_text())["temperature"] == 2.0
