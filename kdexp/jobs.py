@@ -83,8 +83,9 @@ def eval_set(cfg: DictConfig, name: str | None) -> DictConfig:
     """The config (``data`` and ``eval`` resolved) for scoring one set of ``eval.sets``.
 
     ``None`` or the run's own data name: ``cfg.data``; another name: that ``data=`` preset on
-    the schema's defaults. ``eval.data`` applies to every set, and ``eval.*`` interpolations
-    (``max_new_tokens: ${data.max_new_tokens}``) follow the set's data.
+    the schema's defaults. The keys of ``eval.data`` that are set (not null) apply to every
+    set, and ``eval.*`` interpolations (``max_new_tokens: ${data.max_new_tokens}``) follow the
+    set's data.
     """
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
@@ -94,7 +95,8 @@ def eval_set(cfg: DictConfig, name: str | None) -> DictConfig:
                 raise unknown_choice("eval.sets entry", name, config.group_choices("data"))
             schema = OmegaConf.load(config.conf_dir() / "config.yaml").data
             cfg.data = OmegaConf.merge(schema, OmegaConf.load(preset))
-        cfg.data = OmegaConf.merge(cfg.data, cfg.eval.get("data") or {})
+        own = OmegaConf.to_container(cfg.eval.get("data") or {}, resolve=True)
+        cfg.data = OmegaConf.merge(cfg.data, {k: v for k, v in own.items() if v is not None})
     return OmegaConf.create({"data": OmegaConf.to_container(cfg.data, resolve=True),
                              "eval": OmegaConf.to_container(cfg.eval, resolve=True)})
 

@@ -534,7 +534,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     with engines.full_parameters(accelerator, engine, teacher):  # every rank: collective
         if accelerator.is_main_process:
             plain_teacher = None if teacher is None else accelerator.unwrap_model(teacher)
-            results = final_evaluation(cfg, run_dir, unwrapped, tokenizer, plain_teacher, data["test"])
+            results = final_evaluation(cfg, run_dir, unwrapped, tokenizer, plain_teacher)
     if accelerator.is_main_process:
         results["train"] = {"steps": progress.step, "time_s": round(train_time, 2),
                             "setup_s": round(setup_time, 2), "tokens": tokens_seen}
@@ -701,12 +701,13 @@ def save_final(accelerator: Accelerator, engine: torch.nn.Module, tokenizer, fin
 
 
 def final_evaluation(cfg: DictConfig, run_dir: Path, student: torch.nn.Module, tokenizer,
-                     teacher: torch.nn.Module | None, test: list) -> dict[str, Any]:
+                     teacher: torch.nn.Module | None) -> dict[str, Any]:
     """Evaluate the student (and the teacher) on the test split, or on every set of
-    ``eval.sets`` (then the top-level numbers are the average over the sets, as in
-    ``kdexp eval``); print and return the table."""
-    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
-    test = test[: cfg.eval.max_samples] if cfg.eval.max_samples else test
+    ``eval.sets`` (then the top-level numbers are the average over the sets); print and return
+    the table. Each set is scored exactly as ``kdexp eval RUN`` scores it (``jobs.score_set``
+    on ``jobs.eval_set``: the run's data with ``eval.data`` applied, not the training encoding)."""
+    from kdexp import jobs
+
     models = {"student": student}
     if teacher is not None and cfg.eval.teacher:
         models = {"teacher": teacher, "student": student}
@@ -719,11 +720,12 @@ def final_evaluation(cfg: DictConfig, run_dir: Path, student: torch.nn.Module, t
 
     if cfg.eval.get("sets"):
         return _evaluate_sets(cfg, run_dir, models, tokenizer, write)
+    test = jobs.eval_set(cfg, None)
     rows: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
-        rows[name], generations = evaluate_generation(model, tokenizer, test, eval_cfg, desc=name)
+        rows[name], generations = jobs.score_set(model, tokenizer, test, desc=name)
         write(f"test_{name}", generations)
-    table = format_table(rows, title=f"test split of data={cfg.data.name} ({len(test)} prompts)")
+    table = format_table(rows, title=f"test split of data={cfg.data.name} ({rows['student']['n']} prompts)")
     (run_dir / "results.md").write_text(table + "\n")
     results = {k: rows["student"][k] for k in ("rougeL", "rougeL_std", "exact_match", "exact_match_std")}
     results.update({"split": "test", "student": rows["student"]})

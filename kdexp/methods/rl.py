@@ -24,7 +24,7 @@ from kdexp.losses import Bound
 from kdexp.losses.divergences import finite, log_probs
 from kdexp.losses.objective import IGNORE_INDEX, TERMS, TermFn
 from kdexp.methods.context import Context
-from kdexp.methods.sources import Source, pack_example, unpack_example, load_pt_corpus
+from kdexp.methods.sources import Source, load_pt_corpus, pack_example, unpack_example
 
 
 def token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

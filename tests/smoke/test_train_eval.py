@@ -14,11 +14,16 @@ from tests.conftest import FAST, kdexp, read_json
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("teacher_available")]
 
 
+# Training skips prompts over 24 tokens, evaluation cuts them (as eval=minillm does with
+# MiniLLM's training data): the final evaluation must score eval.data's test set, all 12 prompts.
+EVAL_DATA = ["data.max_prompt_length=24", "data.too_long=skip", "eval.data.too_long=cut_end"]
+
+
 @pytest.fixture(scope="module")
 def kd_run(tmp_path_factory):
     """One short KD run shared by the record checks below."""
     root = tmp_path_factory.mktemp("kd")
-    proc = kdexp("train", *FAST, f"hydra.run.dir={root / 'run'}", cwd=root)
+    proc = kdexp("train", *FAST, *EVAL_DATA, f"hydra.run.dir={root / 'run'}", cwd=root)
     return root / "run", proc
 
 
@@ -66,8 +71,9 @@ def test_eval_of_the_run_reproduces_its_final_numbers(kd_run, tmp_path):
     proc = kdexp("eval", str(run), f"hydra.run.dir={tmp_path / 'eval'}", "logger=none", cwd=tmp_path)
     trained = read_json(run / "results.json")["student"]
     evaluated = read_json(tmp_path / "eval" / "results.json")
-    for key in ("rougeL", "exact_match", "rougeL_std", "exact_match_std", "n", "seeds"):
+    for key in ("rougeL", "exact_match", "rougeL_std", "exact_match_std", "n", "seeds", "loss"):
         assert evaluated[key] == trained[key], key
+    assert evaluated["n"] == 12  # eval.data's cut, not the training encoding's skip
     assert evaluated["loss"] > 0 and "### student of" in proc.stdout
 
 
