@@ -47,7 +47,8 @@ def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, An
     """Tokenize ``records`` under ``data.max_prompt_length`` / ``max_length`` / ``too_long``.
 
     A prompt longer than ``max_prompt_length`` is cut to its last tokens (``truncate``: the
-    template's "### Response:" marker is at the end), to its first tokens (``cut_end``: what
+    template's "### Response:" marker is at the end; the special tokens the tokenizer puts in
+    front, a BOS, stay in front), to its first tokens (``cut_end``: what
     MiniLLM's evaluation does, ``prompt_ids[:max_prompt_length]`` in its PromptDataset), dropped
     (``skip``, MiniLLM's choice for Dolly's training data), or an error (``error``). A response is cut to fit ``max_length``; a cut response
     has no EOS, so the model is never taught to stop where the text did not. A prompt with no
@@ -59,6 +60,7 @@ def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, An
         raise UserError(f"data.too_long must be one of {', '.join(TOO_LONG)}, got '{policy}'")
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; kdexp needs one to end responses")
+    lead = len(leading_special_tokens(tokenizer))
     prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]
     responses = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
     out, n_cut, n_skipped, n_empty, n_resp_cut = [], 0, 0, 0, 0
@@ -78,7 +80,8 @@ def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, An
             if policy == "skip":
                 n_skipped += 1
                 continue
-            p, n_cut = (p[:max_prompt] if policy == "cut_end" else p[-max_prompt:]), n_cut + 1
+            keep = min(lead, max_prompt - 1)  # the BOS stays, with the prompt's end after it
+            p, n_cut = (p[:max_prompt] if policy == "cut_end" else p[:keep] + p[len(p) - (max_prompt - keep):]), n_cut + 1
         room = max(0, max_len - len(p))
         r = list(r) + [tokenizer.eos_token_id]
         if len(r) > room:
@@ -93,6 +96,14 @@ def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, An
                         f"records, {n_skipped} were longer than data.max_prompt_length={max_prompt} "
                         f"(data.too_long=skip) and {n_empty} had an empty prompt (data.on_error=skip)")
     return out
+
+
+def leading_special_tokens(tokenizer) -> list[int]:
+    """The tokens the tokenizer puts in front of every text (LLaMA's BOS; none for GPT-2)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return full[:start]
 
 
 def collate_train(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

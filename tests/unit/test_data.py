@@ -373,6 +373,37 @@ def test_encode_truncate_keeps_last_tokens(tok):
     assert ex.response_ids[-1] == tok.eos_token_id
 
 
+@pytest.fixture(scope="module")
+def bos_tok(tok):
+    """The tiny tokenizer made to open every text with a BOS token, as LLaMA's does."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tok.backend_tokenizer)
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    out = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    assert out("hi")["input_ids"][0] == bos and out("hi", add_special_tokens=False)["input_ids"][0] != bos
+    return out
+
+
+@pytest.mark.parametrize("policy", ["truncate", "cut_end"])
+def test_encode_cut_prompts_keep_the_bos_token(bos_tok, policy):
+    """A prompt cut to its last tokens (truncate) keeps the tokenizer's BOS in front: a LLaMA
+    model never sees a sequence without it. cut_end keeps the first tokens, BOS included."""
+    long = _rec(_long_prompt(40), "ok")
+    full = bos_tok(long["prompt"])["input_ids"]
+    k = len(full) // 2
+    (ex,) = encode([long], bos_tok, make_cfg(max_prompt_length=k, max_length=k + 20, too_long=policy), "train")
+    assert len(ex.prompt_ids) == k and ex.prompt_ids[0] == bos_tok.bos_token_id
+    if policy == "truncate":
+        assert ex.prompt_ids[1:] == full[-(k - 1):]
+        assert bos_tok.decode(ex.prompt_ids).endswith("### Response:\n")
+    else:
+        assert ex.prompt_ids == full[:k]
+
+
 def test_encode_skip_drops_long_prompts(tok):
     recs = [_rec("short one\n", "a"), _rec(_long_prompt(40), "b"), _rec("short two\n", "c")]
     n_long = len(tok(recs[1]["prompt"])["input_ids"])
