@@ -153,18 +153,24 @@ def shared_vocab(student: torch.nn.Module, student_tok, teacher: torch.nn.Module
     """The logit width both models are compared on, or ``None`` when no slicing is needed.
 
     Token-level KD compares distributions position by position, so both models must share one
-    tokenizer. Identical tokenizers whose embedding matrices are padded to different sizes
-    (Qwen2.5-0.5B's 151936 rows vs Qwen2.5-7B's 152064) are compared on the tokenizer's tokens;
-    the padded rows are not tokens.
+    tokenizer. Embedding matrices padded beyond the tokenizer (Qwen2.5-0.5B's 151936 rows and
+    Qwen2.5-7B's 152064 for 151665 tokens), to different sizes or to the same one, are compared
+    on the tokenizer's tokens: the padded rows are not tokens, and their probability mass would
+    enter every divergence.
     """
     same_tokenizer(student_tok, teacher_tok, names)
-    rows_s, rows_t = vocab_rows(student), vocab_rows(teacher)
-    if rows_s == rows_t:
+    return logit_width(vocab_rows(student), vocab_rows(teacher), len(student_tok), "teacher")
+
+
+def logit_width(rows_student: int, rows_teacher: int, n_tokens: int, what: str = "teacher") -> int | None:
+    """``n_tokens`` when either model's logits are padded beyond the tokenizer (the width to
+    slice both to), ``None`` when both have exactly its tokens (or more tokens than rows, both
+    alike: nothing to slice); a one-line error when a model has fewer rows than tokens."""
+    if rows_student == rows_teacher and n_tokens >= rows_student:
         return None
-    n = len(student_tok)
-    if n > min(rows_s, rows_t):
-        raise UserError(f"the tokenizer has {n} tokens but the student / teacher output "
-                        f"{rows_s} / {rows_t} logits")
-    log.info("student and teacher embeddings are padded differently (%d vs %d rows); "
-             "comparing them on the %d tokens of the shared tokenizer", rows_s, rows_t, n)
-    return n
+    if n_tokens > min(rows_student, rows_teacher):
+        raise UserError(f"the tokenizer has {n_tokens} tokens but the student / {what} output "
+                        f"{rows_student} / {rows_teacher} logits")
+    log.info("the student's and the %s's logits (%d and %d rows) are compared on the %d tokens of the "
+             "shared tokenizer; the padded rows are not tokens", what, rows_student, rows_teacher, n_tokens)
+    return n_tokens

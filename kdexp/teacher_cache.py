@@ -220,12 +220,14 @@ def open_cache(cfg: DictConfig, train: Sequence[Example], tokenizer, temperature
 
 @torch.inference_mode()
 def top_k_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], k: int, temperature: float = 1.0,
-               chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               width: int | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's top-k ids and log-probabilities (at temperature 1), and the log of the tail's
     share at ``temperature``, ``log sum_tail p^(1/T)``, at the response positions of ``batch``
-    (in batch order, position order): [N, k], [N, k], [N]. The top k is the same at every T."""
+    (in batch order, position order): [N, k], [N, k], [N]. The top k is the same at every T.
+    ``width``: the distribution over the first ``width`` logits only (the tokenizer's tokens,
+    without padded embedding rows), as the live teacher is read."""
     logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    rows = logits[batch["targets"] != IGNORE_INDEX]  # [N, V], model dtype
+    rows = logits[batch["targets"] != IGNORE_INDEX][:, :width]  # [N, V], model dtype
     ids, values, rest = [], [], []
     for i in range(0, rows.shape[0], chunk):  # float32 log-softmax of `chunk` rows at a time
         logp = torch.log_softmax(rows[i:i + chunk].float(), dim=-1)
@@ -245,7 +247,7 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
     from kdexp.models import vocab_rows
 
     k = check_top_k(cfg)
-    vocab = vocab_rows(teacher)
+    vocab = min(vocab_rows(teacher), len(tokenizer))  # padded embedding rows are not tokens
     k = min(k, vocab)
     lengths = np.array([len(e.response_ids) for e in train], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -263,7 +265,7 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
         for start in range(0, len(train), batch_size):
             chunk = train[start:start + batch_size]
             batch = {key: v.to(device) for key, v in collate_train(chunk, tokenizer.pad_token_id).items()}
-            ids, values, rest = top_k_rows(teacher, batch, k, temperature)
+            ids, values, rest = top_k_rows(teacher, batch, k, temperature, vocab)
             lo, hi = int(offsets[start]), int(offsets[start + len(chunk)])
             arrays["ids"][lo:hi] = ids.cpu().numpy()
             arrays["logprobs"][lo:hi] = values.cpu().numpy()

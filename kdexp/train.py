@@ -39,7 +39,7 @@ from kdexp.errors import Problems, Stopped, TrainingAborted, UserError
 from kdexp.evaluation import evaluate_generation, format_table, teacher_forced_nll
 from kdexp.logging import make_logger
 from kdexp.losses.objective import IGNORE_INDEX
-from kdexp.models import load_model, load_tokenizer, same_tokenizer, shared_vocab, vocab_rows
+from kdexp.models import load_model, load_tokenizer, logit_width, same_tokenizer, shared_vocab, vocab_rows
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +183,9 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 
 def cache_vocab(cache: teacher_cache.TeacherCache, student: torch.nn.Module, tokenizer) -> int | None:
     """``teacher.source=cache``: the logit width to compare on (as
-    :func:`kdexp.models.shared_vocab`: the tokenizer's tokens when the widths differ)."""
+    :func:`kdexp.models.shared_vocab`: the tokenizer's tokens when either model is padded)."""
     rows = vocab_rows(student)
-    vocab = None if cache.vocab == rows else len(tokenizer)
-    if vocab is not None and vocab > min(rows, cache.vocab):
-        raise UserError(f"the tokenizer has {vocab} tokens but the student / cached teacher have "
-                        f"{rows} / {cache.vocab} logits")
+    vocab = logit_width(rows, cache.vocab, len(tokenizer), "cached teacher")
     if (vocab or rows) < cache.top_k:
         raise UserError(f"the teacher cache holds top-{cache.top_k} entries but the student has "
                         f"{vocab or rows} logits")

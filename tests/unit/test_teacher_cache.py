@@ -58,6 +58,9 @@ class Tok:
     def get_vocab(self):
         return dict(self.vocab)
 
+    def __len__(self):
+        return len(self.vocab)
+
 
 def examples(n: int = 7, seed: int = 1) -> list[Example]:
     g = torch.Generator().manual_seed(seed)
@@ -253,3 +256,19 @@ def test_the_cache_key_holds_the_temperature(tmp_path):
     _, train, cache = make(tmp_path, 4, temperature=2.0)
     assert cache.temperature == 2.0
     assert json.loads((tmp_path / "cache4" / "meta.json").read_text())["temperature"] == 2.0
+
+
+def test_padded_logit_rows_are_not_cached(tmp_path):
+    """A teacher with 4 padded embedding rows (with mass of their own) beyond the tokenizer's V
+    tokens: the cache holds its distribution over the V tokens, as the live teacher is read."""
+    teacher = TableTeacher()
+    with torch.no_grad():
+        padded = torch.cat([teacher.table, torch.full((V, 4), 3.0)], dim=1)
+    teacher.table = torch.nn.Parameter(padded)
+    teacher.lm_head = torch.nn.Linear(1, V + 4)
+    _, train, cache = make(tmp_path, V, teacher=teacher)
+    assert cache.vocab == V
+    logp, batch = teacher_logprobs(train)  # over the V tokens of the unpadded table
+    dense = cache.logits(cache.row_indices(train), batch["targets"], V)
+    mask = batch["targets"] != IGNORE_INDEX
+    torch.testing.assert_close(dense[mask], logp[mask], atol=2e-2, rtol=1e-3)
