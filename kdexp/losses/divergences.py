@@ -223,8 +223,10 @@ def alpha_beta(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     continuous limits (factor 1/alpha^2 or 1/beta^2), so that (1, 0) is KL(p || q) and (0, 1)
     is KL(q || p). ABKD's code divides the limits by alpha (or beta) instead of its square,
     which agrees at alpha = 1 (beta = 1) only. Negative exponents make the divergence
-    infinite where p or q is 0: a ``-inf`` entry stands as ``NEG_INF_STANDIN``, which bounds
-    it; finite entries are exact (in float32, a finite value can still overflow to inf).
+    infinite where p or q is 0. A ``-inf`` entry stands as ``NEG_INF_STANDIN`` (-87.3), which
+    keeps the value finite for negative exponents down to about -1; below, and wherever the
+    true value exceeds float32 (finite entries are exact), it overflows to inf, and the loop
+    skips such a step.
     """
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     return _ab_terms(log_p, log_q, float(alpha), float(beta)).sum(-1)
@@ -239,7 +241,8 @@ def amari_alpha(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     "AlphaNet", ICML 2021. ``alpha = 1`` is exactly KL(p || q) and ``alpha = 0`` KL(q || p).
     With ``sum q = 1`` the numerator is ``-sum q expm1(alpha (log p - log q))`` (and the mirror
     form for alpha >= 1/2), which stays accurate next to the limits where the textbook form
-    loses every digit to cancellation.
+    loses every digit to cancellation. Far outside [0, 1] (alpha >= 3 or <= -2) an entry that
+    is ``-inf`` in one model only makes the value overflow to inf even with the stand-in.
     """
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     a = float(alpha)

@@ -9,6 +9,7 @@ sequence) arrives in the batch as ``value_*`` tensors aligned with the targets.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,9 @@ from kdexp.losses.divergences import finite, log_probs
 from kdexp.losses.objective import IGNORE_INDEX, TERMS, TermFn
 from kdexp.methods.context import Context
 from kdexp.methods.sources import Source, load_pt_corpus, pack_example, unpack_example
+
+
+log = logging.getLogger(__name__)
 
 
 def token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -294,7 +298,9 @@ class RolloutStore(Source):
     def _refill(self, ctx: Context) -> None:
         per_rank = max(1, self.num_rollouts // ctx.world)
         prompts = ctx.permutation(len(ctx.train), "minillm-prompts", self.refills)
-        mine = prompts[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+        # Every rank's store holds per_rank rollouts (wrapping around a split smaller than the
+        # store), so all ranks refill at the same micro-batch: the refill's all-reduce pairs up.
+        mine = [prompts[(ctx.rank * per_rank + j) % len(prompts)] for j in range(per_rank)]
         self.store = ctx.rollout([ctx.train[i] for i in mine], "minillm", self.refills,
                                  teacher_mix=self.teacher_mix, score_teacher=True)
         advantages = minillm_advantages(self.store, self.gamma, self.reward_scaling, self.reward_clip,
@@ -317,3 +323,9 @@ class RolloutStore(Source):
         self.store = [unpack_example(e) for e in state["store"]]
         self.order, self.served = list(state["order"]), int(state["served"])
         self.refills, self.pt_served = int(state["refills"]), int(state["pt_served"])
+        if any("advantage" not in e.values for e in self.store):
+            # A checkpoint of kdexp before 2026-11-30 (advantages were computed in the loss):
+            # its rollouts lack them, so the next micro-batch refills the store.
+            log.warning("the checkpoint's MiniLLM rollouts carry no advantages (an older kdexp); "
+                        "the rollout store is refilled")
+            self.served = len(self.order)

@@ -404,6 +404,30 @@ def test_minillm_store_serves_ppo_epochs_passes_then_refills(ctx):
         assert r.values["logp_sampler"] == pytest.approx(r.values["logq_old"], abs=1e-5)
 
 
+def test_minillm_store_is_full_on_a_split_smaller_than_it(ctx):
+    """More rollouts than training prompts: the store wraps around the split and still holds
+    num_rollouts rows, so with several processes every rank's store is as large and all ranks
+    refill (an all-reduce) at the same micro-batch."""
+    n = len(ctx.train) + 6
+    src = rl.RolloutStore(num_rollouts=n, ppo_epochs=1, teacher_mix=0.0)
+    src.micro_batch(ctx, [0, 1], 0, 0)
+    assert len(src.store) == n and len(src.order) == n
+
+
+def test_minillm_store_from_an_older_checkpoint_is_refilled(ctx):
+    """Rollouts saved before advantages were computed at refill time carry none: the first
+    micro-batch after resuming refills the store instead of failing."""
+    src = rl.RolloutStore(num_rollouts=4, ppo_epochs=2, teacher_mix=0.0)
+    src.micro_batch(ctx, [0, 1], 0, 0)
+    state = src.state_dict()
+    for row in state["store"]:
+        row["values"].pop("advantage")
+    resumed = rl.RolloutStore(num_rollouts=4, ppo_epochs=2, teacher_mix=0.0)
+    resumed.load_state_dict(state)
+    rows = resumed.micro_batch(ctx, [0, 1], 1, 0)
+    assert resumed.refills == state["refills"] + 1 and all("advantage" in r.values for r in rows)
+
+
 @pytest.mark.parametrize("teacher_mix", [0.0, 0.5])
 def test_minillm_rollouts_carry_the_teachers_log_probabilities_and_whitened_advantages(ctx, teacher_mix):
     """The reward's log p(y_t), recorded while sampling, is the teacher's log-probability of the
