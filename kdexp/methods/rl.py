@@ -27,7 +27,6 @@ from kdexp.losses.objective import IGNORE_INDEX, TERMS, TermFn
 from kdexp.methods.context import Context
 from kdexp.methods.sources import Source, load_pt_corpus, pack_example, unpack_example
 
-
 log = logging.getLogger(__name__)
 
 
