@@ -85,6 +85,7 @@ def teacher_forced_nll(model: torch.nn.Module, examples: Sequence[Example], pad_
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits
             targets = batch["targets"].to(device)
+            logits = logits[:, -targets.shape[1]:]  # a P-tuned model's virtual tokens come first
             nll = cross_entropy(logits, targets)  # [B, T], 0 where ignored
             if per == "token":
                 total += nll.sum().item()
