@@ -15,10 +15,8 @@ with status 2, and removes the run directory if the job had not produced anythin
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,13 +40,6 @@ ANALYSES: dict[str, str] = {
     "speculative": "acceptance rate of the student as a speculative-decoding draft for the teacher",
     "curves": "per-position KL along the response: reference vs own prefixes",
 }
-# Each command's job: a function (cfg, run_dir), imported only when that command runs.
-RUNNERS: dict[str, str] = {"train": "kdexp.train:run", "eval": "kdexp.jobs:run_eval",
-                           "generate": "kdexp.jobs:run_generate", "analyze": "kdexp.analyze:run_analyze",
-                           "compare": "kdexp.compare:run_compare",
-                           "cache-teacher": "kdexp.teacher_cache:run_cache"}
-# Run directories that existed before this command: never removed by it.
-_EXISTING: set[str] = set()
 # The config sections each command checks (None: all of them).
 CHECKED: dict[str, list[str] | None] = {"train": None, "eval": ["data", "eval"], "generate": ["data", "eval"],
                                         "analyze": ["data", "analyze"], "compare": [],
@@ -110,9 +101,10 @@ def _split_args(args: list[str]) -> tuple[list[str], bool]:
     return overrides, multirun
 
 
-def preflight(args: list[str], checked: list[str] | None = None) -> None:
+def preflight(args: list[str], checked: list[str] | None = None) -> set[str]:
     """Check group options, keys, values (of the sections ``checked``; ``None``: all) and the
-    output directory before Hydra runs anything. Every problem is reported at once."""
+    output directory before Hydra runs anything. Every problem is reported at once. Returns the
+    run directories that existed before the command (never removed by it)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -166,14 +158,13 @@ def preflight(args: list[str], checked: list[str] | None = None) -> None:
     try:
         out = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
     except Exception:  # an interpolation only Hydra's runtime can resolve: Hydra will check
-        return
+        return set()
     problem = writable_dir_problem(out) if out else None
     if problem:
         raise UserError(problem)
-    if out and Path(out).exists():
-        _EXISTING.add(str(Path(out).resolve()))
     if checked is None and out and not multirun:
         _check_existing_run(valid, group_overrides, Path(out))
+    return {str(Path(out).resolve())} if out and Path(out).exists() else set()
 
 
 def _check_existing_run(key_overrides: list, group_overrides: list[str], run_dir: Path) -> None:
@@ -227,25 +218,24 @@ def _value_problems(key_overrides: list, group_overrides: list[str], checked: li
     return found
 
 
-def _job(command: str) -> Callable:
+def _job(command: str, existing: set[str]) -> Callable:
     """The Hydra task function of ``command``: one-line errors, no half-written run directory."""
 
     def task(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        _quiet_libraries()
+        from kdexp import api
+
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        module, name = RUNNERS[command].split(":")
         try:
-            getattr(importlib.import_module(module), name)(cfg, run_dir)
+            api.job(command, cfg, run_dir, Path(HydraConfig.get().runtime.cwd),
+                    str(run_dir.resolve()) in existing)
         except Stopped as err:  # not an error: the run can go on from its checkpoint
             _close_progress_bars()
             print(f"kdexp: {err}", file=sys.stderr, flush=True)
             sys.exit(err.status)
         except UserError as err:
             _close_progress_bars()
-            _discard_if_empty(run_dir, bool(cfg.get("train", {}).get("resume")),
-                              Path(HydraConfig.get().runtime.cwd))
             fail(str(err), err.status)
 
     return task
@@ -257,29 +247,6 @@ def _close_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-
-
-def _quiet_libraries() -> None:
-    """Keep the job log about the run: libraries' routine INFO lines go."""
-    for name in ("accelerate", "absl", "httpx", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # accelerate warns on every checkpoint that tied embeddings are saved once: expected.
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-
-
-def _discard_if_empty(run_dir: Path, resumed: bool, cwd: Path) -> None:
-    """Remove a run directory this job created that holds nothing but Hydra's own files, and
-    the folders above it (``runs/DATE``) it leaves empty, up to ``cwd``."""
-    if resumed or not run_dir.is_dir() or str(run_dir.resolve()) in _EXISTING:
-        return
-    hydra_files = {".hydra", "config.yaml"} | {p.name for p in run_dir.glob("*.log")}
-    if all(p.name in hydra_files for p in run_dir.iterdir()):
-        logging.shutdown()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        parent, cwd = run_dir.resolve().parent, cwd.resolve()
-        while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
-            parent.rmdir()
-            parent = parent.parent
 
 
 def _bare(args: list[str], i: int) -> bool:
@@ -322,15 +289,13 @@ def _positional(rest: list[str], key: str) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
-        print(top_help())
-        return
-    command, rest = args[0], args[1:]
-    if command not in COMMANDS:
-        fail(str(unknown_choice("command", command, COMMANDS)))
-    # `kdexp eval RUN_DIR`: a bare first argument is the model to evaluate.
+def command_args(command: str, rest: list[str]) -> list[str]:
+    """The Hydra arguments of ``kdexp COMMAND REST``: positional arguments become overrides
+    (``kdexp eval RUN_DIR``: the model; ``kdexp analyze NAME RUN ...``; ``kdexp compare DIR ...``)."""
+    from kdexp.config import register_resolvers
+
+    register_resolvers()
+    rest = list(rest)
     if command in ("eval", "generate") and rest and _bare(rest, 0):
         rest[0] = f"model={rest[0]}"
     if command == "analyze":
@@ -339,21 +304,33 @@ def main(argv: list[str] | None = None) -> None:
         wants_report = "--wandb-report" in rest
         flags, overrides = _positional([a for a in rest if a != "--wandb-report"], "compare.runs")
         rest = [*flags, *overrides, *(["compare.wandb_report=true"] if wants_report else [])]
-    from kdexp.config import conf_dir, register_resolvers
+    return rest
 
-    register_resolvers()
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(top_help())
+        return
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        fail(str(unknown_choice("command", command, COMMANDS)))
+    rest = command_args(command, rest)
+    existing: set[str] = set()
     if not any(a in ("--help", "-h", "--hydra-help", "--version", "--info", "-i") for a in rest):
         try:
-            preflight(rest, CHECKED[command])
+            existing = preflight(rest, CHECKED[command])
         except UserError as err:
             fail(str(err))
     import hydra
+
+    from kdexp.config import conf_dir
 
     # Hydra's parser wants the overrides contiguous: put ours next to the user's.
     first = next((i for i, a in enumerate(rest) if "=" in a and not a.startswith("-")
                   and (i == 0 or rest[i - 1] not in _FLAGS_WITH_VALUE)), len(rest))
     sys.argv = [f"kdexp {command}", *rest[:first], f"hydra.job.name={command}", *rest[first:]]
-    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job(command))()
+    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job(command, existing))()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -10,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-# Nothing in the tests may reach the model or dataset hub (set before transformers is imported).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Every kdexp run of the tests, in-process or not: nothing may reach the model or dataset hub,
+# W&B stays offline and quiet, no progress bars (set before transformers and tqdm are imported).
+RUN_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "TQDM_DISABLE": "1"}
+os.environ.update(RUN_ENV)
 
 from kdexp.models import ASSETS  # noqa: E402
 
@@ -27,14 +31,41 @@ FAST = [
 
 
 def kdexp(*args: str, cwd: Path, env: dict[str, str | None] | None = None, check: bool = True,
-          timeout: int = 300, nproc: int = 1) -> subprocess.CompletedProcess:
-    """Run ``python -m kdexp ARGS`` in ``cwd``; on failure show its output.
+          timeout: int = 300, nproc: int = 1, own_process: bool = False) -> subprocess.CompletedProcess:
+    """``kdexp ARGS`` in ``cwd``: its exit status, stdout and stderr; on failure show its output.
 
-    ``env`` adds variables to the environment; a ``None`` value removes one. ``nproc`` > 1:
-    under ``torchrun --standalone`` with that many processes (one thread each).
+    It runs in this process (:func:`kdexp.cli.main` under :func:`kdexp.api.isolated`: the real
+    command line code, without paying a Python start and the torch import per call), unless
+    it needs a process of its own: ``nproc`` > 1 (under ``torchrun --standalone``, one thread
+    per process), a fault injection that kills the process (``KDEXP_KILL_AT_STEP``), or
+    ``own_process=True`` (the tests of the command line's contract as a program). ``env``
+    adds variables to the environment; a ``None`` value removes one.
     """
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1"}
+    if nproc == 1 and not own_process and "KDEXP_KILL_AT_STEP" not in (env or {}):
+        proc = _in_process(args, cwd, env)
+    else:
+        proc = _subprocess(args, cwd, env, timeout, nproc)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kdexp {' '.join(args)} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _in_process(args, cwd, env) -> subprocess.CompletedProcess:
+    from kdexp import api, cli
+
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    with api.isolated(cwd, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main(list(args))
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return subprocess.CompletedProcess(["kdexp", *args], status, out.getvalue(), err.getvalue())
+
+
+def _subprocess(args, cwd, env, timeout, nproc) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **RUN_ENV}
     launcher = []
     if nproc > 1:
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -44,12 +75,8 @@ def kdexp(*args: str, cwd: Path, env: dict[str, str | None] | None = None, check
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    proc = subprocess.run([sys.executable, *launcher, "-m", "kdexp", *args], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, *launcher, "-m", "kdexp", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kdexp {' '.join(args)} exited {proc.returncode}\n"
-                             f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}")
-    return proc
 
 
 def read_json(path: Path) -> dict:

@@ -84,7 +84,8 @@ def test_zero_on_two_processes_matches_the_plain_run(tmp_path, plain, method, st
 def test_zero_in_one_process_without_a_launcher(tmp_path, plain):
     """`kdexp train deepspeed=zero1` with no torchrun: DeepSpeed gets a one-process group."""
     run = tmp_path / "run"
-    kdexp("train", *ARGS, "method=kd", "deepspeed=zero1", f"hydra.run.dir={run}", cwd=tmp_path)
+    kdexp("train", *ARGS, "method=kd", "deepspeed=zero1", f"hydra.run.dir={run}", cwd=tmp_path,
+          own_process=True)  # DeepSpeed's process-wide state outlives a run
     assert_same_run(run, plain("kd"))
 
 
