@@ -103,8 +103,10 @@ def _split_args(args: list[str]) -> tuple[list[str], bool]:
 
 def preflight(args: list[str], checked: list[str] | None = None) -> set[str]:
     """Check group options, keys, values (of the sections ``checked``; ``None``: all) and the
-    output directory before Hydra runs anything. Every problem is reported at once. Returns the
-    run directories that existed before the command (never removed by it)."""
+    output directory before Hydra runs anything. The config is composed once (Hydra's compose
+    API), the key overrides are applied to it as Hydra applies them, and every problem is
+    reported at once; nothing is written. Returns the run directories that existed before the
+    command (never removed by it)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -124,8 +126,13 @@ def preflight(args: list[str], checked: list[str] | None = None) -> set[str]:
         if key.startswith("hydra") or o.is_delete():
             group_overrides.append(o.input_line)
         elif key in groups:
-            bad = [v for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()])
-                   if str(v) not in group_choices(key)]
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+            if None in values:  # Hydra takes no null for a group: it removes one with ~GROUP
+                problems.add(f"{key}=null does not remove the {key} option; write ~{key} (e.g. a preset's "
+                             f"DeepSpeed: kdexp train experiment=gpt2_base '~deepspeed')")
+                bad_groups.add(key)
+                continue
+            bad = [v for v in values if str(v) not in group_choices(key)]
             if bad:  # its keys are not checked: they belong to the option meant
                 problems.add(str(unknown_choice(f"{key} option", bad[0], group_choices(key))))
                 bad_groups.add(key)
@@ -152,7 +159,8 @@ def preflight(args: list[str], checked: list[str] | None = None) -> set[str]:
                          f"(to add a new key, write +{o.input_line})")
         else:
             valid.append(o)
-    for line in _value_problems(valid, group_overrides, checked):
+    variants = _with_overrides(cfg, valid)  # [] when Hydra will reject a value with its own message
+    for line in _value_problems(variants, checked, light=bool(problems)):
         problems.add(line)
     problems.raise_if_any()
     try:
@@ -162,59 +170,82 @@ def preflight(args: list[str], checked: list[str] | None = None) -> set[str]:
     problem = writable_dir_problem(out) if out else None
     if problem:
         raise UserError(problem)
-    if checked is None and out and not multirun:
-        _check_existing_run(valid, group_overrides, Path(out))
+    if checked is None and out and not multirun and variants:
+        _check_existing_run(variants[0], Path(out))
     return {str(Path(out).resolve())} if out and Path(out).exists() else set()
 
 
-def _check_existing_run(key_overrides: list, group_overrides: list[str], run_dir: Path) -> None:
+def _with_overrides(cfg, key_overrides: list) -> list:
+    """``cfg`` with the key overrides applied as Hydra applies them (``OmegaConf.update``, merged;
+    ``+key`` added), without the ``hydra`` node: one config with every sweep at its first value,
+    then one per other value of each sweep (``a=1,2,3``). ``[]`` if a value does not fit."""
+    from omegaconf import OmegaConf, open_dict
+
+    def apply(base, o, value):
+        OmegaConf.update(base, o.key_or_group, value, merge=True, force_add=o.is_add() or o.is_force_add())
+
+    try:
+        job = cfg.copy()
+        with open_dict(job):
+            job.pop("hydra", None)
+        sweeps = [o for o in key_overrides if o.is_sweep_override()]
+        for o in key_overrides:
+            apply(job, o, next(iter(o.sweep_iterator())) if o.is_sweep_override() else o.value())
+        variants = [job]
+        for o in sweeps:
+            for value in list(o.sweep_iterator())[1:]:
+                one = job.copy()
+                apply(one, o, value)
+                variants.append(one)
+        return variants
+    except Exception:
+        return []
+
+
+def _check_existing_run(cfg, run_dir: Path) -> None:
     """``kdexp train`` into a directory that holds a run: refused (or, with train.resume=true,
     checked against the run's config) before Hydra rewrites the run's ``.hydra/`` files; and
     train.resume=true where there is nothing to resume."""
-    from hydra import compose, initialize_config_dir
-
-    from kdexp.config import conf_dir
-    from kdexp.train import check_run_dir, requeued
+    from kdexp.checks import check_run_dir, requeued
 
     if requeued():
         return  # the job decides: a requeued job continues its run
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="preflight"):
-            cfg = compose("config", overrides=group_overrides + [o.input_line for o in key_overrides])
-    except Exception:  # the job checks again, where every interpolation resolves
+        check_run_dir(cfg, run_dir)
+    except UserError:
+        raise
+    except Exception:  # a value only the job can resolve: the job checks again
         return
-    check_run_dir(cfg, run_dir)
 
 
-def _value_problems(key_overrides: list, group_overrides: list[str], checked: list[str] | None) -> list[str]:
-    """:func:`kdexp.config.problems` of the config with the overrides applied, every value of a
-    sweep (``a=1,2,3``) included."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+def _value_problems(variants: list, checked: list[str] | None, light: bool = False) -> list[str]:
+    """The problems of each composed variant (a sweep's values): :func:`kdexp.config.problems`
+    of the sections ``checked``, or for ``train`` (``checked`` None) the declared parameters'
+    (:func:`kdexp.checks.declared_problems`, without torch) and, when those find nothing and
+    not ``light``, the method's plan (:func:`kdexp.checks.check_config`, which imports torch)."""
+    from kdexp.checks import declared_problems
+    from kdexp.config import problems
 
-    from kdexp.config import conf_dir, problems
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    found: list[str] = []
 
-    plain = [o.input_line for o in key_overrides if not o.is_sweep_override()]
+    def collect(check) -> None:
+        for cfg in variants:
+            found.extend(p for p in check(cfg) if p not in found)
+
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="preflight"):
-            cfg = compose("config", overrides=group_overrides + plain)
-        if checked is None:  # train: the method's own parameters and combinations too
-            from kdexp.train import check_config
+        if checked is not None:
+            collect(lambda c: problems(c, checked))
+            return found
+        collect(lambda c: declared_problems(c, world))
+        if not found and not light:
+            from kdexp.checks import check_config
 
-            def check(c) -> list[str]:
-                return list(check_config(c, int(os.environ.get("WORLD_SIZE", "1")))[0])
-        else:
-            def check(c) -> list[str]:
-                return problems(c, checked)
-        found = check(cfg)
-        for o in key_overrides:
-            if o.is_sweep_override():
-                for value in o.sweep_iterator():
-                    one = cfg.copy()
-                    OmegaConf.update(one, o.key_or_group, value, force_add=True)
-                    found += [p for p in check(one) if p not in found]
-    except Exception:  # a value Hydra itself will reject, with its own message, or an interpolation
-        return []      # only the job can resolve: the job checks again
+            collect(lambda c: list(check_config(c, world)[0]))
+    except UserError as err:
+        return found + [line for line in str(err).splitlines() if line not in found]
+    except Exception:  # an interpolation only the job can resolve: the job checks again
+        return []
     return found
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdexp.params import Param, nonneg, nonneg_int, one_of, positive, positive_int, unit
+
 GROUPS = ("method", "loss", "student", "teacher", "data", "eval", "logger")
 
 
@@ -26,10 +28,25 @@ def conf_dir() -> Path:
 
 def register_resolvers() -> None:
     """``${kdexp.asset:tiny-teacher}`` -> the bundled model directory (idempotent)."""
-    from kdexp.models import asset_path
+    from kdexp.assets import asset_path
 
     if not OmegaConf.has_resolver("kdexp.asset"):
         OmegaConf.register_new_resolver("kdexp.asset", asset_path)
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """``conf/config.yaml`` composed with ``overrides`` by Hydra's compose API (inside a running
+    Hydra job, or on its own), e.g. ``compose(["data=dolly"]).data``: a preset as Hydra reads
+    it, defaults lists, packages and interpolations included."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose("config", overrides=overrides)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="kdexp"):
+        return hydra_compose("config", overrides=overrides)
 
 
 def group_choices(group: str) -> list[str]:
@@ -89,81 +106,65 @@ def writable_dir_problem(path: str | Path) -> str | None:
     return None
 
 
-def _in(lo: float, hi: float) -> Any:
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+# The kinds of teacher.source (kdexp.teachers.SOURCES registers one builder for each).
+TEACHER_SOURCES = ("live", "cache")
 
-
-def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _nonneg_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-_CHECKS: list[tuple[str, Any, str]] = [
-    ("seed", _nonneg_int, "an integer >= 0"),
-    ("train.max_steps", _positive_int, "an integer > 0"),
-    ("train.epochs", lambda v: v is None or _positive(v), "> 0 or null"),
-    ("train.warmup_ratio", lambda v: v is None or _in(0, 1)(v) and v < 1, "in [0, 1) or null"),
-    ("train.batch_size", _positive_int, "an integer > 0"),
-    ("train.micro_batch_size", _positive_int, "an integer > 0"),
-    ("train.lr", _positive, "> 0"),
-    ("train.weight_decay", _in(0, float("inf")), ">= 0"),
-    ("train.warmup_steps", _nonneg_int, "an integer >= 0"),
-    ("train.min_lr_ratio", _in(0, 1), "in [0, 1]"),
-    ("train.lr_schedule", lambda v: v in ("linear", "cosine", "constant"), "linear, cosine or constant"),
-    ("train.max_grad_norm", _in(0, float("inf")), ">= 0 (0 turns clipping off)"),
-    ("train.eval_every", _nonneg_int, "an integer >= 0 (0: never)"),
-    ("train.eval_samples", _positive_int, "an integer > 0"),
-    ("train.save_every", _nonneg_int, "an integer >= 0 (0: only at the end)"),
-    ("train.keep_checkpoints", _positive_int, "an integer > 0"),
-    ("train.max_bad_steps", _positive_int, "an integer > 0"),
-    ("data.on_error", lambda v: v in ("fail", "skip"), "fail or skip"),
-    ("train.log_every", _positive_int, "an integer > 0"),
-    ("method.kd_weight", lambda v: v == "adaptive" or _in(0, 1)(v), "in [0, 1] or 'adaptive'"),
-    ("method.sample_weight", lambda v: v in ("none", "teacher_likelihood", "student_likelihood"),
-     "one of none, teacher_likelihood, student_likelihood"),
-    ("method.min_weight", lambda v: _in(0, 1)(v) and v > 0, "in (0, 1]"),
-    ("loss.temperature", _positive, "> 0"),
-    ("teacher.source", lambda v: v in ("live", "cache"), "live or cache"),
-    ("teacher.top_k", _positive_int, "an integer > 0"),
-    ("data.max_prompt_length", _positive_int, "an integer > 0"),
-    ("data.max_length", _positive_int, "an integer > 0"),
-    ("eval.data.max_prompt_length", lambda v: v is None or _positive_int(v), "an integer > 0 or null"),
-    ("eval.data.max_length", lambda v: v is None or _positive_int(v), "an integer > 0 or null"),
-    ("eval.data.too_long", lambda v: v in (None, "truncate", "cut_end", "skip", "error"),
-     "truncate, cut_end, skip, error or null"),
-    ("eval.temperature", _positive, "> 0"),
-    ("eval.top_p", _in(0, 1), "in (0, 1]"),
-    ("eval.top_k", _nonneg_int, "an integer >= 0 (0: off)"),
-    ("eval.max_new_tokens", _positive_int, "an integer > 0"),
-    ("eval.no_repeat_ngram_size", _nonneg_int, "an integer >= 0 (0: off)"),
-    ("eval.batch_size", _positive_int, "an integer > 0"),
-    ("rollout.temperature", _positive, "> 0"),
-    ("rollout.top_p", lambda v: _in(0, 1)(v) and v > 0, "in (0, 1]"),
-    ("rollout.top_k", _nonneg_int, "an integer >= 0 (0: off)"),
-    ("rollout.max_new_tokens", _positive_int, "an integer > 0"),
-    ("rollout.batch_size", _positive_int, "an integer > 0"),
-    ("analyze.max_samples", lambda v: v is None or _positive_int(v), "an integer > 0 or null (all)"),
-    ("analyze.n_samples", _positive_int, "an integer > 0"),
-    ("analyze.temperature", _positive, "> 0"),
-    ("analyze.top_p", lambda v: _in(0, 1)(v) and v > 0, "in (0, 1]"),
-    ("analyze.top_k", _nonneg_int, "an integer >= 0 (0: off)"),
-    ("analyze.max_new_tokens", _positive_int, "an integer > 0"),
-    ("analyze.max_steps", lambda v: v is None or _positive_int(v), "an integer > 0 or null"),
-    ("analyze.min_count", _positive_int, "an integer > 0"),
-    ("analyze.length", lambda v: v is None or _positive_int(v), "an integer > 0 or null"),
-    ("analyze.n_buckets", _positive_int, "an integer > 0"),
-    ("analyze.n_bins", _positive_int, "an integer > 0"),
-    ("analyze.gammas", lambda v: len(v) > 0 and all(_positive_int(g) for g in v), "a non-empty list of integers > 0"),
-    ("analyze.batch_size", _positive_int, "an integer > 0"),
-    ("rollout.stop_ids", lambda v: all(_nonneg_int(i) for i in v), "a list of token ids"),
-]
+# The run's own settings, checked by :func:`problems` (the method's and the divergence's
+# parameters are declared in their records: kdexp.methods.METHODS, kdexp.losses.catalog).
+SETTINGS: tuple[Param, ...] = (
+    Param("seed", nonneg_int, "an integer >= 0"),
+    Param("train.max_steps", positive_int, "an integer > 0"),
+    Param("train.epochs", lambda v: v is None or positive(v), "> 0 or null"),
+    Param("train.warmup_ratio", lambda v: v is None or unit(v) and v < 1, "in [0, 1) or null"),
+    Param("train.batch_size", positive_int, "an integer > 0"),
+    Param("train.micro_batch_size", positive_int, "an integer > 0"),
+    Param("train.lr", positive, "> 0"),
+    Param("train.weight_decay", nonneg, ">= 0"),
+    Param("train.warmup_steps", nonneg_int, "an integer >= 0"),
+    Param("train.min_lr_ratio", unit, "in [0, 1]"),
+    Param("train.lr_schedule", one_of("linear", "cosine", "constant"), "linear, cosine or constant"),
+    Param("train.max_grad_norm", nonneg, ">= 0 (0 turns clipping off)"),
+    Param("train.eval_every", nonneg_int, "an integer >= 0 (0: never)"),
+    Param("train.eval_samples", positive_int, "an integer > 0"),
+    Param("train.save_every", nonneg_int, "an integer >= 0 (0: only at the end)"),
+    Param("train.keep_checkpoints", positive_int, "an integer > 0"),
+    Param("train.max_bad_steps", positive_int, "an integer > 0"),
+    Param("data.on_error", one_of("fail", "skip"), "fail or skip"),
+    Param("train.log_every", positive_int, "an integer > 0"),
+    Param("teacher.source", lambda v: v in TEACHER_SOURCES, " or ".join(TEACHER_SOURCES)),
+    Param("teacher.top_k", positive_int, "an integer > 0"),
+    Param("data.max_prompt_length", positive_int, "an integer > 0"),
+    Param("data.max_length", positive_int, "an integer > 0"),
+    Param("eval.data.max_prompt_length", lambda v: v is None or positive_int(v), "an integer > 0 or null"),
+    Param("eval.data.max_length", lambda v: v is None or positive_int(v), "an integer > 0 or null"),
+    Param("eval.data.too_long", one_of(None, "truncate", "cut_end", "skip", "error"),
+          "truncate, cut_end, skip, error or null"),
+    Param("eval.temperature", positive, "> 0"),
+    Param("eval.top_p", unit, "in (0, 1]"),
+    Param("eval.top_k", nonneg_int, "an integer >= 0 (0: off)"),
+    Param("eval.max_new_tokens", positive_int, "an integer > 0"),
+    Param("eval.no_repeat_ngram_size", nonneg_int, "an integer >= 0 (0: off)"),
+    Param("eval.batch_size", positive_int, "an integer > 0"),
+    Param("rollout.temperature", positive, "> 0"),
+    Param("rollout.top_p", lambda v: unit(v) and v > 0, "in (0, 1]"),
+    Param("rollout.top_k", nonneg_int, "an integer >= 0 (0: off)"),
+    Param("rollout.max_new_tokens", positive_int, "an integer > 0"),
+    Param("rollout.batch_size", positive_int, "an integer > 0"),
+    Param("analyze.max_samples", lambda v: v is None or positive_int(v), "an integer > 0 or null (all)"),
+    Param("analyze.n_samples", positive_int, "an integer > 0"),
+    Param("analyze.temperature", positive, "> 0"),
+    Param("analyze.top_p", lambda v: unit(v) and v > 0, "in (0, 1]"),
+    Param("analyze.top_k", nonneg_int, "an integer >= 0 (0: off)"),
+    Param("analyze.max_new_tokens", positive_int, "an integer > 0"),
+    Param("analyze.max_steps", lambda v: v is None or positive_int(v), "an integer > 0 or null"),
+    Param("analyze.min_count", positive_int, "an integer > 0"),
+    Param("analyze.length", lambda v: v is None or positive_int(v), "an integer > 0 or null"),
+    Param("analyze.n_buckets", positive_int, "an integer > 0"),
+    Param("analyze.n_bins", positive_int, "an integer > 0"),
+    Param("analyze.gammas", lambda v: len(v) > 0 and all(positive_int(g) for g in v), "a non-empty list of integers > 0"),
+    Param("analyze.batch_size", positive_int, "an integer > 0"),
+    Param("rollout.stop_ids", lambda v: all(nonneg_int(i) for i in v), "a list of token ids"),
+)
 
 
 def problems(cfg: DictConfig, keys: Iterable[str] | None = None) -> list[str]:
@@ -173,16 +174,14 @@ def problems(cfg: DictConfig, keys: Iterable[str] | None = None) -> list[str]:
     for key in sorted(OmegaConf.missing_keys(cfg)):
         if wanted is None or any(key == k or key.startswith(k + ".") for k in wanted):
             out.append(f"{key} is required: set {key}=...")
-    for key, ok, what in _CHECKS:
-        if wanted is not None and not any(key == k or key.startswith(k + ".") for k in wanted):
+    for p in SETTINGS:
+        if wanted is not None and not any(p.name == k or p.name.startswith(k + ".") for k in wanted):
             continue
-        value = OmegaConf.select(cfg, key, default="<absent>")
-        if value == "<absent>" or value is None and key.startswith("method."):
-            continue
-        if not ok(value):
-            out.append(f"{key} must be {what}, got {value!r}")
+        value = OmegaConf.select(cfg, p.name, default="<absent>")
+        if value != "<absent>" and (problem := p.problem(value)):
+            out.append(problem)
     data = cfg.get("data")
-    if data is not None and _positive_int(data.get("max_prompt_length")) and _positive_int(data.get("max_length")):
+    if data is not None and positive_int(data.get("max_prompt_length")) and positive_int(data.get("max_length")):
         if data.max_prompt_length >= data.max_length:
             out.append(f"data.max_prompt_length ({data.max_prompt_length}) must be smaller than "
                        f"data.max_length ({data.max_length})")

@@ -175,3 +175,42 @@ def full_parameters(accelerator: Accelerator, *engines: torch.nn.Module | None) 
         finally:
             for offload in offloads:
                 offload.setup_zero_stage3_hooks()
+
+
+@contextmanager
+def plain_model(accelerator: Accelerator, model: torch.nn.Module,
+                engine: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
+    """``model`` unwrapped from its engine, dropout off, its full parameters present (gathered
+    under ZeRO-3, from ``engine`` when it is the part of a bigger engine), for sampling.
+    Collective under ZeRO-3; the model's training mode is restored after."""
+    plain = accelerator.unwrap_model(model)
+    was_training = plain.training
+    plain.eval()
+    try:
+        with full_parameters(accelerator, engine if engine is not None else model):
+            yield plain
+    finally:
+        plain.train(was_training)
+
+
+def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all gradients (with clipping off, the guard still needs it)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def clip(accelerator: Accelerator, groups: list[list[torch.nn.Parameter]], max_norm: float) -> list:
+    """Clip each parameter group to ``max_norm`` (0: no clipping); the norms before clipping,
+    one per group. DeepSpeed clips inside its own step, over all parameters at once: one norm
+    (``None`` with clipping off, where it reports none)."""
+    zero = zero_stage(accelerator)
+    if max_norm <= 0:
+        return [None if zero else grad_norm(groups[0])]
+    if zero:
+        return [accelerator.clip_grad_norm_(groups[0], max_norm)]
+    return [accelerator.clip_grad_norm_(g, max_norm) for g in groups]
+
+
+def describe(cfg: DictConfig, accelerator: Accelerator) -> str:
+    """The engine in words, for the log: ``DeepSpeed ZeRO-2``, ``MULTI_CPU``, ``NO``, ..."""
+    return f"DeepSpeed ZeRO-{cfg.deepspeed.stage}" if cfg.get("deepspeed") else accelerator.distributed_type.value

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +64,19 @@ def resolve_model(cfg: DictConfig) -> tuple[DictConfig, str]:
         spec.dtype = run_cfg.student.dtype
         return spec, f"student of {path}"
     if path.is_dir():
+        if (path / "config.yaml").is_file():
+            raise UserError(f"{target} holds a run without its final student (final/): it has not finished; "
+                            f"continue it with kdexp train train.resume=true hydra.run.dir={target}")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{target} is neither a run directory (config.yaml and final/) nor a model directory "
+                            f"(config.json): pass kdexp eval RUN_DIR, or a Hugging Face model directory")
         spec.name_or_path = str(path)
         return spec, str(path)
     for group in ("teacher", "student"):
-        preset = config.conf_dir() / group / f"{target}.yaml"
-        if preset.is_file():
-            spec = OmegaConf.merge(spec, OmegaConf.load(preset))
+        if str(target) in config.group_choices(group):
+            preset = config.compose([f"{group}={target}"])[group]
+            keys = [k for k in preset if k in spec]  # a model spec's keys (teacher= adds source, top_k, ...)
+            spec = OmegaConf.merge(spec, OmegaConf.masked_copy(preset, keys))
             return spec, f"{group}={target}"
     spec.name_or_path = str(target)
     return spec, str(target)
@@ -90,11 +98,10 @@ def eval_set(cfg: DictConfig, name: str | None) -> DictConfig:
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         if name is not None and name != cfg.data.name:
-            preset = config.conf_dir() / "data" / f"{name}.yaml"
-            if not preset.is_file():
+            if name not in config.group_choices("data"):
                 raise unknown_choice("eval.sets entry", name, config.group_choices("data"))
-            schema = OmegaConf.load(config.conf_dir() / "config.yaml").data
-            cfg.data = OmegaConf.merge(schema, OmegaConf.load(preset))
+            preset = config.compose([f"data={name}"]).data  # interpolations resolve in the run's config
+            cfg.data = OmegaConf.create(OmegaConf.to_container(preset, resolve=False))
         own = OmegaConf.to_container(cfg.eval.get("data") or {}, resolve=True)
         cfg.data = OmegaConf.merge(cfg.data, {k: v for k, v in own.items() if v is not None})
     return OmegaConf.create({"data": OmegaConf.to_container(cfg.data, resolve=True),
@@ -120,6 +127,32 @@ def score_set(model, tokenizer, set_cfg: DictConfig, desc: str) -> tuple[dict[st
     return summary, generations
 
 
+def evaluate(cfg: DictConfig, models: dict[str, Any], tokenizer,
+             write: Callable[[str, str, list], None]) -> dict[str, dict[str, Any]]:
+    """The one evaluation of kdexp: every model of ``models`` (label -> model) on every set of
+    ``eval.sets``, or on the config's own data (:func:`eval_set`, :func:`score_set`). Returns
+    ``{label: {"sets": {set: row}, **average}}``: the average over the sets of :data:`SCALARS`,
+    and the std over seeds of the per-seed averages of ROUGE-L and exact match. ``write(label,
+    set, generations)`` keeps each set's generations. The end of ``kdexp train`` and
+    ``kdexp eval`` both score through here."""
+    names = list(cfg.eval.get("sets") or [None])
+    sets = {name or cfg.data.name: eval_set(cfg, name) for name in names}  # config errors first
+    scored: dict[str, dict[str, Any]] = {}
+    for label, model in models.items():
+        rows: dict[str, dict[str, Any]] = {}
+        for name, set_cfg in sets.items():
+            rows[name], generations = score_set(model, tokenizer, set_cfg,
+                                                desc=label if len(sets) == 1 else f"{label} {name}")
+            write(label, name, generations)
+        average = {k: statistics.fmean(r[k] for r in rows.values()) for k in SCALARS}
+        for k in ("rougeL", "exact_match"):  # the std over seeds of the per-seed averages
+            per_seed = [statistics.fmean(r["per_seed"][i][k] for r in rows.values())
+                        for i in range(len(cfg.eval.seeds))]
+            average[f"{k}_std"] = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+        scored[label] = {**average, "sets": rows}
+    return scored
+
+
 def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Evaluate one model on ``eval.sets`` (or the run's data): ROUGE-L / exact match over
     seeds, validation loss and generation lengths per set, and their average over sets."""
@@ -127,27 +160,29 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     issues = config.problems(cfg, keys=["data", "eval"])
     if issues:
         raise UserError("; ".join(issues))
-    names = list(cfg.eval.sets or [None])
-    sets = {name or cfg.data.name: eval_set(cfg, name) for name in names}  # config errors first
+    for name in cfg.eval.sets or []:
+        eval_set(cfg, name)  # config errors before the model is loaded
     model, tokenizer = load_model(spec, "model")
     logger = make_logger(cfg, run_dir, job_type="eval")
-    rows: dict[str, dict[str, Any]] = {}
+    several = len(cfg.eval.sets or []) > 1
+
+    def write(_: str, name: str, generations: list) -> None:
+        with (run_dir / f"generations{'_' + name if several else ''}.jsonl").open("w") as f:
+            f.writelines(json.dumps(g) + "\n" for g in generations)
+
     try:
-        for name, set_cfg in sets.items():
-            rows[name], generations = score_set(model, tokenizer, set_cfg, desc=name)
-            suffix = "" if len(sets) == 1 else f"_{name}"
-            with (run_dir / f"generations{suffix}.jsonl").open("w") as f:
-                f.writelines(json.dumps(g) + "\n" for g in generations)
-            logger.log({f"eval/{name}/{k}": rows[name][k] for k in SCALARS}, 0)
-        average = {k: statistics.fmean(r[k] for r in rows.values()) for k in SCALARS}
+        scored = evaluate(cfg, {"model": model}, tokenizer, write)["model"]
+        rows = scored.pop("sets")
+        for name, row in rows.items():
+            logger.log({f"eval/{name}/{k}": row[k] for k in SCALARS}, 0)
         results = {"model": label, "split": cfg.eval.split, "data": cfg.data.name,
-                   "eval": cfg.eval.name, **average, "sets": rows}
+                   "eval": cfg.eval.name, **scored, "sets": rows}
         if len(rows) == 1:
             results.update(next(iter(rows.values())))
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         table = sets_table(label, rows, cfg.eval.name)
         (run_dir / "results.md").write_text(table + "\n")
-        logger.summary({f"eval/average/{k}": average[k] for k in ("rougeL", "exact_match")})
+        logger.summary({f"eval/average/{k}": scored[k] for k in ("rougeL", "exact_match")})
     finally:
         logger.finish()
     print(f"\n{table}\n", flush=True)

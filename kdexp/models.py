@@ -21,20 +21,12 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from kdexp.assets import ASSETS, asset_path  # noqa: F401  (re-exported)
 from kdexp.errors import UserError, unknown_choice
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).parent / "assets"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-def asset_path(name: str) -> str:
-    """The directory of a bundled model (``tiny-teacher``, ``tiny-student``)."""
-    path = ASSETS / name
-    if not path.is_dir():
-        raise unknown_choice("bundled model", name, [p.name for p in ASSETS.iterdir() if p.is_dir()])
-    return str(path)
 
 
 def _load_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:

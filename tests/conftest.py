@@ -30,6 +30,23 @@ FAST = [
 ]
 
 
+# Every test belongs to one tier (a marker, set from its file): `pytest -m unit`, `-m "not slurm"`.
+TIERS = {"unit": "unit", "test_configs.py": "config", "test_bad_inputs.py": "config",
+         "test_distributed.py": "distributed", "test_deepspeed.py": "distributed", "integration": "slurm",
+         "test_benchmarks.py": "bench", "test_reproduce_cli.py": "bench", "smoke": "smoke"}
+
+
+def tier(path: Path) -> str:
+    """The tier of a test file: its own name's, else its folder's."""
+    parts = Path(path).relative_to(ROOT / "tests").parts
+    return TIERS.get(parts[-1]) or TIERS[parts[0]]
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        item.add_marker(tier(Path(str(item.fspath))))
+
+
 def kdexp(*args: str, cwd: Path, env: dict[str, str | None] | None = None, check: bool = True,
           timeout: int = 300, nproc: int = 1, own_process: bool = False) -> subprocess.CompletedProcess:
     """``kdexp ARGS`` in ``cwd``: its exit status, stdout and stderr; on failure show its output.

@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from kdexp import config, losses, methods, models
+from kdexp.checks import declared_problems
 from kdexp.data.templates import TEMPLATES
 
 CONF = config.conf_dir()
@@ -97,8 +98,9 @@ def test_kd_weight_is_the_ce_kd_shorthand(compose):
 def test_problems_reports_every_bad_value_at_once(compose):
     cfg = compose(["train.max_steps=0", "loss.temperature=-1", "data.max_prompt_length=600",
                    "eval.top_p=2"])
-    found = config.problems(cfg)
+    found = declared_problems(cfg)
     assert len(found) == 4, found
+    assert any("loss.temperature must be > 0" in p for p in found)
     assert any("train.max_steps" in p for p in found)
     assert any("max_prompt_length" in p and "max_length" in p for p in found)
 
@@ -121,9 +123,9 @@ def test_adaptive_kd_weight_and_sample_weight(compose):
     objective = methods.build_objective(cfg)
     assert [(t.name, t.weight, t.adaptive) for t in objective.terms] == [("ce", 0.5, False), ("jsd", 0.5 * 4, True)]
     assert objective.sample_weight == "teacher_likelihood" and objective.min_weight == 0.2
-    assert config.problems(compose(["method.kd_weight=adaptiv"])) == [
-        "method.kd_weight must be in [0, 1] or 'adaptive', got 'adaptiv'"]
-    assert config.problems(compose(["method.sample_weight=teacher"]))
+    assert declared_problems(compose(["method.kd_weight=adaptiv"])) == [
+        "method.kd_weight must be in [0, 1] or 'adaptive', got 'adaptiv' (method=kd)"]
+    assert declared_problems(compose(["method.sample_weight=teacher"]))
 
 
 @pytest.mark.parametrize("method", config.group_choices("method"))
@@ -169,3 +171,57 @@ def test_every_sweep_names_itself_and_every_job_of_its_grid_composes(name, compo
         job_cfg = compose([f"+sweep={name}", *job])
         assert config.problems(job_cfg) == [], job
         methods.build(job_cfg)  # the method accepts its loss and parameters
+
+
+def test_every_divergence_is_declared_once_and_implemented_with_its_declared_parameters():
+    """The records (kdexp/losses/catalog.py, no torch) and the implementations agree: the
+    same names, each function's keyword parameters exactly the declared ones."""
+    import inspect
+
+    from kdexp.losses import catalog
+    from kdexp.losses.divergences import DIVERGENCES, implements
+
+    assert DIVERGENCES.names() == catalog.names() == losses.names()
+    for name in catalog.names():
+        sig = inspect.signature(DIVERGENCES.get(name))
+        keywords = {p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY}
+        assert keywords == {"temperature"} | {p.name for p in catalog.DECLARED[name].params}, name
+        assert all(p.doc for p in catalog.params(name).values()), name
+    with pytest.raises(TypeError, match="differ from its record"):
+        implements("jsd")(lambda s, t, *, temperature=1.0, gamma=0.5: s)
+
+
+@pytest.mark.parametrize("loss", losses.names())
+def test_a_divergences_preset_sets_exactly_its_declared_parameters(loss):
+    from kdexp.losses import catalog
+
+    preset = OmegaConf.to_container(OmegaConf.load(config.conf_dir() / "loss" / f"{loss}.yaml"))
+    assert set(preset) - {"name"} == {p.name for p in catalog.DECLARED[loss].params}
+
+
+@pytest.mark.parametrize("method", config.group_choices("method"))
+def test_a_methods_preset_sets_only_declared_parameters_and_each_is_documented(method, compose):
+    """One declaration per parameter: every key of the composed method section is declared in
+    the method's record (or the common ones), with its range and one line of documentation."""
+    record = methods.METHODS.get(method)
+    declared = record.declared()
+    cfg = compose([f"method={method}"])
+    assert set(cfg.method) - {"name"} <= set(declared), set(cfg.method) - set(declared)
+    assert {p.name for p in record.params} <= set(cfg.method), "a declared parameter without a default"
+    assert all(p.doc and p.what for p in declared.values())
+    assert declared_problems(cfg) == []
+
+
+def test_the_declared_checks_import_no_torch():
+    """What the command line runs before anything heavy: composing and checking a config."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kdexp import cli; "
+            "cli.main(['train', 'loss=fk1', 'method=gkd', 'method.lmbda=2'])")
+    proc = subprocess.run([sys.executable, "-c", code + "\n"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "did you mean 'fkl'" in proc.stderr and "method.lmbda must" in proc.stderr
+    code = ("import sys; from kdexp import cli\ntry:\n    cli.main(['train', 'train.lr=-1'])\n"
+            "except SystemExit:\n    print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "[]" and "train.lr must be > 0" in proc.stderr, proc.stdout + proc.stderr

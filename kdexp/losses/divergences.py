@@ -23,15 +23,32 @@ Numerics, shared by all of them:
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 
-from kdexp.errors import UserError
+from kdexp.losses import catalog
 from kdexp.registry import Registry
 
 DIVERGENCES: Registry = Registry("loss")
+
+
+def implements(name: str):
+    """Register the divergence declared as ``name`` in :mod:`kdexp.losses.catalog`; its keyword
+    parameters must be the declared ones (and ``temperature``)."""
+
+    def add(fn):
+        keywords = {p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+        declared = {"temperature"} | {p.name for p in catalog.DECLARED[name].params}
+        if keywords != declared:
+            raise TypeError(f"divergence {name}: keyword parameters {sorted(keywords)} differ from its "
+                            f"record's {sorted(declared)} (kdexp/losses/catalog.py)")
+        DIVERGENCES.add(name, fn, description=catalog.DECLARED[name].description)
+        return fn
+
+    return add
 
 NEG_INF_STANDIN = math.log(torch.finfo(torch.float32).tiny)  # -87.34, for -inf entries only
 
@@ -68,15 +85,7 @@ def log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(math.log(w) + log_a, math.log1p(-w) + log_b)
 
 
-def _check_unit(name: str, value: float, *, low_open: bool = False, high_open: bool = False) -> None:
-    lo_ok = value > 0 if low_open else value >= 0
-    hi_ok = value < 1 if high_open else value <= 1
-    if not (lo_ok and hi_ok):
-        lo, hi = "(0" if low_open else "[0", "1)" if high_open else "1]"
-        raise UserError(f"{name} must be in {lo}, {hi}, got {value}")
-
-
-@DIVERGENCES.register("fkl", description="forward KL(p || q): mean seeking (Hinton et al., 2015)")
+@implements("fkl")
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                temperature: float = 1.0) -> torch.Tensor:
     """Forward KL, KL(p_teacher || q_student), per position. [..., V] x [..., V] -> [...]
@@ -87,7 +96,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     return kl(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
 
 
-@DIVERGENCES.register("rkl", description="reverse KL(q || p): mode seeking (Gu et al., ICLR 2024)")
+@implements("rkl")
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                temperature: float = 1.0) -> torch.Tensor:
     """Reverse KL, KL(q_student || p_teacher), per position. [..., V] x [..., V] -> [...]
@@ -99,7 +108,7 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     return kl(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
 
 
-@DIVERGENCES.register("jsd", description="generalized JSD(beta) of GKD; beta=0 fkl, beta=1 rkl")
+@implements("jsd")
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                     temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
     """Generalized Jensen-Shannon divergence, per position. [..., V] x [..., V] -> [...]
@@ -110,7 +119,6 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     ends, so, following TRL's GKD trainer, ``beta = 0`` is exactly fkl and ``beta = 1`` exactly
     rkl. DistiLLM's ``js_distance(lam)`` is ``beta = 1 - lam`` here.
     """
-    _check_unit("loss.beta", beta)
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     if beta == 0:
         return kl(log_p, log_q)
@@ -120,7 +128,7 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
 
 
-@DIVERGENCES.register("tvd", description="total variation distance 0.5 * sum |p - q|")
+@implements("tvd")
 def total_variation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                     temperature: float = 1.0) -> torch.Tensor:
     """Total variation distance ``0.5 * sum_v |p_v - q_v|``, per position.
@@ -133,7 +141,7 @@ def total_variation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return 0.5 * (p - q).abs().sum(-1)
 
 
-@DIVERGENCES.register("skl", description="skew KL(p || alpha p + (1-alpha) q) of DistiLLM")
+@implements("skl")
 def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             temperature: float = 1.0, alpha: float = 0.1) -> torch.Tensor:
     """Skew KL, ``KL(p || alpha * p + (1 - alpha) * q)``, per position.
@@ -141,12 +149,11 @@ def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     Ko, Kim, Chen & Yun, "DistiLLM: Towards Streamlined Distillation for Large Language
     Models", ICML 2024, Eq. 4 (their ``lam`` is ``alpha`` here). ``alpha = 0`` is fkl.
     """
-    _check_unit("loss.alpha", alpha, high_open=True)
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     return kl(log_p, log_mix(finite(log_p), finite(log_q), alpha))
 
 
-@DIVERGENCES.register("srkl", description="skew reverse KL(q || alpha q + (1-alpha) p) of DistiLLM")
+@implements("srkl")
 def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                     temperature: float = 1.0, alpha: float = 0.1) -> torch.Tensor:
     """Skew reverse KL, ``KL(q || alpha * q + (1 - alpha) * p)``, per position.
@@ -157,7 +164,7 @@ def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return skew_kl(teacher_logits, student_logits, temperature=temperature, alpha=alpha)
 
 
-@DIVERGENCES.register("akl", description="adaptive KL: fkl and rkl weighted by head/tail gaps")
+@implements("akl")
 def adaptive_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                 temperature: float = 1.0, mu: float = 0.5) -> torch.Tensor:
     """Adaptive KL, per position.
@@ -174,7 +181,6 @@ def adaptive_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     The authors' code puts the token that crosses ``mu`` in the tail; here it is in the head,
     as the paper's definition reads.
     """
-    _check_unit("loss.mu", mu, low_open=True)
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     with torch.no_grad():
         p, q = log_p.exp(), log_q.exp()
@@ -210,7 +216,7 @@ def _ab_terms(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float, beta: floa
     return -(mixed - alpha / s * (s * lp).exp() - beta / s * (s * lq).exp()) / (alpha * beta)
 
 
-@DIVERGENCES.register("ab", description="alpha-beta divergence of ABKD; (1,0) fkl, (0,1) rkl")
+@implements("ab")
 def alpha_beta(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                temperature: float = 1.0, alpha: float = 0.2, beta: float = 0.7) -> torch.Tensor:
     """Alpha-beta divergence, per position.
@@ -232,7 +238,7 @@ def alpha_beta(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     return _ab_terms(log_p, log_q, float(alpha), float(beta)).sum(-1)
 
 
-@DIVERGENCES.register("alpha", description="Amari alpha-divergence; alpha=1 fkl, alpha=0 rkl")
+@implements("alpha")
 def amari_alpha(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                 temperature: float = 1.0, alpha: float = 0.5) -> torch.Tensor:
     """Amari alpha-divergence ``(1 - sum p^alpha q^(1-alpha)) / (alpha (1 - alpha))``.
@@ -270,7 +276,7 @@ def _scaled_expm1(log_w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(x <= 1, w * torch.expm1(x.clamp_max(1)), (log_w + x.clamp_min(1)).exp() - w)
 
 
-@DIVERGENCES.register("taid", description="TAID: KL(p_t || q), p_t interpolates q and p by t")
+@implements("taid")
 def taid(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
          temperature: float = 1.0, t: float = 0.5) -> torch.Tensor:
     """Temporally adaptive interpolated distillation loss at interpolation ``t``.
@@ -281,7 +287,6 @@ def taid(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     ``KL(p_t || q)``. Log-probabilities stand in for logits (softmax is shift invariant, and
     they are finite where logits are -inf). The schedule of ``t`` belongs to the TAID method.
     """
-    _check_unit("loss.t", t)
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     if t == 1:
         return kl(log_p, log_q)
@@ -289,7 +294,7 @@ def taid(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     return kl(target, log_q)
 
 
-@DIVERGENCES.register("amid", description="AMiD: base divergence between p and an alpha-mixture of p, q")
+@implements("amid")
 def amid(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
          temperature: float = 1.0, alpha: float = -1.0, lam: float = 0.1,
          base: str = "fkl") -> torch.Tensor:
@@ -302,10 +307,6 @@ def amid(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     base fkl: DistiLLM's skew KL at ``lam``), alpha = 1 the geometric one; the defaults are
     that skew-KL point, not a value tuned by the paper.
     """
-    _check_unit("loss.lam", lam)
-    if base == "amid" or base not in DIVERGENCES:
-        choices = ", ".join(n for n in DIVERGENCES.names() if n != "amid")
-        raise UserError(f"loss.base must be a divergence other than amid, got '{base}'; choices: {choices}")
     log_p, log_q = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     lp, lq = finite(log_p), finite(log_q)
     if alpha == 1:

@@ -21,18 +21,21 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
 from kdexp.data.encode import Example
-from kdexp.engine import full_parameters
+from kdexp.engine import plain_model
 from kdexp.rollout import RolloutSpec, sample
+
+if TYPE_CHECKING:
+    from kdexp.teachers import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +49,21 @@ def stable_seed(*key: object) -> int:
 class Context:
     """The run as a method sees it. ``student`` is the engine-wrapped model being trained."""
 
-    def __init__(self, cfg: DictConfig, accelerator, student: torch.nn.Module,
-                 teacher: torch.nn.Module | None, tokenizer, vocab: int | None,
-                 train: Sequence[Example], max_steps: int, engine: torch.nn.Module | None = None):
+    def __init__(self, cfg: DictConfig, accelerator, student: torch.nn.Module, teacher: Teacher,
+                 tokenizer, train: Sequence[Example], max_steps: int, engine: torch.nn.Module | None = None):
         self.cfg, self.accelerator = cfg, accelerator
         self.engine = engine if engine is not None else student  # what accelerate prepared
-        self.student, self.teacher, self.tokenizer, self.vocab = student, teacher, tokenizer, vocab
+        self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         self.train, self.max_steps = train, max_steps
         self.spec = RolloutSpec.from_cfg(OmegaConf.to_container(cfg.rollout, resolve=True))
         self.seed = int(cfg.seed)
         self.max_length = int(cfg.data.max_length)
         self._drawn: list[float] = []  # this step's decisions, compared across ranks
+
+    @property
+    def vocab(self) -> int | None:
+        """The logit width student and teacher are compared on (``None``: as they are)."""
+        return self.teacher.vocab
 
     @property
     def rank(self) -> int:
@@ -126,18 +133,9 @@ class Context:
 
     # -- rollouts -----------------------------------------------------------------------------
 
-    @contextmanager
-    def unwrapped(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """The plain model, dropout off, its full parameters present (gathered under ZeRO-3)."""
-        plain = self.accelerator.unwrap_model(model)
-        was_training = plain.training
-        plain.eval()
-        gathered = full_parameters(self.accelerator, self.engine if model is self.student else model)
-        try:
-            with gathered:
-                yield plain
-        finally:
-            plain.train(was_training)
+    def unwrapped_student(self) -> AbstractContextManager[torch.nn.Module]:
+        """The plain student, dropout off, its full parameters present (gathered under ZeRO-3)."""
+        return plain_model(self.accelerator, self.student, self.engine)
 
     def rollout(self, examples: Sequence[Example], *key: object, model: str = "student",
                 teacher_mix: float = 0.0, spec: RolloutSpec | None = None, shared: bool = False,
@@ -151,14 +149,12 @@ class Context:
         teacher's log-probability of each token, for rewards).
         """
         spec = spec or self.spec
-        policy = self.student if model == "student" else self.teacher
-        if policy is None:
-            raise RuntimeError(f"a {model} rollout was requested but there is no {model}")
+        policy = self.unwrapped_student() if model == "student" else self.teacher.model()
         out: list[Example] = []
         size = int(self.cfg.rollout.batch_size)
         g = self.generator(*key, shared=shared)
-        mixing = self.unwrapped(self.teacher) if teacher_mix > 0 or score_teacher else nullcontext()
-        with self.unwrapped(policy) as plain, mixing as mix, torch.no_grad():
+        mixing = self.teacher.model() if teacher_mix > 0 or score_teacher else nullcontext()
+        with policy as plain, mixing as mix, torch.no_grad():
             for start in range(0, len(examples), size):
                 chunk = examples[start:start + size]
                 samples = sample(plain, [e.prompt_ids for e in chunk], spec, self.tokenizer.eos_token_id,

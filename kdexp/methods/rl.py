@@ -191,12 +191,9 @@ def teacher_loglik(ctx: Context, rows: Sequence[Example]) -> list[float]:
     """The teacher's mean log-probability per response token of each row."""
     from kdexp.data.encode import collate_train
 
-    batch = collate_train(rows, ctx.tokenizer.pad_token_id)
     device = ctx.accelerator.device
-    logits = ctx.teacher(input_ids=batch["input_ids"].to(device),
-                         attention_mask=batch["attention_mask"].to(device)).logits
-    if ctx.vocab is not None:
-        logits = logits[..., :ctx.vocab]
+    batch = {k: v.to(device) for k, v in collate_train(rows, ctx.tokenizer.pad_token_id).items()}
+    logits = ctx.teacher.distributions(batch)
     targets = batch["targets"].to(device)
     logp = token_logp(logits, targets)
     count = (targets != IGNORE_INDEX).sum(-1).clamp_min(1)

@@ -58,3 +58,43 @@ def test_validation_reports_the_loss_mean_of_eval(tmp_path, loss_mean):
     assert got == pytest.approx(teacher_forced_nll(model, valid, tok.pad_token_id, per=loss_mean), rel=1e-6)
     other = "sequence" if loss_mean == "token" else "token"
     assert got != pytest.approx(teacher_forced_nll(model, valid, tok.pad_token_id, per=other), rel=1e-4)
+
+
+def test_a_new_teacher_kind_trains_without_a_change_to_the_loop(tmp_path, monkeypatch):
+    """A kind the loop never saw (several teachers, as the next issues add them: the mixture of
+    their distributions) is a subclass of Teacher and a builder in teachers.SOURCES. Averaging
+    a teacher with itself must train exactly as that teacher does."""
+    import math
+
+    import torch
+
+    from kdexp import teachers
+
+    class Mixture(teachers.Teacher):
+        kind = "mixture"
+
+        def __init__(self, members):
+            super().__init__(members[0].accelerator, members[0].vocab)
+            self.members, self.calls = members, 0
+
+        def distributions(self, batch):
+            self.calls += 1
+            logp = torch.stack([torch.log_softmax(m.distributions(batch).float(), -1) for m in self.members])
+            return torch.logsumexp(logp, 0) - math.log(len(self.members))
+
+    built = []
+
+    def mixture(cfg, plan, accelerator, student, tokenizer, inputs):
+        live = teachers.live(cfg, plan, accelerator, student, tokenizer, inputs)
+        built.append(Mixture([live, live]))
+        return built[-1]
+
+    overrides = ("method=kd", "train.max_steps=3", "train.log_every=1", "train.eval_every=0")
+    for run in ("one", "mixture"):
+        (tmp_path / run).mkdir()
+    train.run(composed(*overrides), tmp_path / "one")
+    monkeypatch.setitem(teachers.SOURCES._items, "live", mixture)
+    train.run(composed(*overrides), tmp_path / "mixture")
+    assert built and built[0].calls == 3 * 2  # every micro-batch of every step
+    one, mixed = ([r["train/fkl"] for r in records(tmp_path / run) if "train/fkl" in r] for run in ("one", "mixture"))
+    assert len(one) == 3 and mixed == pytest.approx(one, rel=1e-5)

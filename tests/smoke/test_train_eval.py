@@ -157,7 +157,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, objective):
     outputs, rollout store, TAID's t) and decisions that depend on the step, not on history.
     """
     args = [*FAST, "train.max_steps=6", "train.save_every=3", "train.eval_every=2",
-            "train.eval_samples=4", *objective]
+            "train.eval_samples=4", "eval.seeds=[10]", "eval.max_samples=4", "eval.max_new_tokens=12", *objective]
     kdexp("train", *args, f"hydra.run.dir={tmp_path / 'clean'}", cwd=tmp_path)
     killed = kdexp("train", *args, f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path,
                    env={"KDEXP_KILL_AT_STEP": "4"}, check=False)

@@ -369,9 +369,11 @@ def test_masked_positions_are_skipped_with_the_same_values_and_gradients(name, c
 def test_auto_chunks_by_vocabulary_size(monkeypatch):
     fkl = losses.divergence("fkl", chunk_size="auto")
     assert fkl.chunk_rows(152064) == 256 and fkl.chunk_rows(32000) == 1216 and fkl.chunk_rows(10**9) == 1
-    monkeypatch.setattr(losses, "AUTO_CHUNK_ELEMENTS", 5 * 123)  # 5 positions per chunk at V = 123
+    from kdexp.losses import bound
+
+    monkeypatch.setattr(bound, "AUTO_CHUNK_ELEMENTS", 5 * 123)  # 5 positions per chunk at V = 123
     calls = []
-    monkeypatch.setattr(losses, "chunked", lambda fn, rows, s, t, mask: calls.append(rows) or fn(s, t))
+    monkeypatch.setattr(bound, "chunked", lambda fn, rows, s, t, mask: calls.append(rows) or fn(s, t))
     s, t = pair((3, 47, 123), seed=16)
     fkl(s, t)
     fkl(s[:1, :5], t[:1, :5])  # one chunk's worth: the plain path

@@ -16,6 +16,7 @@ from kdexp.data.encode import Example
 from kdexp.losses.objective import IGNORE_INDEX, Objective
 from kdexp.methods import Context, rl, sources
 from kdexp.models import load_model
+from kdexp.teachers import LiveTeacher
 
 # --- terms --------------------------------------------------------------------------------
 
@@ -282,7 +283,9 @@ def ctx(ctx_parts, tmp_path):
     cfg, student, teacher, tok, data = ctx_parts
     cfg = cfg.copy()
     cfg.rollout.cache_dir = str(tmp_path / "cache")
-    return Context(cfg, Accelerator(cpu=True), student, teacher, tok, None, data["train"], max_steps=10)
+    accelerator = Accelerator(cpu=True)
+    return Context(cfg, accelerator, student, LiveTeacher(accelerator, None, teacher), tok, data["train"],
+                   max_steps=10)
 
 
 def test_decisions_are_shared_by_ranks_and_samples_are_not(ctx):
@@ -437,7 +440,7 @@ def test_minillm_rollouts_carry_the_teachers_log_probabilities_and_whitened_adva
     rows = src.micro_batch(ctx, [0, 1, 2, 3], 0, 0)
     batch = collate_train(rows, ctx.tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = ctx.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = ctx.teacher.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(batch["value_logp_teacher"], rl.token_logp(logits, batch["targets"]),
                                rtol=1e-4, atol=1e-4)
     flat = torch.tensor([a for r in rows for a in r.values["advantage"]], dtype=torch.float64)

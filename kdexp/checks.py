@@ -1,0 +1,198 @@
+"""The checks of a training run made before any model is loaded: the config (values, the
+method's parameters, combinations), the run directory (a second run, a resume), the
+tokenizers, the data, the evaluation sets and the teacher cache; every problem at once.
+
+This module imports no torch: :func:`declared_problems` is what the command line runs first,
+and the heavier checks import what they need when they run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kdexp import config, methods
+from kdexp.errors import Problems, UserError
+
+if TYPE_CHECKING:
+    from kdexp.teacher_cache import TeacherCache
+
+log = logging.getLogger(__name__)
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, f"{prefix}{k}."))
+    return out
+
+
+def requeued() -> bool:
+    """Whether SLURM restarted this job (preemption, time-out, ``scontrol requeue``)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to start a second run in a directory that already holds one (unless resuming).
+
+    A job that SLURM requeued continues from its last checkpoint as if ``train.resume=true``
+    was given (same run directory, same W&B run), or starts over if it died before its first.
+    """
+    from kdexp import checkpoint
+
+    if requeued() and not cfg.train.resume:
+        has_checkpoint = bool(checkpoint.list_checkpoints(run_dir))
+        log.info("requeued by SLURM (restart %s): %s", os.environ["SLURM_RESTART_COUNT"],
+                 "resuming from the last checkpoint" if has_checkpoint else "no checkpoint yet, starting over")
+        if has_checkpoint:
+            with open_dict(cfg):
+                cfg.train.resume = True
+        elif int(os.environ.get("RANK") or 0) == 0:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (run_dir / "config.yaml").unlink(missing_ok=True)
+    if cfg.train.resume:
+        if not checkpoint.list_checkpoints(run_dir):
+            raise UserError(f"train.resume=true but {run_dir} has no checkpoint; "
+                            f"point hydra.run.dir at the run to continue")
+        saved = _leaves(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+        now = _leaves(OmegaConf.to_container(cfg, resolve=True))
+        changed = sorted(k for k in saved.keys() | now.keys()
+                         if not k.startswith(("train.resume", "logger.")) and saved.get(k) != now.get(k))
+        if changed:
+            raise UserError(f"train.resume=true with a different config than the run in {run_dir}: "
+                            f"{', '.join(changed[:5])}; resume with the original overrides")
+    elif (run_dir / "config.yaml").exists() and int(os.environ.get("RANK") or 0) == 0:
+        # Only the first process asks: it writes config.yaml once the run starts, and another
+        # process may look after that.
+        raise UserError(f"{run_dir} already holds a run; continue it with train.resume=true, "
+                        f"or choose another hydra.run.dir")
+
+
+
+def declared_problems(cfg: DictConfig, world: int = 1) -> list[str]:
+    """The problems of a training config found from the declarations alone, without importing
+    torch: the run's settings (:data:`kdexp.config.SETTINGS`), the method's parameters (its
+    record in :data:`kdexp.methods.METHODS`), the divergence's (:mod:`kdexp.losses.catalog`),
+    the batch arithmetic and the names of the evaluation sets."""
+    from kdexp.errors import unknown_choice
+    from kdexp.losses import catalog
+
+    problems = Problems(config.problems(cfg))
+    with problems.check():
+        problems.extend(p for p in methods.METHODS.get(cfg.method.name).problems(cfg) if p not in problems)
+    loss = OmegaConf.to_container(cfg.loss, resolve=True) if cfg.get("loss") is not None else {}
+    name = loss.pop("name", None)
+    if name in catalog.DECLARED:
+        for option in catalog.TERM_OPTIONS:
+            if option.name in loss:
+                problems.add(option.problem(loss.pop(option.name), f"loss.{option.name}") or "")
+        for line in catalog.problems(name, loss):
+            problems.add(line)
+    elif name is not None:
+        problems.add(str(unknown_choice("loss option", name, catalog.names())))
+    t = cfg.train
+    if all(isinstance(v, int) and v > 0 for v in (t.batch_size, t.micro_batch_size)):
+        accum, rest = divmod(t.batch_size, t.micro_batch_size * world)
+        if rest or accum == 0:
+            problems.add(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                         f"train.micro_batch_size ({t.micro_batch_size}) x {world} processes")
+    for set_name in cfg.eval.get("sets") or []:
+        if set_name != cfg.data.name and set_name not in config.group_choices("data"):
+            problems.add(str(unknown_choice("eval.sets entry", set_name, config.group_choices("data"))))
+    return [p for p in problems if p]
+
+
+def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Plan | None]:
+    """Every problem of a training config found without loading anything: the declared ones
+    (:func:`declared_problems`), then those of the method's plan (its terms, its sources) and
+    of combinations that make no sense. ``(problems, plan)``."""
+    problems = Problems(declared_problems(cfg, world))
+    plan = None
+    if not any(line.startswith(("method", "loss", "unknown")) for line in problems):
+        with problems.check(consequences=True):
+            plan = methods.build(cfg)
+    if plan is None:
+        return problems, plan
+    if plan.objective.sample_weight != "none" and cfg.get("deepspeed"):
+        problems.add(f"method.sample_weight={plan.objective.sample_weight} is normalized over the optimizer "
+                     f"step by rescaling the accumulated gradients, which DeepSpeed's fused step does not "
+                     f"allow: train it without deepspeed= (DDP or one process)")
+    from_cache = cfg.teacher.get("source") == "cache"
+    if from_cache and (plan.online is not None or type(plan.source) is not methods.Source
+                       or any(c.needs_teacher for c in plan.hooks)):
+        problems.add(f"teacher.source=cache serves methods that train on the dataset text (sft, kd, "
+                     f"taid, ...); method={cfg.method.name} generates or trains sequences the cache "
+                     f"cannot hold: use teacher.source=live")
+    elif plan.needs_teacher and not from_cache and not cfg.teacher.get("name_or_path"):
+        problems.add(f"method={cfg.method.name} needs a teacher; choose one with teacher=NAME")
+    return problems, plan
+
+
+def eval_sets(cfg: DictConfig, problems: Problems, read: bool = False) -> dict[str, DictConfig]:
+    """The configs of ``eval.sets`` (the final evaluation's data sets), each problem recorded;
+    ``read``: also read each set's test records, so a missing file stops the run before training
+    rather than after it."""
+    from kdexp import jobs
+
+    sets: dict[str, DictConfig] = {}
+    for name in cfg.eval.get("sets") or []:
+        with problems.check():
+            sets[name] = jobs.eval_set(cfg, name)
+            if read:
+                try:
+                    from kdexp.data.sources import load_test_split
+
+                    load_test_split(OmegaConf.to_container(sets[name].data))
+                except UserError as err:
+                    raise UserError(f"evaluation set {name} (eval.sets): {err}; MiniLLM's processed "
+                                    f"sets are read under eval.data_dir") from None
+    return sets
+
+
+class Inputs(NamedTuple):
+    plan: methods.Plan
+    tokenizer: Any
+    data: dict[str, list]
+    teacher_tokenizer: Any  # None: not needed, or from the cache
+    cache: TeacherCache | None
+
+
+def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
+    """Check the config, the run directory, the tokenizers, the data and the teacher cache
+    before any model is loaded; every problem at once."""
+    from kdexp import teacher_cache
+    from kdexp.data import load_examples
+    from kdexp.models import load_tokenizer, same_tokenizer
+    from kdexp.step import BatchStream
+
+    problems, plan = check_config(cfg, world)
+    with problems.check():
+        check_run_dir(cfg, run_dir)
+    tokenizer = teacher_tok = data = cache = None
+    with problems.check(consequences=True):
+        tokenizer = load_tokenizer(cfg.student, "student")
+    wants_teacher = plan is not None and (plan.needs_teacher or cfg.eval.teacher)
+    if wants_teacher and cfg.teacher.get("name_or_path") and cfg.teacher.source == "live":
+        with problems.check(consequences=True):
+            teacher_tok = load_tokenizer(cfg.teacher, "teacher")
+            if tokenizer is not None:
+                same_tokenizer(tokenizer, teacher_tok, (cfg.student.name_or_path, cfg.teacher.name_or_path))
+    if tokenizer is not None:
+        with problems.check(consequences=True):
+            data = load_examples(cfg.data, tokenizer)
+            BatchStream.check(len(data["train"]), cfg.train.micro_batch_size, world)
+    eval_sets(cfg, problems, read=True)
+    if data is not None and cfg.teacher.source == "cache" and not problems:
+        with problems.check():
+            cache = teacher_cache.open_cache(cfg, data["train"], tokenizer,
+                                             teacher_cache.temperature_of(plan.objective.teacher_temperatures))
+    problems.raise_if_any()
+    return Inputs(plan, tokenizer, data, teacher_tok, cache)
+
+

@@ -1,0 +1,118 @@
+"""The interface of the teacher side: what the loop and the methods may ask of a teacher.
+
+The training loop holds one :class:`Teacher` and never asks which kind it is. Each kind
+answers the same questions:
+
+* the engine: which module accelerate trains (the student, or the student together with a
+  teacher that trains too), which parameter groups the teacher adds to the optimizer (none
+  for a frozen teacher), what must happen once the engine is prepared (ZeRO-3 partitions a
+  frozen teacher);
+* a micro-batch: the extra inputs it needs next to the token ids (a cache's row indices), and
+  the student's and the teacher's logits on it (:meth:`Teacher.forward`); the teacher's alone
+  (:meth:`Teacher.distributions`), e.g. to score a reward;
+* sampling and generation: a plain model that gives next-token logits (:meth:`Teacher.model`),
+  for teacher outputs (SeqKD, DistiLLM-2) and MiniLLM's teacher-mixed rollouts;
+* the end of the run: what it saves beside the student, and the model the final evaluation
+  scores.
+
+A kind is a subclass registered in :data:`kdexp.teachers.SOURCES` under the name of
+``teacher.source``; a served teacher, several teachers combined, or a teacher with another
+tokenizer is a new subclass, and the loop does not change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+Logits = torch.Tensor  # [B, T, V], the positions of the micro-batch's sequences
+
+
+def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab: int | None) -> Logits:
+    """``model``'s logits on the batch's sequences, cut to the compared width ``vocab``."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return out if vocab is None else out[..., :vocab]
+
+
+def clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class Teacher:
+    """No teacher: a method that needs none (SFT) and evaluates none. The base of every kind.
+
+    ``vocab``: the logit width student and teacher are compared on (``None``: the logits as
+    they are). ``seconds``: the time spent computing teacher distributions for the loss,
+    reported per step as ``train/teacher_s``. ``student_part``: the attribute of the engine's
+    model that is the student (``None``: the engine's model is the student).
+    """
+
+    kind = "none"
+    student_part: str | None = None
+
+    def __init__(self, accelerator, vocab: int | None = None):
+        self.accelerator, self.vocab = accelerator, vocab
+        self.seconds = 0.0
+
+    # -- the engine -------------------------------------------------------------------------
+
+    def engine_module(self, student: torch.nn.Module) -> torch.nn.Module:
+        """The module the engine trains: the student alone, unless the teacher trains too."""
+        return student
+
+    def param_groups(self) -> list[tuple[list[torch.nn.Parameter], float]]:
+        """The teacher's trainable parameters and their learning rate, one group each."""
+        return []
+
+    def prepared(self, engine: torch.nn.Module) -> torch.nn.Module:
+        """Called once the engine is prepared; returns the student as the loop trains it."""
+        return engine
+
+    # -- a micro-batch ----------------------------------------------------------------------
+
+    def inputs(self, examples: Sequence) -> dict[str, torch.Tensor]:
+        """Tensors the teacher needs in the micro-batch of ``examples``, beside the tokens."""
+        return {}
+
+    def forward(self, engine: torch.nn.Module, batch: dict[str, torch.Tensor],
+                wanted: bool) -> tuple[Logits, Logits | None]:
+        """The student's logits (with their gradient) and, when ``wanted``, the teacher's."""
+        student = logits_of(engine, batch, self.vocab)
+        if not wanted:
+            return student, None
+        started = clock(self.accelerator.device)
+        teacher = self.distributions(batch)
+        self.seconds += clock(self.accelerator.device) - started
+        return student, teacher
+
+    def distributions(self, batch: dict[str, torch.Tensor]) -> Logits:
+        """The teacher's logits at every position of the batch's sequences (no gradient)."""
+        raise RuntimeError("the teacher's distributions were asked for but this run has no teacher")
+
+    # -- sampling and generation ------------------------------------------------------------
+
+    @contextmanager
+    def model(self) -> Iterator[torch.nn.Module]:
+        """A plain model in eval mode, whole (gathered under ZeRO-3), for sampling."""
+        raise RuntimeError("a teacher rollout was requested but this run has no teacher model")
+        yield  # pragma: no cover
+
+    # -- the end of the run -----------------------------------------------------------------
+
+    def save(self, engine: torch.nn.Module, run_dir: Path) -> None:
+        """Save what the teacher learned beside the student (every process calls it)."""
+
+    def gathered(self) -> list[torch.nn.Module]:
+        """The teacher modules whose parameters the final evaluation must gather (ZeRO-3)."""
+        return []
+
+    def evaluated(self) -> torch.nn.Module | None:
+        """The plain model the final evaluation scores, or ``None``."""
+        return None

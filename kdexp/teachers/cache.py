@@ -1,0 +1,40 @@
+"""The teacher read from a top-k cache on disk (``teacher.source=cache``), built beforehand by
+``kdexp cache-teacher`` (:mod:`kdexp.teacher_cache`): no teacher model is loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kdexp.errors import UserError
+from kdexp.models import logit_width, vocab_rows
+from kdexp.teacher_cache import TeacherCache
+from kdexp.teachers.base import Logits, Teacher
+
+
+class CachedTeacher(Teacher):
+    """Each training sequence's top-k teacher log-probabilities and its tail's share, rebuilt
+    into logits at the target positions (:meth:`kdexp.teacher_cache.TeacherCache.logits`).
+
+    It serves the methods that train on the dataset text; a method that samples from the
+    teacher or generates with it is refused before the run starts (``train.check_config``).
+    """
+
+    kind = "cache"
+
+    def __init__(self, accelerator, cache: TeacherCache, student: torch.nn.Module, tokenizer):
+        rows = vocab_rows(student)
+        # as kdexp.models.shared_vocab: the tokenizer's tokens when either side is padded
+        vocab = logit_width(rows, cache.vocab, len(tokenizer), "cached teacher")
+        if (vocab or rows) < cache.top_k:
+            raise UserError(f"the teacher cache holds top-{cache.top_k} entries but the student has "
+                            f"{vocab or rows} logits")
+        super().__init__(accelerator, vocab)
+        self.cache, self.width = cache, vocab or rows
+
+    def inputs(self, examples: Sequence) -> dict[str, torch.Tensor]:
+        return {"cache_rows": self.cache.row_indices(examples)}
+
+    def distributions(self, batch: dict[str, torch.Tensor]) -> Logits:
+        return self.cache.logits(batch["cache_rows"], batch["targets"], self.width)
