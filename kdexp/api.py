@@ -82,7 +82,7 @@ def run(command: str, overrides: Sequence[str] = (), cwd: str | Path | None = No
     """Run ``kdexp COMMAND OVERRIDES`` in this process and return its job's result (``train``:
     the results dict). ``cwd``: the working directory to run in (relative paths, ``runs/``);
     ``env``: variables to set (``None`` removes one) for the call only."""
-    from kdexp import cli
+    from kdexp import cli, preflight
 
     if command not in RUNNERS:
         from kdexp.errors import unknown_choice
@@ -90,7 +90,7 @@ def run(command: str, overrides: Sequence[str] = (), cwd: str | Path | None = No
         raise unknown_choice("command", command, RUNNERS)
     with isolated(cwd, env):
         args = cli.command_args(command, list(overrides))
-        existing = cli.preflight(args, cli.CHECKED[command])
+        existing = preflight.preflight(args, preflight.CHECKED[command])
         return _hydra_run(command, args, existing)
 
 

@@ -34,19 +34,20 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kdexp.asset", asset_path)
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """``conf/config.yaml`` composed with ``overrides`` by Hydra's compose API (inside a running
-    Hydra job, or on its own), e.g. ``compose(["data=dolly"]).data``: a preset as Hydra reads
-    it, defaults lists, packages and interpolations included."""
+def compose(overrides: list[str], name: str = "config") -> DictConfig:
+    """``conf/NAME.yaml`` composed with ``overrides`` by Hydra's compose API (inside a running
+    Hydra job, or on its own): ``compose(["data=dolly"]).data`` is the data section with that
+    preset, ``compose([], "teacher/gpt2").teacher`` the keys the preset itself sets, as Hydra
+    reads them (defaults lists, packages and interpolations included)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_resolvers()
     if GlobalHydra.instance().is_initialized():
-        return hydra_compose("config", overrides=overrides)
+        return hydra_compose(name, overrides=overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="kdexp"):
-        return hydra_compose("config", overrides=overrides)
+        return hydra_compose(name, overrides=overrides)
 
 
 def group_choices(group: str) -> list[str]:

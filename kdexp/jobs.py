@@ -74,9 +74,8 @@ def resolve_model(cfg: DictConfig) -> tuple[DictConfig, str]:
         return spec, str(path)
     for group in ("teacher", "student"):
         if str(target) in config.group_choices(group):
-            preset = config.compose([f"{group}={target}"])[group]
-            keys = [k for k in preset if k in spec]  # a model spec's keys (teacher= adds source, top_k, ...)
-            spec = OmegaConf.merge(spec, OmegaConf.masked_copy(preset, keys))
+            own = config.compose([], f"{group}/{target}")[group]  # the keys the preset sets
+            spec = OmegaConf.merge(spec, OmegaConf.masked_copy(own, [k for k in own if k in spec]))
             return spec, f"{group}={target}"
     spec.name_or_path = str(target)
     return spec, str(target)
@@ -164,7 +163,7 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         eval_set(cfg, name)  # config errors before the model is loaded
     model, tokenizer = load_model(spec, "model")
     logger = make_logger(cfg, run_dir, job_type="eval")
-    several = len(cfg.eval.sets or []) > 1
+    several = len(dict.fromkeys(cfg.eval.sets or [])) > 1  # as evaluate() counts them
 
     def write(_: str, name: str, generations: list) -> None:
         with (run_dir / f"generations{'_' + name if several else ''}.jsonl").open("w") as f:

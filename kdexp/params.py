@@ -46,12 +46,18 @@ def between(lo: float, hi: float, low_open: bool = False, high_open: bool = Fals
 unit = between(0, 1)
 
 
+def real(v: Any) -> bool:
+    """An int or float (not a bool), infinity included."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
 def positive(v: Any) -> bool:
-    return number(v) and v > 0
+    """> 0, infinity included (``train.max_grad_norm=inf``: measure the norm, never clip)."""
+    return real(v) and v > 0
 
 
 def nonneg(v: Any) -> bool:
-    return number(v) and v >= 0
+    return real(v) and v >= 0
 
 
 def positive_int(v: Any) -> bool:

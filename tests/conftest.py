@@ -22,11 +22,13 @@ from kdexp.models import ASSETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A tiny, fast run on the bundled models: a few steps, a small toy split, one eval seed.
+# A tiny, fast run on the bundled models: a few steps, a small toy split, two eval seeds, the
+# student alone evaluated at the end (the tests of the teacher's evaluation ask for it).
 FAST = [
     "logger=none", "train.max_steps=6", "train.log_every=2", "train.save_every=3",
     "data.toy.n_train=96", "data.toy.n_valid=16", "data.toy.n_test=12",
     "eval.seeds=[10,20]", "eval.max_new_tokens=24", "train.batch_size=8", "train.micro_batch_size=4",
+    "eval.teacher=false",
 ]
 
 

@@ -97,7 +97,7 @@ CASES: list[tuple[str, str, list[str], list[str], Setup | None]] = [
     ("unknown-command", "trian", [], ["unknown command 'trian'", "did you mean 'train'"], None),
     ("unknown-method", "train", ["method=gdk"], ["method option 'gdk'", "did you mean 'gkd'"], None),
     ("unknown-loss", "train", ["loss=fk1"], ["loss option 'fk1'", "did you mean 'fkl'"], None),
-    ("group-set-to-null", "train", ["experiment=gpt2_base", "deepspeed=null"], ["deepspeed=null does not remove", "~deepspeed"], None),
+    ("group-set-to-null", "train", ["experiment=gpt2_base", "deepspeed=null"], ["deepspeed=null is not an option of deepspeed", "~deepspeed"], None),
     ("unknown-student", "train", ["student=gtp2"], ["student option 'gtp2'", "did you mean 'gpt2'"], None),
     ("typo-in-key", "train", ["train.max_step=5"], ["unknown option 'train.max_step'", "did you mean 'train.max_steps'"], None),
     ("unparsable-override", "train", ["train.max_steps=[1,"], ["cannot parse the overrides"], None),

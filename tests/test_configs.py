@@ -225,3 +225,17 @@ def test_the_declared_checks_import_no_torch():
             "except SystemExit:\n    print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "[]" and "train.lr must be > 0" in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_kdexp_eval_reads_a_preset_through_hydra_and_keeps_the_command_lines_model_settings(compose):
+    """``kdexp eval model=PRESET``: the keys the preset sets (Hydra's compose of the preset),
+    over the model settings given on the command line (student.*), which the preset leaves."""
+    from kdexp.jobs import resolve_model
+
+    cfg = compose(["model=gpt2", "student.trust_remote_code=true", "student.attn_implementation=eager",
+                   "student.dtype=bfloat16", "student.revision=abc"])
+    spec, label = resolve_model(cfg)
+    assert label == "teacher=gpt2" and spec.name_or_path == "openai-community/gpt2"
+    assert spec.dtype == "float32"  # the preset's own
+    assert spec.trust_remote_code is True and spec.attn_implementation == "eager" and spec.revision == "abc"
+    assert "source" not in spec and "top_k" not in spec  # a model spec: no teacher-only keys

@@ -55,7 +55,8 @@ DECLARED: dict[str, Declared] = {
     "amid": Declared("AMiD: base divergence between p and an alpha-mixture of p, q", (
         Param("alpha", number, "a finite number", "mixture family: -1 arithmetic, 1 geometric"),
         Param("lam", unit, "in [0, 1]", "the teacher's weight in the mixture"),
-        Param("base", lambda v: v in DECLARED and v != "amid", "a divergence other than amid",
+        Param("base", lambda v: v in DECLARED and v != "amid",
+              "a divergence other than amid: ab, akl, alpha, fkl, jsd, rkl, skl, srkl, taid or tvd",
               "the divergence between the teacher and the mixture"))),
 }
 

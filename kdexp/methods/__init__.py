@@ -115,6 +115,15 @@ def param(cfg: DictConfig, key: str) -> Any:
     return cfg.method.get(key)
 
 
+def names_list(v: Any) -> bool:
+    """A list of strings (an empty one means the default, as null does)."""
+    return not isinstance(v, (str, bytes, int, float, bool)) and all(isinstance(x, str) for x in v)
+
+
+def number_at_least(v: Any, lo: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo
+
+
 def loss_term(cfg: DictConfig, weight: float, **extra: Any) -> TermSpec:
     """The ``loss=`` group as a term: its name plus its hyper-parameters."""
     params = OmegaConf.to_container(cfg.loss, resolve=True)
@@ -358,14 +367,10 @@ METHODS.add("okd", Method(
             Param("r", positive_int, "an integer > 0", "LoRA rank (ptuning: the encoder's hidden size)"),
             Param("lora_alpha", positive, "> 0", "LoRA scaling = lora_alpha / r"),
             Param("dropout", between(0, 1, high_open=True), "in [0, 1)", "LoRA dropout"),
-            Param("target_modules", optional(lambda v: len(v) > 0), "a list of module names or null",
+            Param("target_modules", optional(names_list), "a list of module names or null",
                   "null: the query and value projections of the architecture"),
             Param("num_virtual_tokens", positive_int, "an integer > 0", "prefix / ptuning length"),
             Param("teacher_lr", positive, "> 0", "the module's learning rate"))))
-
-
-def number_at_least(v: Any, lo: float) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo
 
 
 _LAZY = {"Plan": "plan", "build": "plan", "build_objective": "plan", "objective_spec": "plan",

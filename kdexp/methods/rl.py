@@ -193,7 +193,7 @@ def teacher_loglik(ctx: Context, rows: Sequence[Example]) -> list[float]:
 
     device = ctx.accelerator.device
     batch = {k: v.to(device) for k, v in collate_train(rows, ctx.tokenizer.pad_token_id).items()}
-    logits = ctx.teacher.distributions(batch)
+    logits = ctx.teacher.distributions(batch, autocast=False)
     targets = batch["targets"].to(device)
     logp = token_logp(logits, targets)
     count = (targets != IGNORE_INDEX).sum(-1).clamp_min(1)

@@ -92,8 +92,10 @@ class Teacher:
         self.seconds += clock(self.accelerator.device) - started
         return student, teacher
 
-    def distributions(self, batch: dict[str, torch.Tensor]) -> Logits:
-        """The teacher's logits at every position of the batch's sequences (no gradient)."""
+    def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
+        """The teacher's logits at every position of the batch's sequences (no gradient);
+        ``autocast``: under the run's mixed precision (as for the loss), else in the model's
+        own dtype (as rewards are scored)."""
         raise RuntimeError("the teacher's distributions were asked for but this run has no teacher")
 
     # -- sampling and generation ------------------------------------------------------------

@@ -36,5 +36,5 @@ class CachedTeacher(Teacher):
     def inputs(self, examples: Sequence) -> dict[str, torch.Tensor]:
         return {"cache_rows": self.cache.row_indices(examples)}
 
-    def distributions(self, batch: dict[str, torch.Tensor]) -> Logits:
+    def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
         return self.cache.logits(batch["cache_rows"], batch["targets"], self.width)

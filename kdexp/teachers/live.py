@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -38,8 +38,8 @@ class LiveTeacher(Teacher):
                          self.accelerator.num_processes)
         return engine
 
-    def distributions(self, batch: dict[str, torch.Tensor]) -> Logits:
-        with torch.no_grad(), self.accelerator.autocast():
+    def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
+        with torch.no_grad(), self.accelerator.autocast() if autocast else nullcontext():
             return logits_of(self.module, batch, self.vocab)
 
     @contextmanager
@@ -91,8 +91,8 @@ class OnlineTeacher(Teacher):
             student, teacher = student[..., :self.vocab], teacher[..., :self.vocab]
         return student, teacher
 
-    def distributions(self, batch: dict[str, torch.Tensor]) -> Logits:
-        with torch.no_grad(), self.accelerator.autocast():
+    def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
+        with torch.no_grad(), self.accelerator.autocast() if autocast else nullcontext():
             logits = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, self.online.virtual_tokens:]
         return logits if self.vocab is None else logits[..., :self.vocab]

@@ -23,7 +23,7 @@ EVAL_DATA = ["data.max_prompt_length=24", "data.too_long=skip", "eval.data.too_l
 def kd_run(tmp_path_factory):
     """One short KD run shared by the record checks below."""
     root = tmp_path_factory.mktemp("kd")
-    proc = kdexp("train", *FAST, *EVAL_DATA, f"hydra.run.dir={root / 'run'}", cwd=root)
+    proc = kdexp("train", *FAST, *EVAL_DATA, "eval.teacher=true", f"hydra.run.dir={root / 'run'}", cwd=root)
     return root / "run", proc
 
 

@@ -105,3 +105,34 @@ def test_an_online_teacher_trains_its_module_with_the_student_in_one_forward(acc
     assert s.requires_grad and t.requires_grad  # both models train
     torch.testing.assert_close(t.detach(), teacher.distributions(batch))
     assert teacher.prepared(pair) is student
+
+
+def test_every_teacher_source_has_a_builder_and_the_config_check_knows_it():
+    from kdexp.config import TEACHER_SOURCES
+    from kdexp.teachers import SOURCES
+
+    assert sorted(SOURCES.names()) == sorted(TEACHER_SOURCES)
+
+
+def test_rewards_read_the_teacher_without_the_runs_mixed_precision(accelerator):
+    """GKD+RL's teacher-likelihood reward is scored in the model's own dtype, as before the
+    teacher side existed; the loss's teacher logits follow the run's autocast."""
+    seen = []
+
+    class Recorder(LiveTeacher):
+        def distributions(self, batch, autocast=True):
+            seen.append(autocast)
+            return super().distributions(batch, autocast)
+
+    from kdexp.methods import rl
+
+    teacher = Recorder(accelerator, None, TableTeacher())
+    ctx = type("Ctx", (), {"teacher": teacher, "tokenizer": Tok(), "accelerator": accelerator})()
+    rows = examples(3)
+    got = rl.teacher_loglik(ctx, rows)
+    batch = collate_train(rows, 0)
+    logp = torch.log_softmax(TableTeacher().table[batch["input_ids"]].detach(), -1)
+    mask = batch["targets"] != IGNORE_INDEX
+    picked = logp.gather(-1, batch["targets"].clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+    want = (picked.sum(-1) / mask.sum(-1)).tolist()
+    assert seen == [False] and got == pytest.approx(want, rel=1e-5)
