@@ -85,14 +85,14 @@ def declared_problems(cfg: DictConfig, world: int = 1) -> list[str]:
 
     problems = Problems(config.problems(cfg))
     with problems.check():
-        problems.extend(p for p in methods.METHODS.get(cfg.method.name).problems(cfg) if p not in problems)
+        for line in methods.METHODS.get(cfg.method.name).problems(cfg):
+            problems.add(line)
     loss = OmegaConf.to_container(cfg.loss, resolve=True) if cfg.get("loss") is not None else {}
     name = loss.pop("name", None)
     if name in catalog.DECLARED:
-        for option in catalog.TERM_OPTIONS:
-            if option.name in loss:
-                problems.add(option.problem(loss.pop(option.name), f"loss.{option.name}") or "")
-        for line in catalog.problems(name, loss):
+        options = [option.problem(loss.pop(option.name), f"loss.{option.name}")
+                   for option in catalog.TERM_OPTIONS if option.name in loss]
+        for line in [p for p in options if p] + catalog.problems(name, loss):
             problems.add(line)
     elif name is not None:
         problems.add(str(unknown_choice("loss option", name, catalog.names())))
@@ -105,7 +105,7 @@ def declared_problems(cfg: DictConfig, world: int = 1) -> list[str]:
     for set_name in cfg.eval.get("sets") or []:
         if set_name != cfg.data.name and set_name not in config.group_choices("data"):
             problems.add(str(unknown_choice("eval.sets entry", set_name, config.group_choices("data"))))
-    return [p for p in problems if p]
+    return list(problems)
 
 
 def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Plan | None]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdexp.params import Param, nonneg, nonneg_int, one_of, positive, positive_int, unit
+from kdexp.params import Param, between, nonneg, nonneg_int, one_of, optional, positive, positive_int, unit
 
 GROUPS = ("method", "loss", "student", "teacher", "data", "eval", "logger")
 
@@ -115,8 +115,8 @@ TEACHER_SOURCES = ("live", "cache")
 SETTINGS: tuple[Param, ...] = (
     Param("seed", nonneg_int, "an integer >= 0"),
     Param("train.max_steps", positive_int, "an integer > 0"),
-    Param("train.epochs", lambda v: v is None or positive(v), "> 0 or null"),
-    Param("train.warmup_ratio", lambda v: v is None or unit(v) and v < 1, "in [0, 1) or null"),
+    Param("train.epochs", optional(positive), "> 0 or null"),
+    Param("train.warmup_ratio", optional(between(0, 1, high_open=True)), "in [0, 1) or null"),
     Param("train.batch_size", positive_int, "an integer > 0"),
     Param("train.micro_batch_size", positive_int, "an integer > 0"),
     Param("train.lr", positive, "> 0"),
@@ -132,12 +132,12 @@ SETTINGS: tuple[Param, ...] = (
     Param("train.max_bad_steps", positive_int, "an integer > 0"),
     Param("data.on_error", one_of("fail", "skip"), "fail or skip"),
     Param("train.log_every", positive_int, "an integer > 0"),
-    Param("teacher.source", lambda v: v in TEACHER_SOURCES, " or ".join(TEACHER_SOURCES)),
+    Param("teacher.source", one_of(*TEACHER_SOURCES), " or ".join(TEACHER_SOURCES)),
     Param("teacher.top_k", positive_int, "an integer > 0"),
     Param("data.max_prompt_length", positive_int, "an integer > 0"),
     Param("data.max_length", positive_int, "an integer > 0"),
-    Param("eval.data.max_prompt_length", lambda v: v is None or positive_int(v), "an integer > 0 or null"),
-    Param("eval.data.max_length", lambda v: v is None or positive_int(v), "an integer > 0 or null"),
+    Param("eval.data.max_prompt_length", optional(positive_int), "an integer > 0 or null"),
+    Param("eval.data.max_length", optional(positive_int), "an integer > 0 or null"),
     Param("eval.data.too_long", one_of(None, "truncate", "cut_end", "skip", "error"),
           "truncate, cut_end, skip, error or null"),
     Param("eval.temperature", positive, "> 0"),
@@ -147,19 +147,19 @@ SETTINGS: tuple[Param, ...] = (
     Param("eval.no_repeat_ngram_size", nonneg_int, "an integer >= 0 (0: off)"),
     Param("eval.batch_size", positive_int, "an integer > 0"),
     Param("rollout.temperature", positive, "> 0"),
-    Param("rollout.top_p", lambda v: unit(v) and v > 0, "in (0, 1]"),
+    Param("rollout.top_p", between(0, 1, low_open=True), "in (0, 1]"),
     Param("rollout.top_k", nonneg_int, "an integer >= 0 (0: off)"),
     Param("rollout.max_new_tokens", positive_int, "an integer > 0"),
     Param("rollout.batch_size", positive_int, "an integer > 0"),
-    Param("analyze.max_samples", lambda v: v is None or positive_int(v), "an integer > 0 or null (all)"),
+    Param("analyze.max_samples", optional(positive_int), "an integer > 0 or null (all)"),
     Param("analyze.n_samples", positive_int, "an integer > 0"),
     Param("analyze.temperature", positive, "> 0"),
-    Param("analyze.top_p", lambda v: unit(v) and v > 0, "in (0, 1]"),
+    Param("analyze.top_p", between(0, 1, low_open=True), "in (0, 1]"),
     Param("analyze.top_k", nonneg_int, "an integer >= 0 (0: off)"),
     Param("analyze.max_new_tokens", positive_int, "an integer > 0"),
-    Param("analyze.max_steps", lambda v: v is None or positive_int(v), "an integer > 0 or null"),
+    Param("analyze.max_steps", optional(positive_int), "an integer > 0 or null"),
     Param("analyze.min_count", positive_int, "an integer > 0"),
-    Param("analyze.length", lambda v: v is None or positive_int(v), "an integer > 0 or null"),
+    Param("analyze.length", optional(positive_int), "an integer > 0 or null"),
     Param("analyze.n_buckets", positive_int, "an integer > 0"),
     Param("analyze.n_bins", positive_int, "an integer > 0"),
     Param("analyze.gammas", lambda v: len(v) > 0 and all(positive_int(g) for g in v), "a non-empty list of integers > 0"),

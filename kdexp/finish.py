@@ -72,7 +72,7 @@ def final_evaluation(cfg: DictConfig, run_dir: Path, student: torch.nn.Module, t
         with (gen_dir / f"{name if several else 'test'}_{who}.jsonl").open("w") as f:
             f.writelines(json.dumps(g) + "\n" for g in generations)
 
-    scored = jobs.evaluate(cfg, models, tokenizer, write)
+    scored = jobs.evaluate(cfg, models, tokenizer, jobs.eval_sets(cfg), write)
     top = ("rougeL", "rougeL_std", "exact_match", "exact_match_std")
     if several:
         results: dict[str, Any] = {"split": "test", "eval": cfg.eval.name, **scored}

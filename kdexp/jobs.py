@@ -126,16 +126,20 @@ def score_set(model, tokenizer, set_cfg: DictConfig, desc: str) -> tuple[dict[st
     return summary, generations
 
 
-def evaluate(cfg: DictConfig, models: dict[str, Any], tokenizer,
+def eval_sets(cfg: DictConfig) -> dict[str, DictConfig]:
+    """``{name: set config}`` of ``eval.sets``, or ``{data name: ...}`` of the config's own data
+    (:func:`eval_set`): what :func:`evaluate` scores; composing them finds config errors."""
+    return {name or cfg.data.name: eval_set(cfg, name) for name in list(cfg.eval.get("sets") or [None])}
+
+
+def evaluate(cfg: DictConfig, models: dict[str, Any], tokenizer, sets: dict[str, DictConfig],
              write: Callable[[str, str, list], None]) -> dict[str, dict[str, Any]]:
     """The one evaluation of kdexp: every model of ``models`` (label -> model) on every set of
-    ``eval.sets``, or on the config's own data (:func:`eval_set`, :func:`score_set`). Returns
+    ``sets`` (:func:`eval_sets`), each scored by :func:`score_set`. Returns
     ``{label: {"sets": {set: row}, **average}}``: the average over the sets of :data:`SCALARS`,
     and the std over seeds of the per-seed averages of ROUGE-L and exact match. ``write(label,
     set, generations)`` keeps each set's generations. The end of ``kdexp train`` and
     ``kdexp eval`` both score through here."""
-    names = list(cfg.eval.get("sets") or [None])
-    sets = {name or cfg.data.name: eval_set(cfg, name) for name in names}  # config errors first
     scored: dict[str, dict[str, Any]] = {}
     for label, model in models.items():
         rows: dict[str, dict[str, Any]] = {}
@@ -159,18 +163,17 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     issues = config.problems(cfg, keys=["data", "eval"])
     if issues:
         raise UserError("; ".join(issues))
-    for name in cfg.eval.sets or []:
-        eval_set(cfg, name)  # config errors before the model is loaded
+    sets = eval_sets(cfg)  # config errors before the model is loaded
     model, tokenizer = load_model(spec, "model")
     logger = make_logger(cfg, run_dir, job_type="eval")
-    several = len(dict.fromkeys(cfg.eval.sets or [])) > 1  # as evaluate() counts them
+    several = len(sets) > 1
 
     def write(_: str, name: str, generations: list) -> None:
         with (run_dir / f"generations{'_' + name if several else ''}.jsonl").open("w") as f:
             f.writelines(json.dumps(g) + "\n" for g in generations)
 
     try:
-        scored = evaluate(cfg, {"model": model}, tokenizer, write)["model"]
+        scored = evaluate(cfg, {"model": model}, tokenizer, sets, write)["model"]
         rows = scored.pop("sets")
         for name, row in rows.items():
             logger.log({f"eval/{name}/{k}": row[k] for k in SCALARS}, 0)

@@ -60,6 +60,11 @@ def nonneg(v: Any) -> bool:
     return real(v) and v >= 0
 
 
+def at_least(lo: float) -> Callable[[Any], bool]:
+    """A number >= ``lo``, infinity included."""
+    return lambda v: real(v) and v >= lo
+
+
 def positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 

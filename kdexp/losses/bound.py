@@ -56,9 +56,7 @@ def divergence(name: str, **params: object) -> Divergence:
         raise UserError(problems[0])
     params = dict(params)
     chunk_size = params.pop("chunk_size", None)
-    bound = Bound(name, fn, params)
-    bound.chunk_size = chunk_size
-    return bound
+    return Bound(name, fn, params, chunk_size)
 
 
 class Bound:

@@ -27,6 +27,7 @@ from kdexp.errors import UserError
 from kdexp.params import (
     Param,
     anything,
+    at_least,
     between,
     boolean,
     nonneg,
@@ -120,10 +121,6 @@ def names_list(v: Any) -> bool:
     return not isinstance(v, (str, bytes, int, float, bool)) and all(isinstance(x, str) for x in v)
 
 
-def number_at_least(v: Any, lo: float) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo
-
-
 def loss_term(cfg: DictConfig, weight: float, **extra: Any) -> TermSpec:
     """The ``loss=`` group as a term: its name plus its hyper-parameters."""
     params = OmegaConf.to_container(cfg.loss, resolve=True)
@@ -211,7 +208,7 @@ METHODS.add("imitkd", Method(
     "imitkd", "ImitKD (Lin et al., EMNLP 2020): each sequence is student-generated with "
               "probability 1 - beta, beta = beta_base^(-step/total) decaying from 1",
     terms=kd_weight_terms, source=imitation,
-    params=(Param("beta_base", lambda v: number_at_least(v, 1), ">= 1",
+    params=(Param("beta_base", at_least(1), ">= 1",
                   "beta = beta_base^(-step/total): the off-policy share decays from 1 to 1/beta_base"),)))
 
 METHODS.add("distillm", Method(
