@@ -23,8 +23,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from kdexp.assets import ASSETS, asset_path  # noqa: F401  (re-exported)
 from kdexp.errors import UserError, unknown_choice
+from kdexp.known import markov
 
 log = logging.getLogger(__name__)
+markov.register()  # the known teacher and student of `data=markov` (kdexp/known/markov.py)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -127,8 +129,10 @@ def add_lora(model: PreTrainedModel, lora: Mapping[str, Any]):
 
 
 def vocab_rows(model: torch.nn.Module) -> int:
-    """Number of rows of the output embedding (the logit dimension), padding included."""
-    return int(model.get_output_embeddings().weight.shape[0])
+    """Number of rows of the output embedding (the logit dimension), padding included; the
+    config's ``vocab_size`` for a model without one (the known teacher's table of logits)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def same_tokenizer(student_tok, teacher_tok, names: tuple[str, str]) -> None:

@@ -150,6 +150,9 @@ CASES: list[tuple[str, str, list[str], list[str], Setup | None]] = [
     ("too-few-records", "train", [], ["not enough for", "data.split.test"], jsonl("d.jsonl", rows(6))),
     ("wrong-field-name", "train", [], ["missing field 'answer'", "data.fields.output"], jsonl("d.jsonl", rows(30), ("data.fields.output=answer",))),
     ("split-smaller-than-a-batch", "train", ["data.toy.n_train=3"], ["fewer than one micro-batch"], None),
+    ("markov-data-without-its-teacher", "train", ["data=markov"], ["data=markov samples its teacher's chain", "teacher=markov"], None),
+    ("markov-data-lengths", "train", ["data=markov", "teacher=markov", "student=markov", "data.max_length=40"],
+     ["data.max_length=50"], None),
     # --- schedules, evaluation sets, experiments
     ("negative-epochs", "train", ["train.epochs=-1"], ["train.epochs must be > 0 or null, got -1"], None),
     ("warmup-ratio-one", "train", ["train.warmup_ratio=1"], ["train.warmup_ratio must be in [0, 1) or null"], None),

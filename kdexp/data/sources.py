@@ -79,11 +79,14 @@ def load_splits(cfg: Mapping[str, Any]) -> dict[str, list[Record]]:
         splits = _toy_splits(cfg)
     elif cfg["source"] == "file":
         splits = _file_splits(cfg)
+    elif cfg["source"] == "markov":
+        splits = _markov_splits(cfg)
     else:
-        raise UserError(f"data.source must be 'toy' or 'file', got '{cfg['source']}'")
+        raise UserError(f"data.source must be 'toy', 'file' or 'markov', got '{cfg['source']}'")
     for name in SPLITS:
         if not splits[name]:  # one file per split is checked as it is read: here a size was 0
-            size = f"data.toy.n_{name}" if cfg["source"] == "toy" else f"data.split.{name}"
+            size = (f"data.{cfg['source']}.n_{name}" if cfg["source"] in ("toy", "markov")
+                    else f"data.split.{name}")
             raise UserError(f"data '{cfg['name']}': the {name} split is empty: {size} is 0")
     return splits
 
@@ -112,6 +115,33 @@ def _toy_splits(cfg: Mapping[str, Any]) -> dict[str, list[Record]]:
                 "references": [ex.output], "family": ex.family} for ex in examples]
         for name, examples in raw.items()
     }
+
+
+def markov_chain(cfg: Mapping[str, Any]):
+    """The known chain of ``data=markov``, read from ``data.markov.teacher``'s config.json."""
+    from kdexp.known.chain import Chain
+    folder = Path(str(cfg["markov"]["teacher"]))
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if config.get("model_type") != "kdexp-markov" or config.get("chain_seed") is None:
+        raise UserError(f"data=markov samples its teacher's chain, but '{folder}' is not a known "
+                        f"chain (a kdexp-markov config with chain_seed); use teacher=markov or set "
+                        f"data.markov.teacher to such a directory")
+    chain = Chain.from_config(config)
+    lengths = (chain.prompt_length, chain.prompt_length + chain.max_response, chain.max_response)
+    if (cfg["max_prompt_length"], cfg["max_length"], cfg.get("max_new_tokens", chain.max_response)) != lengths:
+        raise UserError(f"data=markov: the chain's prompts have {chain.prompt_length} tokens and its responses "
+                        f"at most {chain.max_response}; set data.max_prompt_length={lengths[0]} "
+                        f"data.max_length={lengths[1]} data.max_new_tokens={lengths[2]}")
+    return chain
+
+
+def _markov_splits(cfg: Mapping[str, Any]) -> dict[str, list[Record]]:
+    from kdexp.known.chain import records
+    m, chain = cfg["markov"], markov_chain(cfg)
+    return {name: records(chain, int(m[f"n_{name}"]), seed=f"{m['seed']}-{name}") for name in SPLITS}
 
 
 def _file_splits(cfg: Mapping[str, Any]) -> dict[str, list[Record]]:
