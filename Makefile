@@ -2,10 +2,10 @@
 PYTHON ?= python
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test test-fast lint bench figures reproduce teacher clean
+.PHONY: help install demo test test-fast lint bench figures reproduce readme-check known teacher clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
 
 install: ## install kdexp with the dev extras (CPU torch first: no CUDA download)
 	$(PYTHON) -m pip install torch==2.13.0
@@ -33,11 +33,18 @@ bench: ## benchmarks (about 35 minutes on 2 cores): divergences, throughput, GPT
 figures: ## the figures of docs/evaluation.md: train sft / kd-fkl / kd-rkl, run every analysis (about 10 minutes)
 	bash scripts/evaluation_figures.sh
 
-reproduce: ## the reproduction study: every method, loss and weighting, 3 seeds (docs/results/REPRODUCTION.md; QUICK=1: 1 seed)
+reproduce: ## the README's default-run table checked, then the reproduction study: every method, loss and weighting, 3 seeds (docs/results/REPRODUCTION.md; QUICK=1: 1 seed)
+	$(PYTHON) scripts/readme_check.py
 	$(PYTHON) scripts/reproduce.py $(if $(QUICK),--quick,)
+
+readme-check: ## run `kdexp train` and check that the README quotes the table it prints (WRITE=1: update the README)
+	$(PYTHON) scripts/readme_check.py $(if $(WRITE),--write,)
+
+known: ## the known-answer study: claims checked where the truth is known, 3 seeds (docs/results/KNOWN_ANSWERS.md; QUICK=1: 1 seed)
+	$(PYTHON) -m kdexp.known.study $(if $(QUICK),--quick,)
 
 teacher: ## rebuild the bundled tokenizer and tiny teacher from their seed (about 1 hour on 2 cores)
 	$(PYTHON) -m kdexp.assets.build teacher
 
 clean: ## remove run directories and caches
-	rm -rf runs multirun outputs .pytest_cache .ruff_cache
+	rm -rf runs multirun outputs .pytest_cache .ruff_cache .kdexp-cache

@@ -54,12 +54,30 @@ def job(command: str, cfg: Any, run_dir: Path, cwd: Path, existed: bool) -> Any:
         raise
 
 
+class _NoGpuNotice(logging.Filter):
+    """DeepSpeed's "Setting accelerator to CPU" warning, which it prints whenever it is imported
+    (accelerate and transformers import it to look for it) on a machine without a GPU: expected
+    there, and not about the run; kept where a GPU exists (it then means detection failed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "accelerator to CPU" not in record.getMessage():
+            return True
+        import torch
+        return torch.cuda.is_available()
+
+
 def quiet_libraries() -> None:
-    """Keep the job log about the run: libraries' routine INFO lines go."""
+    """Keep the job log about the run: libraries' routine INFO lines go, and notices that are
+    not about the user's run (kdexp checks lengths itself, so the tokenizer's warning that a
+    text is longer than its limit is noise)."""
     for name in ("accelerate", "absl", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # accelerate warns on every checkpoint that tied embeddings are saved once: expected.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+    deepspeed = logging.getLogger("DeepSpeed")  # its own logger, created when DeepSpeed is imported
+    if not any(isinstance(f, _NoGpuNotice) for f in deepspeed.filters):
+        deepspeed.addFilter(_NoGpuNotice())
 
 
 def discard_if_empty(run_dir: Path, resumed: bool, cwd: Path) -> None:

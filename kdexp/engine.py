@@ -211,6 +211,14 @@ def clip(accelerator: Accelerator, groups: list[list[torch.nn.Parameter]], max_n
     return [accelerator.clip_grad_norm_(g, max_norm) for g in groups]
 
 
+# accelerate's distributed types in words
+ENGINES = {"NO": "a single process, no distributed backend", "MULTI_CPU": "DDP over gloo (CPU)",
+           "MULTI_GPU": "DDP over NCCL (GPU)", "FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
+
+
 def describe(cfg: DictConfig, accelerator: Accelerator) -> str:
-    """The engine in words, for the log: ``DeepSpeed ZeRO-2``, ``MULTI_CPU``, ``NO``, ..."""
-    return f"DeepSpeed ZeRO-{cfg.deepspeed.stage}" if cfg.get("deepspeed") else accelerator.distributed_type.value
+    """Where and how the run trains, for the log: ``cpu, a single process, no distributed
+    backend``, ``cuda, DeepSpeed ZeRO-2``, ``cpu, DDP over gloo (CPU)``, ..."""
+    kind = accelerator.distributed_type.value
+    how = f"DeepSpeed ZeRO-{cfg.deepspeed.stage}" if cfg.get("deepspeed") else ENGINES.get(kind, kind)
+    return f"{accelerator.device.type}, {how}"

@@ -42,15 +42,23 @@ def save_final(accelerator: Accelerator, engine: torch.nn.Module, tokenizer, fin
 
     ``part``: the student is that submodule of the engine's model (online KD trains a pair).
     """
+    from kdexp.models import small_bars
     unwrapped, state = part_of(accelerator, engine, part)
+    tensors = state.values() if state else unwrapped.parameters()  # ZeRO-3: the gathered state
+    size = sum(t.numel() * t.element_size() for t in tensors)
     if accelerator.is_main_process:
-        if hasattr(unwrapped, "merge_and_unload"):  # a PEFT model
-            unwrapped.save_pretrained(final.with_name("final_adapter"), state_dict=state)
-            copy.deepcopy(unwrapped).merge_and_unload().save_pretrained(final)
-        else:
-            unwrapped.save_pretrained(final, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(final)
+        with small_bars(size):
+            _save(unwrapped, state, tokenizer, final)
     accelerator.wait_for_everyone()
+
+
+def _save(unwrapped: torch.nn.Module, state, tokenizer, final: Path) -> None:
+    if hasattr(unwrapped, "merge_and_unload"):  # a PEFT model
+        unwrapped.save_pretrained(final.with_name("final_adapter"), state_dict=state)
+        copy.deepcopy(unwrapped).merge_and_unload().save_pretrained(final)
+    else:
+        unwrapped.save_pretrained(final, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(final)
 
 
 def final_evaluation(cfg: DictConfig, run_dir: Path, student: torch.nn.Module, tokenizer,

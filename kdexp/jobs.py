@@ -24,6 +24,7 @@ from kdexp.data import encode, load_examples
 from kdexp.data.sources import load_test_split
 from kdexp.errors import UserError, unknown_choice
 from kdexp.evaluation import evaluate_generation, teacher_forced_nll
+from kdexp.evaluation.evaluate import mean_std
 from kdexp.logging import make_logger
 from kdexp.models import load_model
 from kdexp.rollout import GenerationSpec, generate
@@ -197,16 +198,17 @@ SCALARS = ("rougeL", "exact_match", "loss", "gen_length")
 def sets_table(label: str, rows: dict[str, dict[str, Any]], protocol: str) -> str:
     """A markdown table: one row per set (mean ± std over seeds), and the average over sets."""
     lines = [f"### {label}, eval={protocol}", "",
-             "| set | n | ROUGE-L | exact match | loss | gen length (mean / max) | seeds |",
-             "|---|---|---|---|---|---|---|"]
+             "| set | n | ROUGE-L | exact match | loss | gen length (mean / max) | hit max_new_tokens | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['n']} | {r['rougeL']:.2f} ± {r['rougeL_std']:.2f} "
-                     f"| {r['exact_match']:.2f} ± {r['exact_match_std']:.2f} | {r['loss']:.3f} "
-                     f"| {r['gen_length']:.1f} / {r['gen_length_max']} | {len(r['seeds'])} |")
+        n = len(r["seeds"])
+        lines.append(f"| {name} | {r['n']} | {mean_std(r['rougeL'], r['rougeL_std'], n)} "
+                     f"| {mean_std(r['exact_match'], r['exact_match_std'], n)} | {r['loss']:.3f} "
+                     f"| {r['gen_length']:.1f} / {r['gen_length_max']} | {r['hit_max_new_tokens']:.1f} % | {n} |")
     if len(rows) > 1:
         mean = {k: statistics.fmean(r[k] for r in rows.values()) for k in SCALARS}
         lines.append(f"| **average** | | {mean['rougeL']:.2f} | {mean['exact_match']:.2f} "
-                     f"| {mean['loss']:.3f} | {mean['gen_length']:.1f} | |")
+                     f"| {mean['loss']:.3f} | {mean['gen_length']:.1f} | | |")
     return "\n".join(lines)
 
 

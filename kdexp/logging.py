@@ -102,8 +102,23 @@ class RunLogger(NullLogger):
         self._wandb(lambda run: run.log(payload))
 
     def finish(self) -> None:
+        """End the W&B run; instead of W&B's summary block, one line: where the run is."""
+        run = self.wandb_run
+        where = _where(run) if run is not None else None
         self._wandb(lambda run: run.finish())
+        if where and self.wandb_run is not None:
+            print(f"W&B: {where}", flush=True)
         self.wandb_run = None
+
+
+def _where(run: Any) -> str | None:
+    """Where a W&B run is and how to sync it, in one line (None if W&B does not say)."""
+    try:
+        if getattr(run, "offline", False) or run.settings.mode == "offline":
+            return f"offline run {run.id}; upload it with `wandb sync {run.settings.sync_dir}`"
+        return f"run {run.id} at {run.url}" if run.url else None
+    except Exception:  # a side channel: never fail the run over a message
+        return None
 
 
 def wandb_mode(requested: str) -> str:
@@ -132,10 +147,9 @@ def _start_wandb(cfg: DictConfig, run_dir: Path, job_type: str):
         project=lcfg.project, entity=lcfg.entity, group=lcfg.group, tags=list(lcfg.tags or []),
         job_type=lcfg.job_type or job_type, name=lcfg.run_name, dir=str(run_dir), mode=mode,
         id=run_id, resume="allow", config=OmegaConf.to_container(cfg, resolve=True),
-        reinit="finish_previous",
+        reinit="finish_previous", settings=wandb.Settings(quiet=True),  # no summary block at the end
     )
-    log.info("W&B run %s (%s mode)%s", run_id, mode,
-             "; upload later with `wandb sync " + str(run_dir / "wandb") + "`" if mode == "offline" else "")
+    log.debug("W&B run %s (%s mode)", run_id, mode)  # W&B says where at the start, finish() at the end
     return run
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from kdexp import hub
 from kdexp.assets import ASSETS, asset_path  # noqa: F401  (re-exported)
 from kdexp.errors import UserError, unknown_choice
 from kdexp.known import markov
@@ -49,6 +51,7 @@ def _hub_error(what: str, spec: Mapping[str, Any], role: str, err: Exception) ->
 
 def load_tokenizer(spec: Mapping[str, Any], role: str = "student"):
     """The model's tokenizer, with ``pad_token`` set to EOS when the model has none (GPT-2, LLaMA)."""
+    hub.prepare(spec["name_or_path"], f"{role}.name_or_path")
     try:
         tok = AutoTokenizer.from_pretrained(spec["name_or_path"], **_load_kwargs(spec))
     except (OSError, ValueError) as err:
@@ -90,14 +93,17 @@ def load_model(spec: Mapping[str, Any], role: str = "student", tokenizer=None,
     if spec.get("attn_implementation"):
         kwargs["attn_implementation"] = spec["attn_implementation"]
     tokenizer = tokenizer or load_tokenizer(spec, role)
+    hub.prepare(spec["name_or_path"], f"{role}.name_or_path")
     init = resolve_init(spec, role)
+    bars = small_bars(weight_bytes(spec["name_or_path"]))
     try:
         if init == "random":
             config = AutoConfig.from_pretrained(spec["name_or_path"], **_load_kwargs(spec))
             model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype != "auto" else None,
                                                      **{k: v for k, v in kwargs.items() if k != "revision"})
         else:
-            model = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], dtype=dtype, **kwargs)
+            with bars:
+                model = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
         raise _hub_error("model", spec, role, err) from None
     if model.config.pad_token_id is None:
@@ -126,6 +132,32 @@ def add_lora(model: PreTrainedModel, lora: Mapping[str, Any]):
         return get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"LoRA: {err}; set student.lora.target_modules=[...]") from None
+
+
+BARS_FROM_BYTES = 2**30  # transformers' "Loading weights" / "Writing model shards" bars from 1 GiB on
+
+
+def weight_bytes(name_or_path: str) -> int | None:
+    """The size of a local model directory's weight files (None for a hub id: unknown here)."""
+    path = Path(str(name_or_path))
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for pattern in WEIGHT_FILES for f in path.glob(pattern))
+
+
+@contextmanager
+def small_bars(size: int | None):
+    """transformers' loading and saving progress bars, off for weights under 1 GiB (they flash by
+    in a fraction of a second and only clutter the console); unknown sizes keep them."""
+    from transformers.utils import logging as hf_logging
+    if size is None or size >= BARS_FROM_BYTES or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def vocab_rows(model: torch.nn.Module) -> int:

@@ -157,6 +157,25 @@ def _check_existing_run(cfg, run_dir: Path) -> None:
         return
 
 
+def _model_problems(cfg) -> list[str]:
+    """``model=``: a missing path or an unreachable hub id, said before anything is imported
+    (a preset name is neither)."""
+    from kdexp import hub
+    from kdexp.config import group_choices
+
+    target = cfg.get("model")
+    if not target or str(target) in (*group_choices("teacher"), *group_choices("student")):
+        return []
+    found = hub.problem(str(target), "model")
+    return [found] if found else []
+
+
+def _train_model_problems(cfg) -> list[str]:
+    """The student and teacher: a missing path or an unreachable hub id, said before the imports."""
+    from kdexp import hub
+    return hub.config_problems(cfg)
+
+
 def _value_problems(variants: list, checked: list[str] | None, light: bool = False) -> list[str]:
     """The problems of each composed variant (a sweep's values): :func:`kdexp.config.problems`
     of the sections ``checked``, or for ``train`` (``checked`` None) the declared parameters'
@@ -175,8 +194,11 @@ def _value_problems(variants: list, checked: list[str] | None, light: bool = Fal
     try:
         if checked is not None:
             collect(lambda c: problems(c, checked))
+            if "eval" in checked:  # eval, generate: the model to load
+                collect(_model_problems)
             return found
         collect(lambda c: declared_problems(c, world))
+        collect(_train_model_problems)
         if not found and not light:
             from kdexp.checks import check_config
 

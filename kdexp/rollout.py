@@ -11,6 +11,7 @@ swapped for the spec's while generating.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -151,14 +152,16 @@ class _Decoder:
 
     def __init__(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, vocab: int | None):
         self.model, self.vocab, self.cache = model, vocab, None
+        # transformers >= 5.25 calls the KV cache `cache` and warns on the old `past_key_values`
+        self.cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.mask = mask
         self.position = (mask.cumsum(-1) - 1).clamp_min(0)
         self.logits = self._forward(ids, self.position)
 
     def _forward(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=position,
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         use_cache=True, **{self.cache_key: self.cache})
+        self.cache = getattr(out, self.cache_key, None)
         logits = out.logits[:, -1].float()
         return logits if self.vocab is None else logits[:, : self.vocab]  # [B, V]
 

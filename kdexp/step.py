@@ -55,16 +55,19 @@ class BatchStream:
 
 
 class Progress:
-    """The optimizer step counter, checkpointed with the rest of the state."""
+    """The optimizer step counter and the run's totals (tokens trained on, training seconds),
+    checkpointed with the rest of the state so that a resumed run reports the whole run."""
 
     def __init__(self) -> None:
-        self.step = 0
+        self.step, self.tokens, self.seconds = 0, 0, 0.0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, float]:
+        return {"step": self.step, "tokens": self.tokens, "seconds": self.seconds}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, float]) -> None:
         self.step = int(state["step"])
+        # checkpoints written before the totals were kept (2026-12-04) start them at 0
+        self.tokens, self.seconds = int(state.get("tokens", 0)), float(state.get("seconds", 0.0))
 
 
 

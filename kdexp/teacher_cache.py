@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from kdexp.data.encode import Example
 from kdexp.errors import UserError
@@ -213,8 +214,9 @@ def open_cache(cfg: DictConfig, train: Sequence[Example], tokenizer, temperature
                         f"reads the teacher at {temperature:g}; build a cache for it (kdexp cache-teacher "
                         f"loss.temperature={temperature:g} ...) or set loss.temperature={cache.temperature:g}")
     cache.check(train, tokenizer)
-    log.info("teacher: top-%d log-probabilities of %d sequences at temperature %g from the cache %s "
-             "(%d bytes/token)", cache.top_k, len(cache), cache.temperature, path, cache.meta["bytes_per_token"])
+    log.info("teacher: top-%d log-probabilities of %d training sequences (%d distinct: duplicates share one "
+             "entry) at temperature %g from the cache %s (%d bytes/token)", cache.top_k, len(cache.offsets) - 1,
+             len(cache), cache.temperature, path, cache.meta["bytes_per_token"])
     return cache
 
 
@@ -262,7 +264,7 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "keys.npy", np.array([sequence_key(e) for e in train], dtype=np.int64))
         started = time.time()
-        for start in range(0, len(train), batch_size):
+        for start in tqdm(range(0, len(train), batch_size), desc="teacher cache", unit="batch", leave=False):
             chunk = train[start:start + batch_size]
             batch = {key: v.to(device) for key, v in collate_train(chunk, tokenizer.pad_token_id).items()}
             ids, values, rest = top_k_rows(teacher, batch, k, temperature, vocab)

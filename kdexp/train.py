@@ -154,7 +154,8 @@ def micro_batch(r: Run, indices: list[int], micro: int) -> dict[str, torch.Tenso
 
 
 def steps(r: Run) -> tuple[float, int]:
-    """Optimizer steps up to ``train.max_steps``: ``(seconds, tokens trained on)``."""
+    """Optimizer steps up to ``train.max_steps``: ``(seconds, tokens trained on)``, totals over
+    the whole run (a resumed run adds to what its checkpoint recorded)."""
     t, progress, accelerator = r.cfg.train, r.progress, r.accelerator
     # A method that compares validations with the start (DistiLLM) gets one before training.
     if not t.resume and t.eval_every and any(c.validates_first for c in r.plan.components):
@@ -176,6 +177,7 @@ def steps(r: Run) -> tuple[float, int]:
         r.scheduler.step()
         r.step.optimizer.zero_grad(set_to_none=True)
         progress.step += 1
+        progress.tokens += n_tokens
         fault_injection(progress.step)
         clock.done(n_tokens, reduced, norms)
         # After logging (which shows this step's weights), before a checkpoint saves the state.
@@ -188,6 +190,7 @@ def steps(r: Run) -> tuple[float, int]:
         signum = stop.requested(accelerator)
         if saved or signum:
             r.step.guard.check_weights(r.engine, progress.step, r.run_dir)
+            progress.seconds = clock.seconds()
             checkpoint.save(accelerator, r.run_dir, progress.step, t.keep_checkpoints)
         if signum and progress.step < t.max_steps:
             r.logger.finish()
@@ -197,7 +200,7 @@ def steps(r: Run) -> tuple[float, int]:
                           f"continue with train.resume=true hydra.run.dir={r.run_dir}", signum)
     stop.restore()
     clock.bar.close()
-    return time.time() - clock.start, clock.tokens
+    return clock.seconds(), progress.tokens
 
 
 class StepLog:
@@ -205,8 +208,13 @@ class StepLog:
 
     def __init__(self, r: Run):
         self.r, self.start, self.tokens, self.first = r, time.time(), 0, r.progress.step
+        self.before = r.progress.seconds  # training seconds of the run before this process
         self.bar = tqdm(total=r.cfg.train.max_steps, initial=r.progress.step, desc="train", unit="step",
                         disable=not r.accelerator.is_main_process)
+
+    def seconds(self) -> float:
+        """Training seconds of the whole run so far."""
+        return self.before + time.time() - self.start
 
     def done(self, n_tokens: int, reduced: dict[str, float], norms: list) -> None:
         r, step = self.r, self.r.progress.step

@@ -83,7 +83,9 @@ def encode(records: Sequence[Mapping[str, Any]], tokenizer, cfg: Mapping[str, An
             keep = min(lead, max_prompt - 1)  # the BOS stays, with the prompt's end after it
             p, n_cut = (p[:max_prompt] if policy == "cut_end" else p[:keep] + p[len(p) - (max_prompt - keep):]), n_cut + 1
         room = max(0, max_len - len(p))
-        r = list(r) + [tokenizer.eos_token_id]
+        # a record whose source cut its response (``ended: false``: the known chain's responses
+        # at their maximum length) gets no EOS: the text did not end there
+        r = list(r) + ([] if record.get("ended") is False else [tokenizer.eos_token_id])
         if len(r) > room:
             r, n_resp_cut = r[:room], n_resp_cut + 1
         out.append(Example(list(p), r, dict(record)))

@@ -261,7 +261,8 @@ def _json_line(line: bytes, where: str) -> dict[str, Any] | None:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as err:
-        raise BadRow(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+        at = "" if err.msg.endswith(" at") else " at"  # "Unterminated string starting at": no "at at"
+        raise BadRow(f"{where}: malformed JSON ({err.msg}{at} column {err.colno})") from None
     if not isinstance(row, dict):
         raise BadRow(f"{where}: expected a JSON object, got {type(row).__name__}")
     return row
@@ -273,11 +274,17 @@ def _hub_rows(hub_id: str, split: str) -> list[tuple[int, dict[str, Any]]]:
     except ImportError:
         raise UserError(f"loading '{hub_id}' from the hub needs the datasets package: "
                         f"pip install 'kdexp[hub]', or download the file and set data.path") from None
+    from kdexp import hub
+    offline = hub.unreachable()
+    if offline:
+        hub.go_offline()   # the local cache only: fails at once rather than after retries
     try:
         ds = datasets.load_dataset(hub_id, split=split)
     except Exception as err:  # the hub raises many types: connection, missing repo, auth
-        raise UserError(f"could not load dataset '{hub_id}' (split {split}) from the Hugging Face "
-                        f"hub: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+        where = ("the local cache (the Hugging Face hub is not reachable or HF_HUB_OFFLINE is set)" if offline
+                 else "the Hugging Face hub")
+        raise UserError(f"could not load dataset '{hub_id}' (split {split}) from {where}: "
+                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
                         f"download it and set data.path=FILE") from None
     return list(enumerate(ds, start=1))
 

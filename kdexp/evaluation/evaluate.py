@@ -99,14 +99,19 @@ def teacher_forced_nll(model: torch.nn.Module, examples: Sequence[Example], pad_
     return total / max(count, 1)
 
 
+def mean_std(mean: float, std: float, n: int, digits: int = 2) -> str:
+    """``mean ± std`` over ``n`` seeds; the mean alone for one seed (no spread to show)."""
+    return f"{mean:.{digits}f}" if n < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def format_table(rows: Mapping[str, Mapping[str, Any]], title: str = "") -> str:
-    """A markdown table: one row per model, ROUGE-L and exact match as mean ± std."""
+    """A markdown table: one row per model, ROUGE-L and exact match as mean ± std over seeds."""
     lines = ([f"### {title}", ""] if title else []) + [
         "| model | ROUGE-L | exact match | n | seeds |",
         "|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['rougeL']:.2f} ± {r['rougeL_std']:.2f} "
-                     f"| {r['exact_match']:.2f} ± {r['exact_match_std']:.2f} | {r['n']} "
-                     f"| {len(r['seeds'])} |")
+        n = len(r["seeds"])
+        lines.append(f"| {name} | {mean_std(r['rougeL'], r['rougeL_std'], n)} "
+                     f"| {mean_std(r['exact_match'], r['exact_match_std'], n)} | {r['n']} | {n} |")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from kdexp.data.encode import Example
 from kdexp.engine import plain_model
@@ -139,14 +140,15 @@ class Context:
 
     def rollout(self, examples: Sequence[Example], *key: object, model: str = "student",
                 teacher_mix: float = 0.0, spec: RolloutSpec | None = None, shared: bool = False,
-                score_teacher: bool = False) -> list[Example]:
+                score_teacher: bool = False, desc: str | None = None) -> list[Example]:
         """``examples`` with their responses replaced by samples of ``model`` (``student``,
         ``teacher``, or the student mixed with the teacher at ``teacher_mix``).
 
         Student samples carry ``logq_old`` (the student's log-probability of each token when
         it was sampled) and ``logp_sampler`` (the sampling distribution's), for importance
         weights and policy-gradient ratios; with ``score_teacher``, also ``logp_teacher`` (the
-        teacher's log-probability of each token, for rewards).
+        teacher's log-probability of each token, for rewards). ``desc``: show a progress bar
+        (on the main process) for a long pass such as a whole training split.
         """
         spec = spec or self.spec
         policy = self.unwrapped_student() if model == "student" else self.teacher.model()
@@ -154,8 +156,11 @@ class Context:
         size = int(self.cfg.rollout.batch_size)
         g = self.generator(*key, shared=shared)
         mixing = self.teacher.model() if teacher_mix > 0 or score_teacher else nullcontext()
+        starts = range(0, len(examples), size)
+        if desc:
+            starts = tqdm(starts, desc=desc, unit="batch", leave=False, disable=not self.accelerator.is_main_process)
         with policy as plain, mixing as mix, torch.no_grad():
-            for start in range(0, len(examples), size):
+            for start in starts:
                 chunk = examples[start:start + size]
                 samples = sample(plain, [e.prompt_ids for e in chunk], spec, self.tokenizer.eos_token_id,
                                  self.tokenizer.pad_token_id, g, teacher=mix, teacher_mix=teacher_mix,
@@ -170,12 +175,12 @@ class Context:
         return out
 
     def rollout_all(self, examples: Sequence[Example], *key: object, model: str = "student",
-                    spec: RolloutSpec | None = None) -> list[Example]:
+                    spec: RolloutSpec | None = None, desc: str | None = None) -> list[Example]:
         """Responses for every example, the work split over the processes, every process
-        getting the whole list back (in order)."""
+        getting the whole list back (in order); a progress bar titled ``desc``."""
         per = -(-len(examples) // self.world)
         mine = examples[self.rank * per:(self.rank + 1) * per]
-        done = self.rollout(mine, *key, model=model, spec=spec)
+        done = self.rollout(mine, *key, model=model, spec=spec, desc=desc)
         if self.world == 1:
             return done
         return list(gather_object(done))
@@ -191,7 +196,8 @@ class Context:
         path = Path(self.cfg.rollout.cache_dir) / f"teacher-outputs-{key}.jsonl"
         if not path.is_file():
             log.info("generating teacher outputs for %d prompts (cached at %s)", len(self.train), path)
-            outputs = self.rollout_all(self.train, "teacher-outputs", model="teacher", spec=spec)
+            outputs = self.rollout_all(self.train, "teacher-outputs", model="teacher", spec=spec,
+                                       desc="teacher outputs")
             if self.accelerator.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -226,7 +226,7 @@ class Pregenerated(Source):
 
     def _generate(self, ctx: Context, step: int) -> None:
         log.info("step %d: generating student outputs for %d training prompts", step, len(ctx.train))
-        self.outputs = ctx.rollout_all(ctx.train, "sgo", self.generations, model="student")
+        self.outputs = ctx.rollout_all(ctx.train, "sgo", self.generations, model="student", desc="student outputs")
         self.generations += 1
 
     def micro_batch(self, ctx: Context, indices: list[int], step: int, micro: int) -> list[Example]:

@@ -57,6 +57,12 @@ def final_weights(run) -> dict[str, torch.Tensor]:
     return found
 
 
+def totals(run) -> dict[str, int]:
+    """What results.json says the whole run did."""
+    train = json.loads((run / "results.json").read_text())["train"]
+    return {"steps": train["steps"], "tokens": train["tokens"]}
+
+
 def assert_same_weights(a, b, context: str) -> None:
     assert a.keys() == b.keys(), context
     for name in a:
@@ -69,13 +75,14 @@ def clean_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"clean-{request.param}")
     args = [*ARGS, *METHODS[request.param]]
     kdexp("train", *args, f"hydra.run.dir={root / 'run'}", cwd=root)
-    return args, final_weights(root / "run")
+    return args, final_weights(root / "run"), totals(root / "run")
 
 
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(clean_run, tmp_path):
     """Killed from outside after a random step (possibly inside a checkpoint write): resuming
-    from whatever checkpoint survived ends with exactly the uninterrupted run's weights."""
-    args, reference = clean_run
+    from whatever checkpoint survived ends with exactly the uninterrupted run's weights, and
+    results.json reports the whole run: the uninterrupted run's steps and tokens."""
+    args, reference, reference_totals = clean_run
     step = random.Random(SEED).randint(3, 6)
     run = tmp_path / "run"
     status, _ = interrupt_after(popen("train", *args, f"hydra.run.dir={run}", cwd=tmp_path), run, step,
@@ -84,6 +91,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(clean_run, tmp_
     assert checkpoint.list_checkpoints(run), "no checkpoint survived"
     kdexp("train", *args, "train.resume=true", f"hydra.run.dir={run}", cwd=tmp_path)
     assert_same_weights(reference, final_weights(run), f"killed after step {step}, KDEXP_TEST_SEED={SEED}")
+    assert totals(run) == reference_totals, f"killed after step {step}, KDEXP_TEST_SEED={SEED}"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])

@@ -106,6 +106,15 @@ def test_read_jsonl_malformed_line(tmp_path):
     assert "bad.jsonl:3" in msg or "line 3" in msg
 
 
+def test_a_json_error_that_ends_with_at_is_not_doubled(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"a": 1}\n{"instruction": "broken\n', encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        sources.read_rows(path)
+    msg = str(info.value)
+    assert "cut.jsonl:2: malformed JSON (Unterminated string starting at column 17)" in msg and "at at" not in msg
+
+
 def test_read_jsonl_non_object_line(tmp_path):
     path = tmp_path / "list.jsonl"
     path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")

@@ -51,10 +51,21 @@ def test_sets_table_has_a_row_per_set_and_the_average():
     from kdexp.jobs import sets_table
 
     row = {"n": 3, "rougeL": 10.0, "rougeL_std": 1.0, "exact_match": 0.0, "exact_match_std": 0.0,
-           "loss": 2.0, "gen_length": 4.0, "gen_length_max": 9, "seeds": [10, 20]}
+           "loss": 2.0, "gen_length": 4.0, "gen_length_max": 9, "hit_max_new_tokens": 12.5, "seeds": [10, 20]}
     table = sets_table("m", {"a": row, "b": {**row, "rougeL": 30.0, "loss": 4.0}}, "minillm")
     lines = table.splitlines()
     assert lines[0] == "### m, eval=minillm"
     assert lines[4].startswith("| a | 3 | 10.00 ± 1.00 |") and lines[5].startswith("| b | 3 | 30.00 ± 1.00 |")
+    assert lines[4].endswith("| 4.0 / 9 | 12.5 % | 2 |")   # the share of responses cut at max_new_tokens
     assert lines[6].startswith("| **average** | | 20.00 | 0.00 | 3.000 |")
     assert "average" not in sets_table("m", {"a": row}, "default")
+
+
+def test_one_seed_has_no_spread_to_print():
+    from kdexp.evaluation.evaluate import format_table, mean_std
+    from kdexp.jobs import sets_table
+
+    assert mean_std(70.214, 0.0, 1) == "70.21" and mean_std(70.214, 0.5, 3) == "70.21 ± 0.50"
+    row = {"n": 3, "rougeL": 10.0, "rougeL_std": 0.0, "exact_match": 5.0, "exact_match_std": 0.0,
+           "loss": 2.0, "gen_length": 4.0, "gen_length_max": 9, "hit_max_new_tokens": 0.0, "seeds": [10]}
+    assert "±" not in sets_table("m", {"a": row}, "default") and "±" not in format_table({"student": row})

@@ -201,3 +201,21 @@ def test_the_study_refuses_to_mix_settings(tmp_path):
     from kdexp.known import study
     (tmp_path / "settings.json").write_text(json.dumps({"steps": 7, "analyze_prompts": 200, "extra": []}))
     assert study.main(["--parts", "sequences", "--steps", "4", "--out", str(tmp_path)]) == 2
+
+
+def test_encoded_markov_data_is_the_chains_process(bundled, caplog):
+    """Ended responses end with EOS; responses cut at max_response by the chain keep none, and
+    encoding cuts nothing (no warning)."""
+    from kdexp.data.encode import encode
+    _, _, tok = bundled
+    chain = Chain()
+    recs = records(chain, 400, seed=3)
+    cfg = {"name": "markov", "max_prompt_length": 2, "max_length": 50, "too_long": "error"}
+    with caplog.at_level("WARNING"):
+        examples = encode(recs, tok, cfg, "train")
+    assert not caplog.records
+    rng = random.Random(3)
+    for e in examples:
+        prompt, response = chain.sample(rng)
+        assert e.prompt_ids == prompt and e.response_ids == response
+    assert any(e.response_ids[-1] != EOS for e in examples)   # some were cut at max_response
