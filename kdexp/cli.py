@@ -127,6 +127,8 @@ def _analyze_args(rest: list[str]) -> list[str]:
     if rest[0] not in ANALYSES:
         fail(str(unknown_choice("analysis", rest[0], ANALYSES)))
     flags, overrides = _positional(rest[1:], "analyze.models")
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):  # runs/DATE/TIME_analyze-NAME: which one it is
+        overrides.append(f"hydra.run.dir=runs/${{now:%Y-%m-%d}}/${{now:%H-%M-%S}}_analyze-{rest[0]}")
     return [*flags, f"analyze.name={rest[0]}", *overrides]
 
 

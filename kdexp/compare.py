@@ -23,6 +23,7 @@ import html
 import io
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -36,9 +37,15 @@ from kdexp.errors import UserError
 from kdexp.evaluation import plots
 from kdexp.logging import wandb_mode
 
-# Overrides that say where or how a run is recorded, not what it is.
-IGNORED = ("hydra.", "logger.", "train.resume", "train.log_every", "train.save_every", "train.num_threads",
-           "tags", "model", "train.device")
+# Overrides that say where or how a run is recorded, not what it is: whole groups (logger=none,
+# logger.project=..., hydra/launcher=slurm, hydra.run.dir=...) and single keys.
+IGNORED_GROUPS = ("hydra", "logger", "tags", "model")
+IGNORED = ("train.resume", "train.log_every", "train.save_every", "train.num_threads", "train.device")
+
+
+def ignored(key: str) -> bool:
+    """Whether an override ``key`` records how a run is kept rather than what it is."""
+    return re.split(r"[./]", key, maxsplit=1)[0] in IGNORED_GROUPS or key.startswith(IGNORED)
 # Without overrides files: the hyper-parameters compared when they differ.
 KNOWN = ("method.name", "loss.name", "method.lmbda", "loss.beta", "loss.alpha", "loss.temperature",
          "method.kd_weight", "student.name_or_path", "teacher.name_or_path", "data.name", "train.lr",
@@ -94,7 +101,7 @@ def _overrides(path: Path) -> dict[str, str] | None:
     for line in yaml.safe_load(file.read_text()) or []:
         key, _, value = str(line).partition("=")
         key = key.lstrip("+~")
-        if not key.startswith(IGNORED):
+        if not ignored(key):
             out[key] = value
     return out
 
@@ -250,6 +257,17 @@ def plot_params(params: list[str], rows: list[dict[str, Any]], metrics: list[str
     return written
 
 
+def no_figure_reason(params: list[str], rows: list[dict[str, Any]], runs: list[Run]) -> str:
+    """Why ``kdexp compare`` drew nothing."""
+    numeric = [p for p in params if len({r[p] for r in rows}) > 1 and all(_number(r[p]) is not None for r in rows)]
+    parts = []
+    if not numeric:
+        parts.append("no numeric parameter was swept" if params else "no parameter differs between the runs")
+    if not any(r.curves for r in runs):
+        parts.append("no run logged validations (train.eval_every)")
+    return "; ".join(parts) or "nothing to draw"
+
+
 def plot_curves(params: list[str], rows: list[dict[str, Any]], runs: dict[str, Run], out: Path) -> Path | None:
     """Validation curves, averaged over the seeds of each row."""
     keys = sorted({k for r in runs.values() for c in r.curves for k in c if k.startswith("valid/")})
@@ -338,8 +356,11 @@ def run_compare(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
               "best": best_per_method(rows, c.metric), "figures": [p.name for p in figures]
               + ([curves.name] if curves else [])}
     (run_dir / "compare.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    why = "" if record["figures"] else f" ({no_figure_reason(params, rows, runs)})"
+    seeds = max((len(r["runs"]) for r in rows), default=0)
+    single = "; one seed per configuration: no spread to show" if seeds == 1 else ""
     print(f"\n### {title}\n\n{md}\n\nwrote compare.md, .csv, .html, .json and "
-          f"{len(record['figures'])} figures to {run_dir}", flush=True)
+          f"{len(record['figures'])} figures{why} to {run_dir}{single}", flush=True)
     if c.wandb_report:
         spec = report_spec(runs, params, c.metric, title)
         (run_dir / "wandb_report.json").write_text(json.dumps(spec, indent=1) + "\n")

@@ -212,13 +212,13 @@ def clip(accelerator: Accelerator, groups: list[list[torch.nn.Parameter]], max_n
 
 
 # accelerate's distributed types in words
-ENGINES = {"NO": "a single process, no distributed backend", "MULTI_CPU": "DDP over gloo (CPU)",
-           "MULTI_GPU": "DDP over NCCL (GPU)", "FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
+ENGINES = {"NO": "a single process, no distributed backend", "MULTI_CPU": "DDP over gloo",
+           "MULTI_GPU": "DDP over NCCL", "FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
 
 
 def describe(cfg: DictConfig, accelerator: Accelerator) -> str:
     """Where and how the run trains, for the log: ``cpu, a single process, no distributed
-    backend``, ``cuda, DeepSpeed ZeRO-2``, ``cpu, DDP over gloo (CPU)``, ..."""
+    backend``, ``cuda, DeepSpeed ZeRO-2``, ``cpu, DDP over gloo``, ..."""
     kind = accelerator.distributed_type.value
     how = f"DeepSpeed ZeRO-{cfg.deepspeed.stage}" if cfg.get("deepspeed") else ENGINES.get(kind, kind)
     return f"{accelerator.device.type}, {how}"

@@ -62,11 +62,13 @@ def _save(unwrapped: torch.nn.Module, state, tokenizer, final: Path) -> None:
 
 
 def final_evaluation(cfg: DictConfig, run_dir: Path, student: torch.nn.Module, tokenizer,
-                     teacher: torch.nn.Module | None) -> dict[str, Any]:
+                     teacher: torch.nn.Module | None, teacher_as_loaded: bool = False) -> dict[str, Any]:
     """Evaluate the student (and the teacher) on the test split, or on every set of
     ``eval.sets`` (then the top-level numbers are the average over the sets); write and return
     the results. The scoring is ``kdexp eval``'s own (:func:`kdexp.jobs.evaluate`: the run's
-    data with ``eval.data`` applied, not the training encoding)."""
+    data with ``eval.data`` applied, not the training encoding). ``teacher_as_loaded``: the
+    teacher was not trained in the run, so its scores are shared with every run that evaluates
+    it the same way (the jobs of a multirun evaluate it once)."""
     from kdexp import jobs
 
     models = {"student": student}
@@ -80,7 +82,9 @@ def final_evaluation(cfg: DictConfig, run_dir: Path, student: torch.nn.Module, t
         with (gen_dir / f"{name if several else 'test'}_{who}.jsonl").open("w") as f:
             f.writelines(json.dumps(g) + "\n" for g in generations)
 
-    scored = jobs.evaluate(cfg, models, tokenizer, jobs.eval_sets(cfg), write)
+    from kdexp.models import model_identity
+    shared = {"teacher": model_identity(cfg.teacher)} if teacher_as_loaded and "teacher" in models else None
+    scored = jobs.evaluate(cfg, models, tokenizer, jobs.eval_sets(cfg), write, shared)
     top = ("rougeL", "rougeL_std", "exact_match", "exact_match_std")
     if several:
         results: dict[str, Any] = {"split": "test", "eval": cfg.eval.name, **scored}

@@ -10,12 +10,18 @@
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
+import importlib
 import json
+import logging
+import os
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -28,6 +34,8 @@ from kdexp.evaluation.evaluate import mean_std
 from kdexp.logging import make_logger
 from kdexp.models import load_model
 from kdexp.rollout import GenerationSpec, generate
+
+log = logging.getLogger(__name__)
 
 
 def _overridden(prefix: str) -> bool:
@@ -134,19 +142,29 @@ def eval_sets(cfg: DictConfig) -> dict[str, DictConfig]:
 
 
 def evaluate(cfg: DictConfig, models: dict[str, Any], tokenizer, sets: dict[str, DictConfig],
-             write: Callable[[str, str, list], None]) -> dict[str, dict[str, Any]]:
+             write: Callable[[str, str, list], None],
+             shared: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """The one evaluation of kdexp: every model of ``models`` (label -> model) on every set of
     ``sets`` (:func:`eval_sets`), each scored by :func:`score_set`. Returns
     ``{label: {"sets": {set: row}, **average}}``: the average over the sets of :data:`SCALARS`,
     and the std over seeds of the per-seed averages of ROUGE-L and exact match. ``write(label,
     set, generations)`` keeps each set's generations. The end of ``kdexp train`` and
-    ``kdexp eval`` both score through here."""
+    ``kdexp eval`` both score through here.
+
+    ``shared``: for a label, what identifies that model beyond this run (a teacher as loaded:
+    :func:`kdexp.models.model_identity`); its scores are then kept under ``rollout.cache_dir``
+    and reused by every run that evaluates the same model on the same set with the same
+    settings and code, e.g. every job of a multirun."""
     scored: dict[str, dict[str, Any]] = {}
     for label, model in models.items():
         rows: dict[str, dict[str, Any]] = {}
         for name, set_cfg in sets.items():
-            rows[name], generations = score_set(model, tokenizer, set_cfg,
-                                                desc=label if len(sets) == 1 else f"{label} {name}")
+            desc = label if len(sets) == 1 else f"{label} {name}"
+            identity = (shared or {}).get(label)
+            if identity is None:
+                rows[name], generations = score_set(model, tokenizer, set_cfg, desc=desc)
+            else:
+                rows[name], generations = _shared_score(model, tokenizer, set_cfg, desc, identity, cfg)
             write(label, name, generations)
         average = {k: statistics.fmean(r[k] for r in rows.values()) for k in SCALARS}
         for k in ("rougeL", "exact_match"):  # the std over seeds of the per-seed averages
@@ -155,6 +173,43 @@ def evaluate(cfg: DictConfig, models: dict[str, Any], tokenizer, sets: dict[str,
             average[f"{k}_std"] = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
         scored[label] = {**average, "sets": rows}
     return scored
+
+
+EVAL_MODULES = ("kdexp.jobs", "kdexp.evaluation.evaluate", "kdexp.evaluation.metrics", "kdexp.rollout",
+                "kdexp.data.encode", "kdexp.data.sources")
+
+
+@functools.cache
+def _eval_code() -> str:
+    """A hash of the code that scores a model: a change to it invalidates shared evaluations."""
+    digest = hashlib.sha256()
+    for name in EVAL_MODULES:
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _shared_score(model, tokenizer, set_cfg: DictConfig, desc: str, identity: Mapping[str, Any],
+                  cfg: DictConfig) -> tuple[dict[str, Any], list]:
+    """:func:`score_set`, kept in ``rollout.cache_dir/eval-KEY.json`` for the next run that
+    asks the same (model identity, set and evaluation settings, device, precision, code)."""
+    device = next(model.parameters()).device
+    blob = json.dumps({"model": identity, "set": OmegaConf.to_container(set_cfg, resolve=True),
+                       "device": device.type, "precision": str(cfg.train.get("mixed_precision")),
+                       "torch": torch.__version__, "code": _eval_code()}, sort_keys=True, default=str)
+    path = Path(str(cfg.rollout.cache_dir)) / f"eval-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        try:
+            kept = json.loads(path.read_text())
+            log.info("%s: evaluation reused from %s (same model, set, settings and code)", desc, path)
+            return kept["row"], kept["generations"]
+        except (OSError, ValueError, KeyError):
+            pass  # damaged: score again and replace it
+    row, generations = score_set(model, tokenizer, set_cfg, desc=desc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"row": row, "generations": generations}))
+    tmp.replace(path)  # atomic: a concurrent job reads all of it or none
+    return row, generations
 
 
 def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -134,6 +134,16 @@ def add_lora(model: PreTrainedModel, lora: Mapping[str, Any]):
         raise UserError(f"LoRA: {err}; set student.lora.target_modules=[...]") from None
 
 
+def model_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What names a model's weights in a cache key: its name, revision and dtype, and for a local
+    directory its files' names, sizes and modification times (standing for the weights)."""
+    root = Path(str(spec["name_or_path"]))
+    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in root.iterdir()
+                   if p.is_file()) if root.is_dir() else []
+    return {"name_or_path": str(spec["name_or_path"]), "revision": spec.get("revision"),
+            "dtype": spec.get("dtype"), "files": files}
+
+
 BARS_FROM_BYTES = 2**30  # transformers' "Loading weights" / "Writing model shards" bars from 1 GiB on
 
 

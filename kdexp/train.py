@@ -140,6 +140,8 @@ def validation(r: Run, step: int) -> None:
         if r.accelerator.is_main_process:
             valid[0] = validate(r.cfg, r.accelerator.unwrap_model(r.student), r.tokenizer, r.data["valid"])
             r.logger.log(valid[0], step)
+            log.info("step %d: validation %s", step, ", ".join(
+                f"{k.removeprefix('valid/')} {v:.4g}" for k, v in valid[0].items() if isinstance(v, (int, float))))
     valid = broadcast_object_list(valid)[0]  # DistiLLM's scheduler acts on it on every rank
     for component in r.plan.components:
         component.after_validation(r.ctx, step, valid["valid/loss"])
@@ -254,7 +256,7 @@ def finish(r: Run, train_s: float, tokens: int) -> dict[str, Any]:
     with engines.full_parameters(accelerator, r.engine, *r.teacher.gathered()):  # every rank: collective
         if accelerator.is_main_process:
             results = final_evaluation(r.cfg, run_dir, accelerator.unwrap_model(r.student), r.tokenizer,
-                                       r.teacher.evaluated())
+                                       r.teacher.evaluated(), r.teacher.evaluated_as_loaded)
     if accelerator.is_main_process:
         results["train"] = {"steps": r.progress.step, "time_s": round(train_s, 2),
                             "setup_s": round(r.setup_s, 2), "tokens": tokens}

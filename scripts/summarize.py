@@ -2,6 +2,9 @@
 
     python scripts/summarize.py runs/kd-vs-sft            # every */results.json below the folder
     python scripts/summarize.py runs/kd-vs-sft --by method.name loss.name
+
+Without ``--by``, runs are grouped by every parameter that differs between them, the seed
+apart (as ``kdexp compare`` finds them), so runs that differ in a swept value never merge.
     python scripts/summarize.py multirun/methods-a multirun/methods-b --relative-to kd
     python scripts/summarize.py multirun/methods-a multirun/okd --by method.name method.lmbda --relative-to kd
 
@@ -13,27 +16,39 @@ seeds).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from kdexp import compare
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", type=Path, nargs="+")
-    parser.add_argument("--by", nargs="+", default=["method.name"], help="config keys to group by")
+    parser.add_argument("--by", nargs="+", default=None,
+                        help="config keys to group by (default: every parameter that differs, the seed apart)")
     parser.add_argument("--relative-to", default=None,
                         help="also give each group's mean train time relative to the group whose "
                              "first --by value is this")
     args = parser.parse_args()
+    found = sorted(p for root in args.roots for p in root.rglob("results.json"))
+    runs = [compare.load_run(p.parent) for p in found]
+    if args.by is None:
+        swept, from_overrides = compare.swept_params(runs)
+        args.by = swept or ["method.name"]
+
+        def value(run: compare.Run, k: str) -> str:
+            return compare.value(run, k, from_overrides)
+    else:
+        def value(run: compare.Run, k: str) -> str:
+            return str(OmegaConf.select(run.cfg, k))
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for results in sorted(p for root in args.roots for p in root.rglob("results.json")):
-        cfg = OmegaConf.load(results.parent / "config.yaml")
-        key = tuple(str(OmegaConf.select(cfg, k)) for k in args.by)
-        groups[key].append({**json.loads(results.read_text()), "seed": cfg.seed})
+    for run in runs:
+        key = tuple(value(run, k) for k in args.by)
+        groups[key].append({**run.results, "seed": run.cfg.seed})
     base = None
     if args.relative_to is not None:
         refs = [runs for key, runs in groups.items() if key[0] == args.relative_to]
@@ -48,8 +63,8 @@ def main() -> None:
         cells = []
         for metric in ("rougeL", "exact_match"):
             values = [r[metric] for r in runs]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.fmean(values):.2f} ± {std:.2f}")
+            mean = statistics.fmean(values)  # one run: no spread to show
+            cells.append(f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}")
         time_s = statistics.fmean(r["train"]["time_s"] for r in runs)
         seeds = ",".join(str(r["seed"]) for r in runs)
         rel = f" {time_s / base:.2f} |" if base else ""

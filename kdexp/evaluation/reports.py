@@ -45,6 +45,16 @@ def plot_exposure(results: Results, path: Path, cfg: DictConfig) -> Path:
             plots.curve(step_ax, steps, r["regret_t"], r["regret_t_se"], f"{label}: student prefixes", c)
             plots.curve(step_ax, steps, r["eps_t"], r["eps_t_se"], f"{label}: teacher prefixes", c, "--")
             plots.curve(ex_ax, r["l"], r["ExAccErr"], r["ExAccErr_se"], label, c)
+        counts = step_ax.twinx()  # how many sequences each step's mean rests on (thin lines)
+        first = next(iter(results.values()))[d]
+        counts.plot(range(1, len(first["count_teacher"]) + 1), first["count_teacher"], color="gray", lw=0.7,
+                    ls="--")
+        for i, res in enumerate(results.values()):
+            counts.plot(range(1, len(res[d]["count_student"]) + 1), res[d]["count_student"],
+                        color=plots.color(i), lw=0.7, ls=":")
+        counts.set_ylabel("sequences left (thin: student's dotted, teacher's dashed)", color="gray", fontsize=7)
+        counts.set_ylim(bottom=0)
+        counts.tick_params(axis="y", colors="gray")
         what = f"sampling (T={cfg.analyze.temperature})" if d == "sample" else "greedy decoding"
         plots.finish(step_ax, f"per-step KL(p||q), {what}", "response step t", "KL")
         plots.finish(ex_ax, f"excess accumulated error, {what}", "length l", "ExAccErr(l) %")
@@ -59,7 +69,9 @@ def summary_exposure(results: Results, cfg: DictConfig) -> Rows:
         for d, r in res.items():
             n = _common_length(results, d, cfg.analyze.length)
             row.update({f"{d}_l": n, f"{d}_ExAccErr": r["ExAccErr"][n - 1], f"{d}_ExAccErr_se": r["ExAccErr_se"][n - 1],
-                        f"{d}_AccErr": r["AccErr"][n - 1], f"{d}_eps": r["eps"][n - 1], f"{d}_R": r["R"][n - 1]})
+                        f"{d}_AccErr": r["AccErr"][n - 1], f"{d}_eps": r["eps"][n - 1], f"{d}_R": r["R"][n - 1],
+                        # the sequences the last step's means rest on (the fewer of the two sides)
+                        f"{d}_n_at_l": min(r["count_teacher"][n - 1], r["count_student"][n - 1])})
         rows[label] = row
     return rows
 

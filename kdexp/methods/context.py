@@ -213,15 +213,11 @@ class Context:
         return [e.with_response(json.loads(line), "teacher") for e, line in zip(self.train, lines, strict=True)]
 
     def _cache_key(self, spec: RolloutSpec) -> str:
-        teacher = self.cfg.teacher
-        weights = []
-        root = Path(str(teacher.name_or_path))
-        if root.is_dir():  # a local directory: its files' sizes and times stand for its weights
-            weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in root.iterdir()
-                             if p.is_file())
+        from kdexp.models import model_identity
+        teacher = model_identity(self.cfg.teacher)
         prompts = hashlib.sha256(json.dumps([e.prompt_ids for e in self.train]).encode()).hexdigest()
-        blob = json.dumps({"teacher": str(teacher.name_or_path), "revision": teacher.revision,
-                           "dtype": teacher.dtype, "weights": weights, "prompts": prompts,
+        blob = json.dumps({"teacher": teacher["name_or_path"], "revision": teacher["revision"],
+                           "dtype": teacher["dtype"], "weights": teacher["files"], "prompts": prompts,
                            "spec": repr(spec), "max_length": self.max_length,
                            # greedy outputs do not depend on the seed: every seed's runs share them
                            "seed": self.seed if spec.do_sample else None,

@@ -118,3 +118,7 @@ class Teacher:
     def evaluated(self) -> torch.nn.Module | None:
         """The plain model the final evaluation scores, or ``None``."""
         return None
+
+    # The evaluated model is the teacher as loaded (not trained in the run), so its evaluation
+    # can be shared by every run with the same teacher and settings (kdexp.jobs.evaluate).
+    evaluated_as_loaded = False

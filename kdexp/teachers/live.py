@@ -25,6 +25,7 @@ class LiveTeacher(Teacher):
     """
 
     kind = "live"
+    evaluated_as_loaded = True
 
     def __init__(self, accelerator, vocab: int | None, model: torch.nn.Module):
         super().__init__(accelerator, vocab)

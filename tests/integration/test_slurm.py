@@ -140,7 +140,7 @@ def test_two_tasks_of_one_slurm_job_train_as_one_run(slurm, tmp_path):
     kdexp("train", "-m", *LAUNCH, "hydra.launcher.tasks_per_node=2", *args, f"hydra.sweep.dir={sweep}",
           cwd=tmp_path, timeout=900)
     kdexp("train", *args, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
-    assert "training on 2 processes (MULTI_CPU)" in (sweep / "0" / "train.log").read_text()
+    assert "training on 2 processes (cpu, DDP over gloo)" in (sweep / "0" / "train.log").read_text()
     assert len(list((sweep / ".submitit").glob("*/*_1_log.out"))) == 1  # task 1 ran too
     two, one = train_steps(sweep / "0"), train_steps(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 7))  # one record, not two

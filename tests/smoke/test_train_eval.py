@@ -194,3 +194,22 @@ def test_sft_runs_without_a_teacher(tmp_path):
     assert "teacher" not in results and "| teacher |" not in proc.stdout
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all("train/fkl" not in r and r["train/loss"] == r["train/ce"] for r in rows)
+
+
+def test_the_teachers_evaluation_is_shared_by_runs_that_ask_the_same(kd_run):
+    """A second run with the same teacher, test set and eval settings reuses the first run's
+    teacher scores and generations (a multirun evaluates its teacher once); other eval settings
+    score it again."""
+    run, _ = kd_run
+    root = run.parent
+    kept = list((root / ".kdexp-cache").glob("eval-*.json"))
+    assert len(kept) == 1
+    proc = kdexp("train", *FAST, *EVAL_DATA, "eval.teacher=true", "seed=7", f"hydra.run.dir={root / 'again'}",
+                 cwd=root)
+    assert "teacher: evaluation reused from" in proc.stdout + proc.stderr + (root / "again" / "train.log").read_text()
+    assert read_json(root / "again" / "results.json")["teacher"] == read_json(run / "results.json")["teacher"]
+    assert (root / "again" / "generations" / "test_teacher.jsonl").read_text() == \
+        (run / "generations" / "test_teacher.jsonl").read_text()
+    kdexp("train", *FAST, *EVAL_DATA, "eval.teacher=true", "eval.seeds=[10]", f"hydra.run.dir={root / 'other'}",
+          cwd=root)
+    assert len(list((root / ".kdexp-cache").glob("eval-*.json"))) == 2

@@ -224,7 +224,7 @@ def test_analyze_arguments_become_overrides():
 
     args = cli._analyze_args(["exposure", "runs/a", "--cfg", "job", "runs/it's", "analyze.n_samples=2"])
     assert args == ["--cfg", "job", "analyze.name=exposure", "analyze.models=['runs/a','runs/it\\'s']",
-                    "analyze.n_samples=2"]
+                    "analyze.n_samples=2", "hydra.run.dir=runs/${now:%Y-%m-%d}/${now:%H-%M-%S}_analyze-exposure"]
     with pytest.raises(SystemExit):
         cli._analyze_args(["exposre"])
 
@@ -238,3 +238,12 @@ def test_analyze_settings_are_checked(compose):
     assert any(p.startswith("analyze.top_p must be in (0, 1]") for p in found)
     assert any(p.startswith("analyze.gammas must be a non-empty list") for p in found)
     assert not any("max_samples" in p for p in found) and len(found) == 3
+
+
+def test_an_analysis_run_directory_is_named_after_the_analysis():
+    from kdexp.cli import command_args
+    args = command_args("analyze", ["exposure", "runs/a", "runs/b"])
+    assert "hydra.run.dir=runs/${now:%Y-%m-%d}/${now:%H-%M-%S}_analyze-exposure" in args
+    assert "analyze.name=exposure" in args and "analyze.models=['runs/a','runs/b']" in args
+    mine = command_args("analyze", ["calibration", "runs/a", "hydra.run.dir=out/cal"])
+    assert [a for a in mine if a.startswith("hydra.run.dir=")] == ["hydra.run.dir=out/cal"]

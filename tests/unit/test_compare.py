@@ -127,3 +127,20 @@ def test_nan_metrics_are_skipped_not_propagated(tmp_path):
     run.results.pop("exact_match")
     mean, std = compare._mean_std([run.metric("exact_match")])
     assert math.isnan(mean) and math.isnan(std)
+
+
+def test_logger_and_launcher_groups_are_not_swept_parameters():
+    """`logger=none`, `hydra/launcher=slurm`: how a run is kept, not what it is."""
+    for key in ("logger", "logger.project", "hydra/launcher", "hydra.run.dir", "tags", "train.log_every"):
+        assert compare.ignored(key), key
+    for key in ("loss", "method.lmbda", "train.lr", "loggers_of_mine"):
+        assert not compare.ignored(key), key
+
+
+def test_no_figure_says_why(sweep):
+    root, _ = sweep
+    runs = [compare.load_run(p) for p in compare.find_runs([str(root)])]
+    for r in runs:
+        r.curves = []
+    assert compare.no_figure_reason(["loss.name"], [{"loss.name": "fkl"}, {"loss.name": "rkl"}], runs) == \
+        "no numeric parameter was swept; no run logged validations (train.eval_every)"

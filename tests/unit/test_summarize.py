@@ -45,7 +45,21 @@ def test_relative_to_a_missing_group_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--by", "method.name"], []])
-def test_single_run_has_zero_std(tmp_path, args):
+def test_single_run_has_no_spread(tmp_path, args):
     _run(tmp_path, "r", "sft", 3, 50, 10)
     out = _summarize(str(tmp_path), *args)
-    assert "| sft | 1 | 3 | 50.00 ± 0.00 | 25.00 ± 0.00 | 10.0 |" in out.stdout
+    assert "| sft | 1 | 3 | 50.00 | 25.00 | 10.0 |" in out.stdout
+
+
+def test_runs_that_differ_in_a_swept_value_are_not_merged(tmp_path):
+    """The same method, seed 0, fkl and rkl: two rows, not one with seeds "0,0"."""
+    for loss, rouge in (("fkl", 60), ("rkl", 70)):
+        run = tmp_path / loss
+        (run / ".hydra").mkdir(parents=True)
+        (run / "config.yaml").write_text(f"seed: 0\nmethod:\n  name: kd\nloss:\n  name: {loss}\n")
+        (run / ".hydra" / "overrides.yaml").write_text(f"- method=kd\n- loss={loss}\n- seed=0\n")
+        (run / "results.json").write_text(json.dumps({"rougeL": rouge, "exact_match": 1.0, "train": {"time_s": 1.0}}))
+    out = _summarize(str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].startswith("| loss | runs |")
+    assert "| fkl | 1 | 0 | 60.00 |" in out.stdout and "| rkl | 1 | 0 | 70.00 |" in out.stdout
