@@ -198,11 +198,11 @@ def _value_problems(variants: list, checked: list[str] | None, light: bool = Fal
                 collect(_model_problems)
             return found
         collect(lambda c: declared_problems(c, world))
-        collect(_train_model_problems)
         if not found and not light:
             from kdexp.checks import check_config
 
             collect(lambda c: list(check_config(c, world)[0]))
+        collect(_train_model_problems)
     except UserError as err:
         return found + [line for line in str(err).splitlines() if line not in found]
     except Exception:  # an interpolation only the job can resolve: the job checks again
