@@ -51,6 +51,9 @@ from kdexp.rollout import RolloutSpec, sample
 log = logging.getLogger(__name__)
 
 DECODINGS = ("sample", "greedy")
+# MCE leaves out bins holding under 1 % of the predictions: the gap of a bin of a handful of
+# tokens is noise, and it would decide the maximum.
+MCE_MIN_SHARE = 0.01
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +294,7 @@ def difficulty(student: torch.nn.Module, teacher: torch.nn.Module, references: S
 def calibration(model: torch.nn.Module, references: Sequence[Example], pad_id: int, batch_size: int,
                 vocab: int | None = None, n_bins: int = 15) -> dict[str, Any]:
     """ECE / MCE and reliability bins of next-token predictions on the references."""
-    acc = est.CalibrationAccumulator(n_bins)
+    acc = est.CalibrationAccumulator(n_bins, MCE_MIN_SHARE)
     for (z,), targets, mask in scored_batches([model], references, pad_id, batch_size, vocab):
         acc.add(z, targets, mask)
     return acc.result()

@@ -208,11 +208,11 @@ def difficulty_buckets(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return acc.result()
 
 
-def _calibration_result(bins: _BinSums) -> dict[str, object]:
+def _calibration_result(bins: _BinSums, mce_min_share: float = 0.0) -> dict[str, object]:
     m = bins.means()
     gap = (m["accuracy"] - m["confidence"]).abs()
     n = bins.count.sum()
-    filled = bins.count > 0
+    filled = (bins.count > 0) & (bins.count >= mce_min_share * n)
     k = bins.n_bins
     return {"ece": (bins.count * gap.nan_to_num(0)).sum().item() / n.item() if n > 0 else NAN,
             "mce": gap[filled].max().item() if filled.any() else NAN,
@@ -224,8 +224,9 @@ def _calibration_result(bins: _BinSums) -> dict[str, object]:
 class CalibrationAccumulator:
     """Streaming version of :func:`ece` on logits: ``.add`` batches, then ``.result()``."""
 
-    def __init__(self, n_bins: int = 15):
+    def __init__(self, n_bins: int = 15, mce_min_share: float = 0.0):
         self._bins = _BinSums(n_bins, ["confidence", "accuracy"])
+        self.mce_min_share = mce_min_share
 
     def add_predictions(self, confidences: torch.Tensor, correct: torch.Tensor) -> None:
         """Add (confidence [N] in [0, 1], correct [N] bool) pairs."""
@@ -240,8 +241,9 @@ class CalibrationAccumulator:
         self.add_predictions(conf.exp(), pred == y)
 
     def result(self) -> dict[str, object]:
-        """Same keys as :func:`ece`."""
-        return _calibration_result(self._bins)
+        """Same keys as :func:`ece`; MCE over the bins holding at least ``mce_min_share`` of the
+        predictions (0: every non-empty bin, Guo et al.'s definition)."""
+        return _calibration_result(self._bins, self.mce_min_share)
 
 
 def ece(confidences: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> dict[str, object]:

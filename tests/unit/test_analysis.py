@@ -382,3 +382,16 @@ def test_self_bleu():
     assert 0.0 < expected < 100.0
     with pytest.raises(ValueError):
         self_bleu(["only one"])
+
+
+def test_mce_can_leave_out_nearly_empty_bins():
+    """Guo et al.'s MCE takes every non-empty bin; with mce_min_share a bin of a handful of
+    predictions (here 1 of 1001, wrong at confidence 0.95) no longer decides it."""
+    from kdexp.evaluation.analysis import CalibrationAccumulator
+    conf = torch.tensor([0.55] * 1000 + [0.95], dtype=torch.float64)
+    correct = torch.tensor([True] * 550 + [False] * 450 + [False])
+    every, share = CalibrationAccumulator(10), CalibrationAccumulator(10, mce_min_share=0.01)
+    for acc in (every, share):
+        acc.add_predictions(conf, correct)
+    assert every.result()["mce"] == pytest.approx(0.95) and share.result()["mce"] == pytest.approx(0.0, abs=1e-12)
+    assert every.result()["ece"] == share.result()["ece"]
