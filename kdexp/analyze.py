@@ -41,6 +41,7 @@ from kdexp.data.encode import Example
 from kdexp.errors import UserError, unknown_choice
 from kdexp.evaluation import analysis as est
 from kdexp.evaluation import reports
+from kdexp.files import write_atomic
 from kdexp.jobs import _overridden, resolve_model
 from kdexp.logging import make_logger
 from kdexp.losses.objective import IGNORE_INDEX
@@ -542,6 +543,4 @@ def _finite(obj: Any) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n")

@@ -41,16 +41,16 @@ from kdexp.logging import wandb_mode
 # logger.project=..., hydra/launcher=slurm, hydra.run.dir=...) and single keys.
 IGNORED_GROUPS = ("hydra", "logger", "tags", "model")
 IGNORED = ("train.resume", "train.log_every", "train.save_every", "train.num_threads", "train.device")
-
-
-def ignored(key: str) -> bool:
-    """Whether an override ``key`` records how a run is kept rather than what it is."""
-    return re.split(r"[./]", key, maxsplit=1)[0] in IGNORED_GROUPS or key.startswith(IGNORED)
 # Without overrides files: the hyper-parameters compared when they differ.
 KNOWN = ("method.name", "loss.name", "method.lmbda", "loss.beta", "loss.alpha", "loss.temperature",
          "method.kd_weight", "student.name_or_path", "teacher.name_or_path", "data.name", "train.lr",
          "train.max_steps")
 SEED = "seed"
+
+
+def ignored(key: str) -> bool:
+    """Whether an override ``key`` records how a run is kept rather than what it is."""
+    return re.split(r"[./]", key, maxsplit=1)[0] in IGNORED_GROUPS or key.startswith(IGNORED)
 
 
 @dataclass

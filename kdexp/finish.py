@@ -44,21 +44,16 @@ def save_final(accelerator: Accelerator, engine: torch.nn.Module, tokenizer, fin
     """
     from kdexp.models import small_bars
     unwrapped, state = part_of(accelerator, engine, part)
-    tensors = state.values() if state else unwrapped.parameters()  # ZeRO-3: the gathered state
-    size = sum(t.numel() * t.element_size() for t in tensors)
     if accelerator.is_main_process:
-        with small_bars(size):
-            _save(unwrapped, state, tokenizer, final)
+        tensors = state.values() if state else unwrapped.parameters()  # ZeRO-3: the gathered state
+        with small_bars(sum(t.numel() * t.element_size() for t in tensors)):
+            if hasattr(unwrapped, "merge_and_unload"):  # a PEFT model
+                unwrapped.save_pretrained(final.with_name("final_adapter"), state_dict=state)
+                copy.deepcopy(unwrapped).merge_and_unload().save_pretrained(final)
+            else:
+                unwrapped.save_pretrained(final, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(final)
     accelerator.wait_for_everyone()
-
-
-def _save(unwrapped: torch.nn.Module, state, tokenizer, final: Path) -> None:
-    if hasattr(unwrapped, "merge_and_unload"):  # a PEFT model
-        unwrapped.save_pretrained(final.with_name("final_adapter"), state_dict=state)
-        copy.deepcopy(unwrapped).merge_and_unload().save_pretrained(final)
-    else:
-        unwrapped.save_pretrained(final, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(final)
 
 
 def final_evaluation(cfg: DictConfig, run_dir: Path, student: torch.nn.Module, tokenizer,

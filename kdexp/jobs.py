@@ -15,7 +15,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from kdexp.data.sources import load_test_split
 from kdexp.errors import UserError, unknown_choice
 from kdexp.evaluation import evaluate_generation, teacher_forced_nll
 from kdexp.evaluation.evaluate import mean_std
+from kdexp.files import write_atomic
 from kdexp.logging import make_logger
 from kdexp.models import load_model
 from kdexp.rollout import GenerationSpec, generate
@@ -205,10 +205,7 @@ def _shared_score(model, tokenizer, set_cfg: DictConfig, desc: str, identity: Ma
         except (OSError, ValueError, KeyError):
             pass  # damaged: score again and replace it
     row, generations = score_set(model, tokenizer, set_cfg, desc=desc)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"row": row, "generations": generations}))
-    tmp.replace(path)  # atomic: a concurrent job reads all of it or none
+    write_atomic(path, json.dumps({"row": row, "generations": generations}))  # a concurrent job reads all or none
     return row, generations
 
 

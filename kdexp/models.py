@@ -92,8 +92,10 @@ def load_model(spec: Mapping[str, Any], role: str = "student", tokenizer=None,
     kwargs = _load_kwargs(spec)
     if spec.get("attn_implementation"):
         kwargs["attn_implementation"] = spec["attn_implementation"]
-    tokenizer = tokenizer or load_tokenizer(spec, role)
-    hub.prepare(spec["name_or_path"], f"{role}.name_or_path")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(spec, role)  # which checks the name first (hub.prepare)
+    else:
+        hub.prepare(spec["name_or_path"], f"{role}.name_or_path")
     init = resolve_init(spec, role)
     bars = small_bars(weight_bytes(spec["name_or_path"]))
     try:

@@ -170,12 +170,6 @@ def _model_problems(cfg) -> list[str]:
     return [found] if found else []
 
 
-def _train_model_problems(cfg) -> list[str]:
-    """The student and teacher: a missing path or an unreachable hub id, said before the imports."""
-    from kdexp import hub
-    return hub.config_problems(cfg)
-
-
 def _value_problems(variants: list, checked: list[str] | None, light: bool = False) -> list[str]:
     """The problems of each composed variant (a sweep's values): :func:`kdexp.config.problems`
     of the sections ``checked``, or for ``train`` (``checked`` None) the declared parameters'
@@ -202,7 +196,9 @@ def _value_problems(variants: list, checked: list[str] | None, light: bool = Fal
             from kdexp.checks import check_config
 
             collect(lambda c: list(check_config(c, world)[0]))
-        collect(_train_model_problems)
+        from kdexp import hub  # here, not at the top: the commands that load no model never import it
+
+        collect(hub.config_problems)  # the student and teacher, before the imports
     except UserError as err:
         return found + [line for line in str(err).splitlines() if line not in found]
     except Exception:  # an interpolation only the job can resolve: the job checks again

@@ -181,7 +181,7 @@ def steps(r: Run) -> tuple[float, int]:
         progress.step += 1
         progress.tokens += n_tokens
         fault_injection(progress.step)
-        clock.done(n_tokens, reduced, norms)
+        clock.done(reduced, norms)
         # After logging (which shows this step's weights), before a checkpoint saves the state.
         r.plan.objective.update(reduced)
         for component in r.plan.components:
@@ -209,18 +209,18 @@ class StepLog:
     """The progress bar and the ``train/*`` metrics, every ``train.log_every`` steps."""
 
     def __init__(self, r: Run):
-        self.r, self.start, self.tokens, self.first = r, time.time(), 0, r.progress.step
-        self.before = r.progress.seconds  # training seconds of the run before this process
+        self.r, self.start, self.first = r, time.time(), r.progress.step
+        # the run's totals when this process started (a resumed run's checkpoint)
+        self.tokens_before, self.seconds_before = r.progress.tokens, r.progress.seconds
         self.bar = tqdm(total=r.cfg.train.max_steps, initial=r.progress.step, desc="train", unit="step",
                         disable=not r.accelerator.is_main_process)
 
     def seconds(self) -> float:
         """Training seconds of the whole run so far."""
-        return self.before + time.time() - self.start
+        return self.seconds_before + time.time() - self.start
 
-    def done(self, n_tokens: int, reduced: dict[str, float], norms: list) -> None:
+    def done(self, reduced: dict[str, float], norms: list) -> None:
         r, step = self.r, self.r.progress.step
-        self.tokens += n_tokens
         self.bar.update(1)
         if step % r.cfg.train.log_every and step != r.cfg.train.max_steps:
             return
@@ -229,7 +229,7 @@ class StepLog:
         total = sum(weights[key] * reduced[key] for key in objective.keys)
         metrics = {"train/loss": total, **{f"train/{k}": v for k, v in reduced.items()},
                    "train/lr": r.scheduler.get_last_lr()[0],
-                   "train/tokens_per_s": self.tokens / max(time.time() - self.start, 1e-9),
+                   "train/tokens_per_s": (r.progress.tokens - self.tokens_before) / max(time.time() - self.start, 1e-9),
                    "train/teacher_s": r.teacher.seconds / (step - self.first),
                    "train/epoch": stream.epoch + stream.index / stream.per_epoch}
         if norms[0] is not None:

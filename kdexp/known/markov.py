@@ -52,8 +52,7 @@ class MarkovConfig(PretrainedConfig):
         """The known chain this config defines (``chain_seed`` set), or None (a student)."""
         if self.chain_seed is None:
             return None
-        fields = {k: getattr(self, f"chain_{k}") for k in Chain.KEYS if hasattr(self, f"chain_{k}")}
-        return Chain(**fields)
+        return Chain.from_config(self.to_dict())
 
 
 @dataclass
@@ -84,7 +83,7 @@ class MarkovLM(PreTrainedModel, GenerationMixin):
                 if chain.vocab != self.config.vocab_size or chain.order != self.config.order:
                     raise ValueError(f"the chain has vocab {chain.vocab} and order {chain.order}, the "
                                      f"config {self.config.vocab_size} and {self.config.order}")
-                self.table.copy_(torch.tensor(chain.table, dtype=torch.float64).log())
+                self.table.copy_(log_table(chain))
             else:
                 self.table.normal_(0.0, self.config.init_std)
 
@@ -143,6 +142,11 @@ def register() -> None:
 # ---------------------------------------------------------------------------------------------
 # Exact answers
 # ---------------------------------------------------------------------------------------------
+
+def log_table(chain: Chain) -> torch.Tensor:
+    """The chain's next-token log-probabilities, one row per context: [vocab ** order, vocab], float64."""
+    return torch.tensor(chain.table, dtype=torch.float64).log()
+
 
 def as_pairs(model_or_table: torch.nn.Module | torch.Tensor, vocab: int) -> torch.Tensor:
     """Next-token probabilities ``[a, b, x]`` = p(x | a, b), float64, for an order-1 or order-2

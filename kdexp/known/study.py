@@ -103,7 +103,7 @@ def teacher_chain() -> Chain:
 
 
 def teacher_pairs(chain: Chain) -> torch.Tensor:
-    return markov.as_pairs(torch.tensor(chain.table, dtype=torch.float64).log(), chain.vocab)
+    return markov.as_pairs(markov.log_table(chain), chain.vocab)
 
 
 def student_pairs(run_dir: Path, chain: Chain) -> torch.Tensor:

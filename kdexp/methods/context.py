@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from kdexp.data.encode import Example
 from kdexp.engine import plain_model
+from kdexp.files import write_atomic
 from kdexp.rollout import RolloutSpec, sample
 
 if TYPE_CHECKING:
@@ -198,12 +198,8 @@ class Context:
             log.info("generating teacher outputs for %d prompts (cached at %s)", len(self.train), path)
             outputs = self.rollout_all(self.train, "teacher-outputs", model="teacher", spec=spec,
                                        desc="teacher outputs")
-            if self.accelerator.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                with tmp.open("w") as f:
-                    f.writelines(json.dumps(e.response_ids) + "\n" for e in outputs)
-                tmp.replace(path)  # atomic: a reader sees the whole cache or none
+            if self.accelerator.is_main_process:  # atomic: a reader sees the whole cache or none
+                write_atomic(path, "".join(json.dumps(e.response_ids) + "\n" for e in outputs))
             self.accelerator.wait_for_everyone()
             return outputs
         lines = path.read_text().splitlines()

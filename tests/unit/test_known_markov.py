@@ -109,7 +109,7 @@ def brute_force(teacher: torch.Tensor, student: torch.Tensor, chain: Chain) -> d
 
 
 def test_the_exact_sequence_kls_equal_brute_force_enumeration():
-    teacher = markov.as_pairs(torch.tensor(TINY.table, dtype=torch.float64).log(), TINY.vocab)
+    teacher = markov.as_pairs(markov.log_table(TINY), TINY.vocab)
     g = torch.Generator().manual_seed(0)
     student = markov.as_pairs(torch.randn(TINY.vocab, TINY.vocab, generator=g, dtype=torch.float64), TINY.vocab)
     truth = markov.exact(teacher, student, markov.prompt_pairs(TINY), TINY.max_response)
@@ -123,7 +123,7 @@ def test_the_best_order1_students_are_optima():
     """Forward: the closed form has zero gradient and beats perturbations; reverse: no
     perturbation of the L-BFGS optimum does better, and it beats the forward optimum."""
     chain = Chain(states=4, max_response=8, seed=1)
-    teacher = markov.as_pairs(torch.tensor(chain.table, dtype=torch.float64).log(), chain.vocab)
+    teacher = markov.as_pairs(markov.log_table(chain), chain.vocab)
     start, steps = markov.prompt_pairs(chain), chain.max_response
     forward, kl_f = markov.best_order1(teacher, start, steps, "pq")
     reverse, kl_r = markov.best_order1(teacher, start, steps, "qp")
