@@ -234,9 +234,25 @@ def _number(text: str) -> float | None:
         return None
 
 
+ONE_SEED_SPAN = 5.0
+"""With one seed per configuration there is no spread to draw: the y-axis then spans at least
+this many metric points (metrics are percentages), and the figure's title says so."""
+
+
+def one_seed(rows: list[dict[str, Any]]) -> bool:
+    return bool(rows) and all(len(r["runs"]) == 1 for r in rows)
+
+
+def _spread_title(rows: list[dict[str, Any]], what: str) -> str:
+    if one_seed(rows):
+        return f"{what}: one seed per configuration, no spread to show (y-axis spans at least {ONE_SEED_SPAN:g})"
+    return f"{what}: mean ± std over seeds"
+
+
 def plot_params(params: list[str], rows: list[dict[str, Any]], metrics: list[str], out: Path) -> list[Path]:
     """For every numeric swept parameter: each metric against it, one line per setting of the
-    other swept parameters, error bars of one std over seeds."""
+    other swept parameters, a band of one std over seeds. With one seed, the title says there
+    is no spread and the y-axis is kept at least :data:`ONE_SEED_SPAN` wide."""
     written = []
     for p in params:
         xs = {r[p] for r in rows}
@@ -253,7 +269,9 @@ def plot_params(params: list[str], rows: list[dict[str, Any]], metrics: list[str
                 plots.curve(ax, [_number(r[p]) for r in members], [r[m] for r in members],
                             [r[f"{m}_std"] for r in members], label, plots.color(i))
             plots.finish(ax, f"{m} against {p}", p, m)
-        written.append(plots.save(fig, out / f"compare_{p.replace('/', '_')}.png"))
+            if one_seed(rows):
+                plots.min_span(ax, ONE_SEED_SPAN)
+        written.append(plots.save(fig, out / f"compare_{p.replace('/', '_')}.png", _spread_title(rows, "Test metrics")))
     return written
 
 
@@ -286,7 +304,7 @@ def plot_curves(params: list[str], rows: list[dict[str, Any]], runs: dict[str, R
             stats = [_mean_std(by_step[s]) for s in steps]
             plots.curve(ax, steps, [m for m, _ in stats], [s for _, s in stats], label, plots.color(i))
         plots.finish(ax, key, "step", key.split("/", 1)[1])
-    return plots.save(fig, out / "compare_curves.png", "Validation during training (mean ± std over seeds)")
+    return plots.save(fig, out / "compare_curves.png", _spread_title(rows, "Validation during training"))
 
 
 def report_spec(runs: list[Run], params: list[str], metric: str, title: str) -> dict[str, Any]:
@@ -357,8 +375,7 @@ def run_compare(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
               + ([curves.name] if curves else [])}
     (run_dir / "compare.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     why = "" if record["figures"] else f" ({no_figure_reason(params, rows, runs)})"
-    seeds = max((len(r["runs"]) for r in rows), default=0)
-    single = "; one seed per configuration: no spread to show" if seeds == 1 else ""
+    single = "; one seed per configuration: no spread to show" if one_seed(rows) else ""
     print(f"\n### {title}\n\n{md}\n\nwrote compare.md, .csv, .html, .json and "
           f"{len(record['figures'])} figures{why} to {run_dir}{single}", flush=True)
     if c.wandb_report:

@@ -68,6 +68,15 @@ def reliability(ax, edges: Sequence[float], confidence: Sequence[float], accurac
     ax.set_ylim(0, 1)
 
 
+def min_span(ax, span: float) -> None:
+    """Widen the y-axis to at least ``span`` around its centre, so that an axis autoscaled to a
+    few hundredths does not draw noise as a trend."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        ax.set_ylim(mid - span / 2, mid + span / 2)
+
+
 def finish(ax, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)

@@ -144,3 +144,24 @@ def test_no_figure_says_why(sweep):
         r.curves = []
     assert compare.no_figure_reason(["loss.name"], [{"loss.name": "fkl"}, {"loss.name": "rkl"}], runs) == \
         "no numeric parameter was swept; no run logged validations (train.eval_every)"
+
+
+def test_one_seed_figures_say_so_and_do_not_magnify_noise(sweep):
+    root, _ = sweep
+    runs = [compare.load_run(p) for p in compare.find_runs([str(root)])]
+    _, rows = compare.table(runs, ["rougeL"])
+    assert not compare.one_seed(rows) and "mean ± std" in compare._spread_title(rows, "x")
+    _, single = compare.table([r for r in runs if int(r.cfg.seed) == 0], ["rougeL"])
+    assert compare.one_seed(single) and "one seed per configuration" in compare._spread_title(single, "x")
+    import matplotlib.pyplot as plt
+
+    from kdexp.evaluation import plots
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [70.00, 70.15])
+    plots.min_span(ax, compare.ONE_SEED_SPAN)
+    lo, hi = ax.get_ylim()
+    assert hi - lo == pytest.approx(compare.ONE_SEED_SPAN) and lo < 70.0 and hi > 70.15
+    ax.set_ylim(0, 100)
+    plots.min_span(ax, compare.ONE_SEED_SPAN)  # already wide: unchanged
+    assert ax.get_ylim() == (0, 100)
+    plt.close(fig)
