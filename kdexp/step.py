@@ -3,6 +3,7 @@ counter and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -10,6 +11,8 @@ from omegaconf import DictConfig
 
 from kdexp import engine as engines
 from kdexp.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class BatchStream:
@@ -121,6 +124,22 @@ class Step:
         self.t, self.accelerator, self.engine, self.teacher = cfg.train, accelerator, engine, teacher
         self.objective, self.groups, self.optimizer, self.guard = objective, groups, optimizer, guard
         self.world = accelerator.num_processes
+        self.fused = self.choose_path()
+
+    def choose_path(self) -> bool:
+        """Whether the loss takes the fused path (``loss.fused``: auto takes it wherever it can;
+        true refuses to run without it; false keeps the plain or chunked path)."""
+        mode = self.objective.fused_mode
+        if mode == "false":
+            return False
+        why = ("the objective has terms other than CE and divergences" if not self.objective.fusable
+               else self.teacher.fusable(self.engine))
+        if why and mode == "true":
+            raise UserError(f"loss.fused=true, but the fused path cannot run: {why}; set loss.fused=auto")
+        if self.accelerator.is_main_process:
+            log.info("loss: %s", "fused (hidden states x LM head, a chunk of positions at a time)" if not why
+                     else f"plain path ({why})")
+        return not why
 
     def counts(self, batches: list[dict[str, torch.Tensor]]) -> tuple[int, dict[str, float]]:
         """The step's valid target tokens over all processes: in all, and per term."""
@@ -142,9 +161,14 @@ class Step:
         step_parts: dict[str, float] = {}
         for batch in batches:
             with accelerator.accumulate(self.engine):  # no gradient sync before the step's last
-                student_logits, teacher_logits = self.teacher.forward(self.engine, batch, objective.needs_teacher)
-                loss, parts = objective(student_logits, teacher_logits, batch,
-                                        {k: n / self.world for k, n in counts.items()})
+                shares = {k: n / self.world for k, n in counts.items()}
+                if self.fused:
+                    student, teacher = self.teacher.forward_fused(self.engine, batch, objective.needs_teacher)
+                    with accelerator.autocast():  # each chunk's logits as the model's head makes them
+                        loss, parts = objective.fused(student, teacher, batch, shares)
+                else:
+                    student_logits, teacher_logits = self.teacher.forward(self.engine, batch, objective.needs_teacher)
+                    loss, parts = objective(student_logits, teacher_logits, batch, shares)
                 loss = self.guard.inject(loss)
                 # The engines divide by the accumulation count; the loss is already a share
                 # of the whole step's token mean.

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from kdexp.data.encode import Example
 from kdexp.errors import UserError
+from kdexp.losses.fused import Sparse
 from kdexp.losses.objective import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,11 @@ class TeacherCache:
         ``targets`` [B, T]: at every response position, logits whose softmax at the cache's
         temperature is the cached distribution (0, uniform, masked by the loss anyway,
         elsewhere). At T = 1 they are its log-probabilities."""
+        return self.sparse(rows, targets, width).logits()
+
+    def sparse(self, rows: torch.Tensor, targets: torch.Tensor, width: int) -> Sparse:
+        """The same teacher at the response positions only, as top-k ids and logits and the
+        logit of every other entry, densified a chunk at a time by the fused path."""
         mask = targets != IGNORE_INDEX
         spans = [(int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows.tolist()]
         for b, (start, end) in enumerate(spans):
@@ -185,14 +191,11 @@ class TeacherCache:
         # Top-k logits are the log-probabilities at 1, log p_v: divided by T they are log p_v^(1/T).
         # The tail's share sum p^(1/T), spread over the tokens outside the top k (none when
         # k >= width), is log(share / (V - k)) per token at T, that is T times it as a logit.
-        spread = (rest - math.log(max(1, width - self.top_k))).clamp_min(MIN_LOG_REST) * self.temperature
         # Ids past ``width`` (the teacher's padded embedding rows, never tokens) are dropped, as
         # the live path slices them off.
-        dense = spread[:, None].expand(-1, max(width, self.vocab)).clone()
-        dense.scatter_(1, ids, values)
-        out = torch.zeros((*targets.shape, width), dtype=torch.float32, device=targets.device)
-        out[mask] = dense[:, :width].to(targets.device)
-        return out
+        spread = (rest - math.log(max(1, width - self.top_k))).clamp_min(MIN_LOG_REST) * self.temperature
+        device = targets.device
+        return Sparse(ids.to(device), values.to(device), spread.to(device), width, mask)
 
 
 def open_cache(cfg: DictConfig, train: Sequence[Example], tokenizer, temperature: float) -> TeacherCache:

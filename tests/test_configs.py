@@ -91,7 +91,8 @@ def test_kd_weight_is_the_ce_kd_shorthand(compose):
     spec = methods.objective_spec(compose(["method=kd", "loss=rkl", "method.kd_weight=0.3",
                                            "loss.temperature=2"]))
     assert spec == [{"loss": "ce", "weight": pytest.approx(0.7)},
-                    {"loss": "rkl", "weight": 0.3, "temperature": 2.0, "t2_scale": True, "chunk_size": "auto"}]
+                    {"loss": "rkl", "weight": 0.3, "temperature": 2.0, "t2_scale": True, "chunk_size": "auto",
+                     "fused": "auto"}]
     assert methods.objective_spec(compose(["method=sft"])) == [{"loss": "ce", "weight": 1.0}]
 
 
@@ -108,7 +109,7 @@ def test_problems_reports_every_bad_value_at_once(compose):
 @pytest.mark.parametrize("loss", losses.names())
 def test_every_divergence_has_a_preset_with_its_parameters(loss, compose):
     cfg = compose([f"loss={loss}"])
-    keys = set(cfg.loss) - {"name", "t2_scale"}
+    keys = set(cfg.loss) - {"name", "t2_scale", "fused"}  # options of the term, not the divergence
     params = losses.parameters(loss)
     assert keys == set(params), f"conf/loss/{loss}.yaml and kdexp.losses.parameters('{loss}') differ"
     for key in keys - {"chunk_size", "temperature"}:  # method=kd sets the temperature

@@ -28,6 +28,8 @@ GENERIC = (
 # Keys of the ``loss`` group that are options of the term, not of the divergence.
 TERM_OPTIONS = (
     Param("t2_scale", boolean, "true or false", "multiply the term's weight by temperature^2 (Hinton et al.)"),
+    Param("fused", lambda v: str(v).lower() in ("auto", "true", "false"), "auto, true or false",
+          "compute the loss from hidden states and LM heads a chunk at a time (auto: wherever possible)"),
 )
 
 

@@ -34,18 +34,20 @@ Two options act on the terms, never inside a divergence:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from kdexp import losses
 from kdexp.errors import UserError
+from kdexp.losses import fused
 from kdexp.registry import Registry
 
 IGNORE_INDEX = -100
 ORIGINS = ("data", "teacher", "student", "pt")  # where a sequence's response came from
 TRAINEES = ("student", "teacher")  # whose parameters a term's gradient reaches
+FUSED = ("auto", "true", "false")  # loss.fused
 
 # (student_logits [B, T, V], teacher_logits [B, T, V] or None, batch) -> per-position values [B, T]
 TermFn = Callable[[torch.Tensor, "torch.Tensor | None", Mapping[str, torch.Tensor]], torch.Tensor]
@@ -87,6 +89,11 @@ class Term:
     rows: tuple[str, ...] | None = None
     trains: str = "student"
     temperature: float | None = None  # at which it reads the teacher's logits (None: it does not)
+    # ce or divergence: a function of each position's logits alone, which the fused path can
+    # compute a chunk of positions at a time; term: anything else (policy gradients, ...).
+    kind: str = "term"
+    fused: str = "auto"  # loss.fused: auto | true | false
+    chunk_size: int | str | None = "auto"  # positions per chunk of the fused path (loss.chunk_size)
 
 
 def make_term(spec: Mapping[str, object]) -> Term:
@@ -97,6 +104,14 @@ def make_term(spec: Mapping[str, object]) -> Term:
     rescales the term to the CE term's running magnitude (see the module docstring).
     """
     spec = dict(spec)
+    fused = str(spec.pop("fused", "auto")).lower()
+    if fused not in FUSED:
+        raise UserError(f"loss.fused must be auto, true or false, got '{fused}'")
+    path = {"fused": fused, "chunk_size": spec.get("chunk_size", "auto")}
+    return replace(_make_term(spec), **path)
+
+
+def _make_term(spec: dict) -> Term:
     name = str(spec.pop("loss"))
     weight = float(spec.pop("weight", 1.0))
     t2_scale = bool(spec.pop("t2_scale", False))
@@ -118,7 +133,7 @@ def make_term(spec: Mapping[str, object]) -> Term:
         if spec or adaptive:
             raise UserError(f"the ce term takes no parameters, got {sorted(spec) + ['adaptive'] * adaptive}")
         return Term("ce", weight, lambda s, t, b: cross_entropy(s, b["targets"]), needs_teacher=False,
-                    rows=rows)
+                    rows=rows, kind="ce")
     temperature = float(spec.get("temperature", 1.0))
     if name in TERMS:
         fn, needs_teacher = TERMS.get(name)(**spec)
@@ -128,7 +143,7 @@ def make_term(spec: Mapping[str, object]) -> Term:
     if t2_scale:
         weight *= temperature ** 2
     return Term(name, weight, lambda s, t, b: div(s, t, b["targets"] != IGNORE_INDEX), needs_teacher=True,
-                adaptive=adaptive, rows=rows, temperature=temperature)
+                adaptive=adaptive, rows=rows, temperature=temperature, kind="divergence")
 
 
 def _teacher_term(name: str, weight: float, spec: dict, t2_scale: bool, rows) -> Term:
@@ -143,7 +158,8 @@ def _teacher_term(name: str, weight: float, spec: dict, t2_scale: bool, rows) ->
         fn = lambda s, t, b: div(s.detach(), t, b["targets"] != IGNORE_INDEX)  # noqa: E731
     else:
         raise UserError(f"term '{name}' cannot train the teacher: only ce and the divergences can")
-    return Term(f"teacher_{name}", weight, fn, needs_teacher=True, rows=rows, trains="teacher")
+    return Term(f"teacher_{name}", weight, fn, needs_teacher=True, rows=rows, trains="teacher",
+                kind="ce" if name == "ce" else "divergence")
 
 
 def sequence_weights(logits: torch.Tensor, targets: torch.Tensor, min_weight: float) -> torch.Tensor:
@@ -287,7 +303,16 @@ class Objective:
             parts[WEIGHT_SUM] = raw.sum()
             parts[WEIGHT_ROWS] = (targets != IGNORE_INDEX).any(-1).sum().float()
             seq_w = raw[:, None]  # [B, 1]
-        weights = self.weights()
+        total, values = self._terms(student_logits, teacher_logits, batch, num_tokens, seq_w, self.weights())
+        return total, {**parts, **values}
+
+    def _terms(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+               batch: Mapping[str, torch.Tensor], num_tokens: Mapping[str, float] | float,
+               seq_w: torch.Tensor | None, weights: Mapping[str, float],
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of the terms and their values on ``[B, T, V]`` logits."""
+        targets = batch["targets"]
+        parts: dict[str, torch.Tensor] = {}
         # The student's terms see a fixed teacher (a no-op unless the teacher is being trained).
         fixed_teacher = teacher_logits.detach() if teacher_logits is not None else None
         total = student_logits.new_zeros((), dtype=torch.float32)
@@ -309,3 +334,72 @@ class Objective:
             parts[key] = value.detach()
             total = total + weights[key] * value
         return total, parts
+
+    # -- the fused path -------------------------------------------------------------------------
+
+    @property
+    def fused_mode(self) -> str:
+        """``loss.fused`` over the terms: false if any term says false, true if any says true."""
+        modes = {t.fused for t in self.terms}
+        return "false" if "false" in modes else "true" if "true" in modes else "auto"
+
+    @property
+    def fusable(self) -> bool:
+        """Whether every term is CE or a divergence, functions of each position's logits alone,
+        so that the fused path (:mod:`kdexp.losses.fused`) can compute them chunk by chunk."""
+        return all(t.kind in ("ce", "divergence") for t in self.terms)
+
+    def fused(self, student: fused.Logits, teacher: fused.Logits | None, batch: Mapping[str, torch.Tensor],
+              num_tokens: Mapping[str, float] | float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`__call__` from hidden states and heads (:class:`kdexp.losses.fused.Head`),
+        or a cache's sparse teacher: the same loss, values and gradients, a chunk of target
+        positions at a time, never holding either model's ``[B, T, V]`` logits.
+
+        Only the valid target positions are computed. Each chunk is a batch of ``n`` one-token
+        rows (targets ``[n, 1]``, each position's row origin), which every CE and divergence
+        term reads as it reads ``[B, T]``; sample weights are computed first, in a pass without
+        gradients, from the per-position log-likelihoods summed per sequence.
+        """
+        targets = batch["targets"]
+        width = targets.shape[1]
+        index = (targets != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
+        rows = {"targets": targets.reshape(-1).index_select(0, index)[:, None]}
+        if "origin" in batch:
+            rows["origin"] = batch["origin"].repeat_interleave(width).index_select(0, index)
+        s_rows = student.select(index)
+        t_rows = teacher.select(index) if teacher is not None else None
+        chunk = fused.chunk_rows(self.terms[0].chunk_size, _width(s_rows), s_rows.n)
+        parts: dict[str, torch.Tensor] = {}
+        row_w = None
+        if self.sample_weight != "none":
+            source = t_rows if self.sample_weight == "teacher_likelihood" else s_rows
+            nll = torch.cat([cross_entropy(logits[:, None], rows["targets"][sel])[:, 0]
+                             for sel, logits in source.each(chunk)]) if s_rows.n else rows["targets"].new_zeros(0)
+            seq = index // width
+            count = (targets != IGNORE_INDEX).sum(-1)
+            summed = torch.zeros(targets.shape[0], dtype=torch.float32, device=targets.device).index_add_(
+                0, seq, nll.float())
+            raw = (-summed / count.clamp_min(1)).exp().clamp_min(self.min_weight) * (count > 0)
+            parts[WEIGHT_SUM] = raw.sum()
+            parts[WEIGHT_ROWS] = (count > 0).sum().float()
+            row_w = raw.index_select(0, seq)[:, None]  # [N, 1]
+        weights = self.weights()
+        values = {key: torch.zeros((), dtype=torch.float32, device=targets.device) for key in self.keys}
+
+        def chunk_loss(s: torch.Tensor, t: torch.Tensor | None, sel: torch.Tensor) -> torch.Tensor:
+            own = {k: v[sel] for k, v in rows.items()}
+            total, got = self._terms(s[:, None], None if t is None else t[:, None], own, num_tokens,
+                                     None if row_w is None else row_w[sel], weights)
+            for key, v in got.items():
+                values[key] += v
+            return total
+
+        loss = fused.fused_loss(chunk_loss, s_rows, t_rows, chunk)
+        return loss, {**parts, **values}
+
+
+def _width(rows: fused.Rows) -> int:
+    """The vocabulary width of a chunk of ``rows`` (from its head, or its dense logits)."""
+    if len(rows.shared) and rows.shared[0] is not None:
+        return rows.shared[0].shape[0]
+    return rows.per_row[0].shape[-1] if rows.per_row[0].dim() > 1 else 1

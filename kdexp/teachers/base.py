@@ -28,6 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from kdexp.losses.fused import Dense, Head
 
 Logits = torch.Tensor  # [B, T, V], the positions of the micro-batch's sequences
 
@@ -36,6 +39,57 @@ def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab: int
     """``model``'s logits on the batch's sequences, cut to the compared width ``vocab``."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return out if vocab is None else out[..., :vocab]
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's LM head when it is a plain ``nn.Linear`` (not LoRA-wrapped) whose weight is
+    here (not partitioned by ZeRO-3), else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not torch.nn.Linear or head.weight.numel() == 0:
+        return None
+    return head
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@contextmanager
+def bare_heads(*heads: torch.nn.Linear) -> Iterator[None]:
+    """While inside, each head returns its input: a forward of its model (through any engine
+    wrapper, whose hooks still run) gives the final hidden states where the logits were."""
+    for head in heads:
+        head.forward = _identity
+    try:
+        yield
+    finally:
+        for head in heads:
+            del head.forward
+
+
+def linear_head(model: torch.nn.Module) -> tuple[torch.nn.Linear | None, str]:
+    """The model's head if its logits are exactly ``head(final hidden states)``, else None and
+    why: checked once on four tokens, so that a model that scales or caps its logits after the
+    head (Gemma-2's soft-capping, Granite's scaling, ...) keeps the plain path."""
+    head = output_head(model)
+    if head is None:
+        return None, f"{type(model).__name__} has no plain linear LM head here (LoRA on it, ZeRO-3, or none)"
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            ids = torch.arange(1, 5, device=head.weight.device)[None] % head.out_features
+            logits = model(input_ids=ids).logits
+            with bare_heads(head):
+                hidden = model(input_ids=ids).logits
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if hidden.shape[-1] != head.in_features or not torch.allclose(
+            F.linear(hidden, head.weight, head.bias).float(), logits.float(), rtol=1e-3, atol=1e-3):
+        return None, f"{type(model).__name__} transforms its logits after the LM head"
+    return head, ""
 
 
 def clock(device: torch.device) -> float:
@@ -91,6 +145,31 @@ class Teacher:
         teacher = self.distributions(batch)
         self.seconds += clock(self.accelerator.device) - started
         return student, teacher
+
+    # -- the fused path (kdexp.losses.fused) ------------------------------------------------
+
+    def fusable(self, engine: torch.nn.Module) -> str:
+        """Why the fused path cannot run here ("" when it can): every model whose logits the
+        loss reads must expose a plain linear head. Called once, before training."""
+        self._head, why = linear_head(self.accelerator.unwrap_model(engine))
+        return why
+
+    def forward_fused(self, engine: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      wanted: bool) -> tuple[Head, Head | Dense | None]:
+        """:meth:`forward` as hidden states and heads: no ``[B, T, V]`` logits are built."""
+        with bare_heads(self._head):
+            hidden = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        student = Head(hidden, self._head.weight, self._head.bias, self.vocab)
+        if not wanted:
+            return student, None
+        started = clock(self.accelerator.device)
+        teacher = self.fused_distributions(batch)
+        self.seconds += clock(self.accelerator.device) - started
+        return student, teacher
+
+    def fused_distributions(self, batch: dict[str, torch.Tensor]):
+        """The teacher for the fused path: its hidden states and head where it has them."""
+        return Dense(self.distributions(batch))
 
     def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
         """The teacher's logits at every position of the batch's sequences (no gradient);

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from kdexp.errors import UserError
+from kdexp.losses.fused import Sparse
 from kdexp.models import logit_width, vocab_rows
 from kdexp.teacher_cache import TeacherCache
 from kdexp.teachers.base import Logits, Teacher
@@ -38,3 +39,6 @@ class CachedTeacher(Teacher):
 
     def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
         return self.cache.logits(batch["cache_rows"], batch["targets"], self.width)
+
+    def fused_distributions(self, batch: dict[str, torch.Tensor]) -> Sparse:
+        return self.cache.sparse(batch["cache_rows"], batch["targets"], self.width)

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from kdexp import engine as engines
+from kdexp.losses.fused import Head
 from kdexp.methods.online import OnlineModule, Pair
-from kdexp.teachers.base import Logits, Teacher, logits_of
+from kdexp.teachers.base import Logits, Teacher, bare_heads, linear_head, logits_of
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,16 @@ class LiveTeacher(Teacher):
     def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
         with torch.no_grad(), self.accelerator.autocast() if autocast else nullcontext():
             return logits_of(self.module, batch, self.vocab)
+
+    def fusable(self, engine: torch.nn.Module) -> str:
+        self._teacher_head, why = linear_head(self.module)
+        return super().fusable(engine) or (f"the teacher: {why}" if why else "")
+
+    def fused_distributions(self, batch: dict[str, torch.Tensor]) -> Head:
+        head = self._teacher_head
+        with torch.no_grad(), self.accelerator.autocast(), bare_heads(head):
+            hidden = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return Head(hidden, head.weight, head.bias, self.vocab)
 
     @contextmanager
     def model(self) -> Iterator[torch.nn.Module]:
@@ -91,6 +102,21 @@ class OnlineTeacher(Teacher):
         if self.vocab is not None:
             student, teacher = student[..., :self.vocab], teacher[..., :self.vocab]
         return student, teacher
+
+    def fusable(self, engine: torch.nn.Module) -> str:
+        pair = self.accelerator.unwrap_model(engine)
+        self._head, why = linear_head(pair.student)
+        self._teacher_head, teacher_why = linear_head(self.module)
+        return why or (f"the teacher: {teacher_why}" if teacher_why else "")
+
+    def forward_fused(self, engine: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      wanted: bool) -> tuple[Head, Head]:
+        """Both models' hidden states from one forward of the engine, the teacher's with the
+        gradient its own terms send to its online module."""
+        with bare_heads(self._head, self._teacher_head):
+            student, teacher = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return (Head(student, self._head.weight, self._head.bias, self.vocab),
+                Head(teacher, self._teacher_head.weight, self._teacher_head.bias, self.vocab))
 
     def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
         with torch.no_grad(), self.accelerator.autocast() if autocast else nullcontext():

@@ -95,3 +95,17 @@ def test_teacher_cache_benchmark_compares_each_k_with_the_live_teacher(tmp_path)
         assert r["rougeL_vs_live"] == pytest.approx(r["rougeL"] - rows["live"]["rougeL"])
     # k = V holds the teacher's whole distribution: the same run as the live teacher (float16 aside)
     assert abs(rows["top-1024"]["rougeL_vs_live"]) < 5
+
+
+def test_fused_benchmark_measures_every_path_with_the_same_loss(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused.py"), "--shapes", "tiny",
+                           "--positions", "300", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = {c["path"]: c for c in json.loads((tmp_path / "fused.json").read_text())}
+    assert set(cells) == {"plain", "chunked", "fused", "sft", "sft fused"}
+    assert all(not c.get("error") and c["seconds"] > 0 and c["extra"] > 0 for c in cells.values())
+    # the same objective on the same inputs, whichever path computes it
+    assert cells["fused"]["value"] == pytest.approx(cells["plain"]["value"], rel=1e-5)
+    assert cells["chunked"]["value"] == pytest.approx(cells["plain"]["value"], rel=1e-5)
+    assert cells["sft fused"]["value"] == pytest.approx(cells["sft"]["value"], rel=1e-5)
+    assert "| tiny |" in (tmp_path / "fused.md").read_text()

@@ -1,0 +1,207 @@
+"""The fused path: losses computed from the models' final hidden states and LM heads, a chunk
+of target positions at a time, so that no ``[N, V]`` logits tensor of either model is alive.
+
+    student = Head(hidden, lm_head.weight, lm_head.bias)       # hidden [B, T, H]
+    teacher = Head(t_hidden, t_head.weight)                     # or Dense(logits), Sparse(...)
+    loss = fused_loss(fn, index, student, teacher, chunk)       # fn(s_logits [n, V], t_logits, rows) -> scalar
+
+For each chunk of ``chunk`` positions it builds both chunks of logits (``hidden @ W.T + b``
+under the autocast state of the call, exactly as the model's head would), evaluates ``fn`` and
+its gradient with respect to every input that needs one, and moves on: the working set is
+O(chunk x V), the gradients O(N x H) for the hidden states and O(V x H) for the head. The
+gradients are computed in the forward pass (the loss is a scalar, so the backward pass only
+scales them by its incoming gradient), as Liger-Kernel's fused linear losses do (Hsu et al.,
+"Liger Kernel: Efficient Triton Kernels for LLM Training", arXiv 2410.10989, 2024, Sec. 3.3):
+each chunk's head matmul runs once forward and twice backward, with no recompute.
+
+The values and gradients are those of the plain path (``fn`` on the full logits) up to the
+order of floating-point sums; ``tests/unit/test_fused.py`` checks every divergence and CE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+AUTO_CHUNK_ELEMENTS = 256 * 152064  # positions x V per chunk: 149 MiB of float32, as loss.chunk_size=auto
+
+ChunkLoss = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Rows:
+    """The logits of N positions, built a chunk at a time: ``build(*[t[sel] for t in
+    per_row], *shared) -> [n, V]``. Gradients reach the tensors of ``per_row`` and ``shared``
+    that require them."""
+
+    per_row: tuple[torch.Tensor, ...]
+    shared: tuple[torch.Tensor | None, ...]
+    build: Callable[..., torch.Tensor]
+
+    @property
+    def n(self) -> int:
+        return self.per_row[0].shape[0]
+
+    def each(self, chunk: int):
+        """``(positions, logits [n, V])`` for every chunk, without gradients."""
+        with torch.no_grad():
+            for start in range(0, self.n, chunk):
+                sel = torch.arange(start, min(start + chunk, self.n), device=self.per_row[0].device)
+                yield sel, self.build(*[t[start:start + chunk] for t in self.per_row], *self.shared)
+
+
+def _linear(vocab: int | None):
+    def build(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if vocab is not None:
+            w, b = w[:vocab], None if b is None else b[:vocab]
+        return F.linear(h, w, b)
+    return build
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass
+class Head:
+    """A model's logits as its final hidden states ``[B, T, H]`` and its LM head (``weight``
+    ``[V, H]``, ``bias`` ``[V]`` or None), cut to the first ``vocab`` rows when set."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    vocab: int | None = None
+
+    def select(self, index: torch.Tensor) -> Rows:
+        rows = self.hidden.reshape(-1, self.hidden.shape[-1]).index_select(0, index)
+        return Rows((rows,), (self.weight, self.bias), _linear(self.vocab))
+
+    def logits(self) -> torch.Tensor:
+        """The plain path's logits ``[B, T, V]`` (for references and fallbacks)."""
+        return _linear(self.vocab)(self.hidden, self.weight, self.bias)
+
+
+@dataclass
+class Dense:
+    """Logits ``[B, T, V]`` already computed (a model without an exposed head)."""
+
+    values: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> Rows:
+        return Rows((self.values.reshape(-1, self.values.shape[-1]).index_select(0, index),), (), _identity)
+
+    def logits(self) -> torch.Tensor:
+        return self.values
+
+
+@dataclass
+class Sparse:
+    """A teacher given at the valid positions only (in the order of ``index``): a cache's
+    top-k ids and logits and the logit every other entry takes (``fill``), densified a chunk
+    at a time. Never has a gradient."""
+
+    ids: torch.Tensor      # [N, k] int64
+    values: torch.Tensor   # [N, k] float32
+    fill: torch.Tensor     # [N] float32
+    width: int
+    mask: torch.Tensor     # [B, T]: the positions it covers
+
+    def select(self, index: torch.Tensor) -> Rows:
+        covered = self.mask.reshape(-1).nonzero().squeeze(1)
+        if not torch.equal(covered.to(index.device), index):
+            raise RuntimeError("a sparse teacher covers other positions than the loss asks for")
+        return Rows((self.ids, self.values, self.fill), (), self._build)
+
+    def _build(self, ids: torch.Tensor, values: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        dense = fill[:, None].expand(-1, max(self.width, int(ids.max()) + 1 if ids.numel() else 0)).clone()
+        dense.scatter_(1, ids, values)
+        return dense[:, :self.width]
+
+    def logits(self) -> torch.Tensor:
+        out = torch.zeros((*self.mask.shape, self.width), dtype=torch.float32, device=self.mask.device)
+        out[self.mask] = self._build(self.ids, self.values, self.fill)
+        return out
+
+
+Logits = Head | Dense | Sparse
+
+
+def chunk_rows(chunk_size: int | str | None, vocab: int, n: int) -> int:
+    """Positions per chunk: ``chunk_size``, or (``auto``/None) ``AUTO_CHUNK_ELEMENTS // V``."""
+    if chunk_size in (None, "auto"):
+        return max(1, min(n, AUTO_CHUNK_ELEMENTS // max(vocab, 1)))
+    return max(1, int(chunk_size))
+
+
+def fused_loss(fn: ChunkLoss, student: Rows, teacher: Rows | None, chunk: int) -> torch.Tensor:
+    """``sum over chunks of fn(student_logits, teacher_logits, positions)``, a scalar whose
+    gradient reaches every input of ``student`` and ``teacher`` that requires one. ``fn``
+    gets each chunk's logits ``[n, V]`` and the chunk's positions (indices into the N rows)."""
+    tensors = [*student.per_row, *student.shared]
+    layout = [len(student.per_row), len(student.shared)]
+    if teacher is not None:
+        tensors += [*teacher.per_row, *teacher.shared]
+        layout += [len(teacher.per_row), len(teacher.shared)]
+    return _Fused.apply(fn, student.build, None if teacher is None else teacher.build, layout, chunk, *tensors)
+
+
+def _split(xs: Sequence, layout: list[int]) -> list[list]:
+    out, i = [], 0
+    for n in layout:
+        out.append(list(xs[i:i + n]))
+        i += n
+    return out
+
+
+class _Fused(torch.autograd.Function):
+    """Chunk by chunk, forward and gradients at once; backward scales them by grad_out."""
+
+    @staticmethod
+    def forward(ctx, fn, build_s, build_t, layout, chunk, *tensors):  # noqa: D102 (autograd protocol)
+        need = [t is not None and ctx.needs_input_grad[5 + i] for i, t in enumerate(tensors)]
+        grads: list[torch.Tensor | None] = [
+            torch.zeros(t.shape, dtype=torch.float32 if t.is_floating_point() else t.dtype, device=t.device)
+            if n else None for t, n in zip(tensors, need, strict=True)]
+        groups = _split(list(range(len(tensors))), layout)
+        n = tensors[0].shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+        for start in range(0, n, chunk):
+            sel = torch.arange(start, min(start + chunk, n), device=tensors[0].device)
+            with torch.enable_grad():
+                pieces = {}
+                for group_i, (rows_ix, shared_ix) in enumerate(zip(groups[::2], groups[1::2], strict=True)):
+                    del group_i
+                    for i in rows_ix:
+                        pieces[i] = tensors[i][start:start + chunk].detach().requires_grad_(need[i])
+                    for i in shared_ix:
+                        t = tensors[i]
+                        pieces[i] = None if t is None else t.detach().requires_grad_(need[i])
+                s = build_s(*[pieces[i] for i in groups[0] + groups[1]])
+                t = None if build_t is None else build_t(*[pieces[i] for i in groups[2] + groups[3]])
+                value = fn(s, t, sel)
+                wanted = [i for i in range(len(tensors)) if need[i]]
+                if wanted and value.requires_grad:
+                    got = torch.autograd.grad(value, [pieces[i] for i in wanted], allow_unused=True)
+                    for i, g in zip(wanted, got, strict=True):
+                        if g is None:
+                            continue
+                        if i in groups[0] or (len(groups) > 2 and i in groups[2]):
+                            grads[i][start:start + chunk] += g.float()
+                        else:
+                            grads[i] += g.float()
+            total += value.detach().float()
+        ctx.grads = [None if g is None else g.to(t.dtype) if t.is_floating_point() else g
+                     for g, t in zip(grads, tensors, strict=True)]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
+        ctx.grads = None
+        return None, None, None, None, None, *grads
+
+
+__all__ = ["AUTO_CHUNK_ELEMENTS", "Dense", "Head", "Logits", "Rows", "Sparse", "chunk_rows", "fused_loss"]
