@@ -2,7 +2,7 @@
 PYTHON ?= python
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test test-fast lint bench figures reproduce readme-check known teacher clean
+.PHONY: help install demo test test-fast lint bench gpu-check figures reproduce readme-check known teacher clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -29,6 +29,12 @@ bench: ## benchmarks (about 35 minutes on 2 cores): divergences, throughput, GPT
 	$(PYTHON) benchmarks/throughput.py --shape gpt2 --steps 15 --batch 8 --rounds 1 --methods sft kd "kd (teacher cache)"
 	$(PYTHON) benchmarks/trl_gkd.py
 	$(PYTHON) benchmarks/teacher_cache.py
+	$(PYTHON) benchmarks/fused.py
+	$(PYTHON) benchmarks/fused_step.py --shapes gpt2
+	$(PYTHON) benchmarks/fused_step.py --shapes qwen --layers 2 --name fused_step_qwen2l
+
+gpu-check: ## on a lent GPU, one call under 8 minutes: every method in bf16, fused vs plain memory, TRL, rollouts
+	$(PYTHON) benchmarks/gpu_check.py
 
 figures: ## the figures of docs/evaluation.md: train sft / kd-fkl / kd-rkl, run every analysis (about 10 minutes)
 	bash scripts/evaluation_figures.sh

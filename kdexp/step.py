@@ -164,8 +164,10 @@ class Step:
                 shares = {k: n / self.world for k, n in counts.items()}
                 if self.fused:
                     student, teacher = self.teacher.forward_fused(self.engine, batch, objective.needs_teacher)
+                    scaler = getattr(accelerator, "scaler", None)  # fp16: gradients at the loss scale
                     with accelerator.autocast():  # each chunk's logits as the model's head makes them
-                        loss, parts = objective.fused(student, teacher, batch, shares)
+                        loss, parts = objective.fused(student, teacher, batch, shares,
+                                                      scaler.get_scale() * len(batches) if scaler else 1.0)
                 else:
                     student_logits, teacher_logits = self.teacher.forward(self.engine, batch, objective.needs_teacher)
                     loss, parts = objective(student_logits, teacher_logits, batch, shares)

@@ -84,10 +84,10 @@ class Bound:
             return chunked(self._plain, rows, student_logits, teacher_logits, mask)
         if mask is None:
             return self._plain(student_logits, teacher_logits)
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        if wanted:
-            out = out.masked_scatter(mask, self._plain(student_logits[mask], teacher_logits[mask]))
-        return out
+        if not wanted:
+            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        values = self._plain(student_logits[mask], teacher_logits[mask])
+        return values.new_zeros(mask.shape).masked_scatter(mask, values)  # float32 (float64 stays float64)
 
     def chunk_rows(self, vocab: int) -> int | None:
         """Positions per chunk at this vocabulary size (None: the plain path)."""

@@ -40,6 +40,7 @@ class Rows:
     per_row: tuple[torch.Tensor, ...]
     shared: tuple[torch.Tensor | None, ...]
     build: Callable[..., torch.Tensor]
+    width: int  # V, the logits' width
 
     @property
     def n(self) -> int:
@@ -77,7 +78,7 @@ class Head:
 
     def select(self, index: torch.Tensor) -> Rows:
         rows = self.hidden.reshape(-1, self.hidden.shape[-1]).index_select(0, index)
-        return Rows((rows,), (self.weight, self.bias), _linear(self.vocab))
+        return Rows((rows,), (self.weight, self.bias), _linear(self.vocab), self.vocab or self.weight.shape[0])
 
     def logits(self) -> torch.Tensor:
         """The plain path's logits ``[B, T, V]`` (for references and fallbacks)."""
@@ -91,7 +92,8 @@ class Dense:
     values: torch.Tensor
 
     def select(self, index: torch.Tensor) -> Rows:
-        return Rows((self.values.reshape(-1, self.values.shape[-1]).index_select(0, index),), (), _identity)
+        width = self.values.shape[-1]
+        return Rows((self.values.reshape(-1, width).index_select(0, index),), (), _identity, width)
 
     def logits(self) -> torch.Tensor:
         return self.values
@@ -113,7 +115,7 @@ class Sparse:
         covered = self.mask.reshape(-1).nonzero().squeeze(1)
         if not torch.equal(covered.to(index.device), index):
             raise RuntimeError("a sparse teacher covers other positions than the loss asks for")
-        return Rows((self.ids, self.values, self.fill), (), self._build)
+        return Rows((self.ids, self.values, self.fill), (), self._build, self.width)
 
     def _build(self, ids: torch.Tensor, values: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
         dense = fill[:, None].expand(-1, max(self.width, int(ids.max()) + 1 if ids.numel() else 0)).clone()
@@ -130,22 +132,97 @@ Logits = Head | Dense | Sparse
 
 
 def chunk_rows(chunk_size: int | str | None, vocab: int, n: int) -> int:
-    """Positions per chunk: ``chunk_size``, or (``auto``/None) ``AUTO_CHUNK_ELEMENTS // V``."""
+    """Positions per chunk: ``chunk_size``, or (``auto``, or null, which for the other paths
+    means "no chunks") ``AUTO_CHUNK_ELEMENTS // V``."""
     if chunk_size in (None, "auto"):
         return max(1, min(n, AUTO_CHUNK_ELEMENTS // max(vocab, 1)))
     return max(1, int(chunk_size))
 
 
-def fused_loss(fn: ChunkLoss, student: Rows, teacher: Rows | None, chunk: int) -> torch.Tensor:
+def fused_loss(fn: ChunkLoss, student: Rows, teacher: Rows | None, chunk: int,
+               grad_scale: float = 1.0) -> torch.Tensor:
     """``sum over chunks of fn(student_logits, teacher_logits, positions)``, a scalar whose
     gradient reaches every input of ``student`` and ``teacher`` that requires one. ``fn``
-    gets each chunk's logits ``[n, V]`` and the chunk's positions (indices into the N rows)."""
+    gets each chunk's logits ``[n, V]`` and the chunk's positions (indices into the N rows).
+    Without grad mode (an evaluation), no gradient is computed.
+
+    ``grad_scale``: the loss scale of fp16 training (the GradScaler's current scale). The
+    chunks' gradients are computed at that scale and divided by it in float32, as the plain
+    path's are computed from the scaled loss, so that float16 gradients do not underflow."""
     tensors = [*student.per_row, *student.shared]
     layout = [len(student.per_row), len(student.shared)]
     if teacher is not None:
         tensors += [*teacher.per_row, *teacher.shared]
         layout += [len(teacher.per_row), len(teacher.shared)]
-    return _Fused.apply(fn, student.build, None if teacher is None else teacher.build, layout, chunk, *tensors)
+    builds = (student.build, None if teacher is None else teacher.build)
+    return _Fused.apply(fn, builds, layout, chunk, (torch.is_grad_enabled(), float(grad_scale)), *tensors)
+
+
+def _accumulator(t: torch.Tensor) -> torch.dtype:
+    """The dtype gradients of ``t`` are summed in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+class _Fused(torch.autograd.Function):
+    """Chunk by chunk, forward and gradients at once; backward scales them by grad_out.
+
+    The gradients are summed in float32 (float64 for float64 inputs) and kept so; the backward
+    pass multiplies them by ``grad_out`` before casting to each input's dtype, so that a loss
+    scale (fp16's GradScaler) neither overflows nor underflows in a low-precision cast, and the
+    loss can be differentiated more than once. Each shared tensor (a head's weight and bias)
+    is detached once, so that autocast casts it once for every chunk (its cache is keyed by
+    the tensor), not once per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, builds, layout, chunk, grad, *tensors):  # noqa: D102 (autograd protocol)
+        build_s, build_t = builds
+        grad_mode, scale = grad
+        offset = 5  # fn, builds, layout, chunk, grad
+        need = [grad_mode and t is not None and ctx.needs_input_grad[offset + i] for i, t in enumerate(tensors)]
+        groups = _split(list(range(len(tensors))), layout)
+        per_row = {i for g in groups[::2] for i in g}
+        grads: list[torch.Tensor | None] = [
+            torch.zeros(t.shape, dtype=_accumulator(t), device=t.device) if n else None
+            for t, n in zip(tensors, need, strict=True)]
+        shared = {i: None if tensors[i] is None else tensors[i].detach().requires_grad_(need[i])
+                  for g in groups[1::2] for i in g}
+        n = tensors[0].shape[0]
+        device = tensors[0].device
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        wanted = [i for i in range(len(tensors)) if need[i]]
+        for start in range(0, n, chunk):
+            sel = torch.arange(start, min(start + chunk, n), device=device)
+            with torch.enable_grad():
+                pieces = dict(shared)
+                for i in per_row:
+                    pieces[i] = tensors[i][start:start + chunk].detach().requires_grad_(need[i])
+                s = build_s(*[pieces[i] for i in groups[0] + groups[1]])
+                t = None if build_t is None else build_t(*[pieces[i] for i in groups[2] + groups[3]])
+                value = fn(s, t, sel)
+                if wanted and value.requires_grad:
+                    got = torch.autograd.grad(value, [pieces[i] for i in wanted], value.new_tensor(scale),
+                                              allow_unused=True)
+                    for i, g in zip(wanted, got, strict=True):
+                        if g is None:
+                            continue
+                        if i in per_row:
+                            grads[i][start:start + chunk] += g
+                        else:
+                            grads[i] += g
+            total += value.detach().float()
+        if scale != 1.0:
+            for g in grads:
+                if g is not None:
+                    g.div_(scale)
+        ctx.grads, ctx.dtypes = grads, [None if t is None else t.dtype for t in tensors]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        grads = [None if g is None else (g * grad_out.to(g.dtype)).to(dtype)
+                 for g, dtype in zip(ctx.grads, ctx.dtypes, strict=True)]
+        return None, None, None, None, None, *grads
 
 
 def _split(xs: Sequence, layout: list[int]) -> list[list]:
@@ -154,54 +231,6 @@ def _split(xs: Sequence, layout: list[int]) -> list[list]:
         out.append(list(xs[i:i + n]))
         i += n
     return out
-
-
-class _Fused(torch.autograd.Function):
-    """Chunk by chunk, forward and gradients at once; backward scales them by grad_out."""
-
-    @staticmethod
-    def forward(ctx, fn, build_s, build_t, layout, chunk, *tensors):  # noqa: D102 (autograd protocol)
-        need = [t is not None and ctx.needs_input_grad[5 + i] for i, t in enumerate(tensors)]
-        grads: list[torch.Tensor | None] = [
-            torch.zeros(t.shape, dtype=torch.float32 if t.is_floating_point() else t.dtype, device=t.device)
-            if n else None for t, n in zip(tensors, need, strict=True)]
-        groups = _split(list(range(len(tensors))), layout)
-        n = tensors[0].shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
-        for start in range(0, n, chunk):
-            sel = torch.arange(start, min(start + chunk, n), device=tensors[0].device)
-            with torch.enable_grad():
-                pieces = {}
-                for group_i, (rows_ix, shared_ix) in enumerate(zip(groups[::2], groups[1::2], strict=True)):
-                    del group_i
-                    for i in rows_ix:
-                        pieces[i] = tensors[i][start:start + chunk].detach().requires_grad_(need[i])
-                    for i in shared_ix:
-                        t = tensors[i]
-                        pieces[i] = None if t is None else t.detach().requires_grad_(need[i])
-                s = build_s(*[pieces[i] for i in groups[0] + groups[1]])
-                t = None if build_t is None else build_t(*[pieces[i] for i in groups[2] + groups[3]])
-                value = fn(s, t, sel)
-                wanted = [i for i in range(len(tensors)) if need[i]]
-                if wanted and value.requires_grad:
-                    got = torch.autograd.grad(value, [pieces[i] for i in wanted], allow_unused=True)
-                    for i, g in zip(wanted, got, strict=True):
-                        if g is None:
-                            continue
-                        if i in groups[0] or (len(groups) > 2 and i in groups[2]):
-                            grads[i][start:start + chunk] += g.float()
-                        else:
-                            grads[i] += g.float()
-            total += value.detach().float()
-        ctx.grads = [None if g is None else g.to(t.dtype) if t.is_floating_point() else g
-                     for g, t in zip(grads, tensors, strict=True)]
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
-        ctx.grads = None
-        return None, None, None, None, None, *grads
 
 
 __all__ = ["AUTO_CHUNK_ELEMENTS", "Dense", "Head", "Logits", "Rows", "Sparse", "chunk_rows", "fused_loss"]

@@ -344,13 +344,22 @@ class Objective:
         return "false" if "false" in modes else "true" if "true" in modes else "auto"
 
     @property
+    def fused_chunk(self) -> int | str:
+        """Positions per chunk of the fused path: the smallest ``chunk_size`` a term sets (the
+        ``ce`` term of ``kd_weight`` takes none, the divergence beside it carries
+        ``loss.chunk_size``), else ``auto``."""
+        sizes = [t.chunk_size for t in self.terms if isinstance(t.chunk_size, int) and not isinstance(t.chunk_size, bool)]
+        return min(sizes) if sizes else "auto"
+
+    @property
     def fusable(self) -> bool:
         """Whether every term is CE or a divergence, functions of each position's logits alone,
         so that the fused path (:mod:`kdexp.losses.fused`) can compute them chunk by chunk."""
         return all(t.kind in ("ce", "divergence") for t in self.terms)
 
     def fused(self, student: fused.Logits, teacher: fused.Logits | None, batch: Mapping[str, torch.Tensor],
-              num_tokens: Mapping[str, float] | float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              num_tokens: Mapping[str, float] | float, grad_scale: float = 1.0,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:meth:`__call__` from hidden states and heads (:class:`kdexp.losses.fused.Head`),
         or a cache's sparse teacher: the same loss, values and gradients, a chunk of target
         positions at a time, never holding either model's ``[B, T, V]`` logits.
@@ -358,7 +367,8 @@ class Objective:
         Only the valid target positions are computed. Each chunk is a batch of ``n`` one-token
         rows (targets ``[n, 1]``, each position's row origin), which every CE and divergence
         term reads as it reads ``[B, T]``; sample weights are computed first, in a pass without
-        gradients, from the per-position log-likelihoods summed per sequence.
+        gradients, from the per-position log-likelihoods summed per sequence. ``grad_scale``:
+        fp16's loss scale (:func:`kdexp.losses.fused.fused_loss`).
         """
         targets = batch["targets"]
         width = targets.shape[1]
@@ -368,7 +378,7 @@ class Objective:
             rows["origin"] = batch["origin"].repeat_interleave(width).index_select(0, index)
         s_rows = student.select(index)
         t_rows = teacher.select(index) if teacher is not None else None
-        chunk = fused.chunk_rows(self.terms[0].chunk_size, _width(s_rows), s_rows.n)
+        chunk = fused.chunk_rows(self.fused_chunk, s_rows.width, s_rows.n)
         parts: dict[str, torch.Tensor] = {}
         row_w = None
         if self.sample_weight != "none":
@@ -394,12 +404,6 @@ class Objective:
                 values[key] += v
             return total
 
-        loss = fused.fused_loss(chunk_loss, s_rows, t_rows, chunk)
+        loss = fused.fused_loss(chunk_loss, s_rows, t_rows, chunk, grad_scale)
         return loss, {**parts, **values}
 
-
-def _width(rows: fused.Rows) -> int:
-    """The vocabulary width of a chunk of ``rows`` (from its head, or its dense logits)."""
-    if len(rows.shared) and rows.shared[0] is not None:
-        return rows.shared[0].shape[0]
-    return rows.per_row[0].shape[-1] if rows.per_row[0].dim() > 1 else 1

@@ -263,7 +263,8 @@ class Contrastive(Source):
     def setup(self, ctx: Context, resumed: bool) -> None:
         self.teacher.setup(ctx, resumed)
         if not self.live and not resumed:
-            self.student = ctx.rollout_all(ctx.train, "distillm2-student", model="student", spec=self.spec)
+            self.student = ctx.rollout_all(ctx.train, "distillm2-student", model="student", spec=self.spec,
+                                           desc="student outputs")
 
     def micro_batch(self, ctx: Context, indices: list[int], step: int, micro: int) -> list[Example]:
         teacher = self.teacher.micro_batch(ctx, indices, step, micro)

@@ -109,3 +109,20 @@ def test_fused_benchmark_measures_every_path_with_the_same_loss(tmp_path):
     assert cells["chunked"]["value"] == pytest.approx(cells["plain"]["value"], rel=1e-5)
     assert cells["sft fused"]["value"] == pytest.approx(cells["sft"]["value"], rel=1e-5)
     assert "| tiny |" in (tmp_path / "fused.md").read_text()
+
+
+def test_gpu_check_runs_every_step_on_cpu_with_smoke(tmp_path):
+    """make gpu-check's script, on CPU with tiny settings, so that it works when a GPU is lent."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = {r["step"]: r for r in result["steps"]}
+    assert result["smoke"] and result["device"].startswith("CPU")
+    for method in ("sft", "kd", "gkd", "minillm"):
+        assert steps[f"method={method}"]["status"] == 0
+    assert steps["method=kd"]["loss path"].startswith("fused")
+    assert steps["method=minillm"]["loss path"].startswith("plain path")  # policy-gradient terms
+    assert all(r["status"] == 0 for name, r in steps.items() if "benchmarks/" in name), steps
+    assert (tmp_path / "fused.md").is_file() and (tmp_path / "fused_step.md").is_file()
+    assert "gpu-check on CPU" in (tmp_path / "gpu_check.md").read_text()

@@ -187,3 +187,89 @@ def test_only_per_position_terms_are_fusable():
     from kdexp.errors import UserError
     with pytest.raises(UserError, match="loss.fused must be auto, true or false"):
         Objective.from_spec([{"loss": "fkl", "fused": "sometimes"}])
+
+
+def test_a_loss_scale_reaches_low_precision_inputs_without_overflow():
+    """fp16's GradScaler multiplies the loss by 65536, which is inf in float16: the chunks'
+    gradients are computed at that scale (no underflow), and scaled in float32 and cast after,
+    as the plain path's are."""
+    student, teacher, batch = _inputs(8, dtype=torch.float16)
+    objective = Objective.from_spec([{"loss": "ce", "weight": 1.0}, {"loss": "fkl", "weight": 1.0}])
+    scale = torch.tensor(65536.0)
+    plain, _ = objective(fused.Head(**student).logits(), fused.Head(**teacher).logits(), batch, _count(batch))
+    got, _ = objective.fused(fused.Head(**student), fused.Head(**teacher), batch, _count(batch), float(scale))
+    leaves = list(student.values())
+    want = torch.autograd.grad(plain * scale, leaves)
+    have = torch.autograd.grad(got * scale, leaves)
+    for a, b in zip(have, want, strict=True):
+        assert a.dtype == torch.float16 and torch.isfinite(a).all()
+        assert float((a == 0).float().mean()) <= float((b == 0).float().mean()) + 0.01  # nothing underflows
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2.0)
+
+
+def test_float64_stays_float64_and_the_loss_can_be_differentiated_twice():
+    student, teacher, batch = _inputs(9, dtype=torch.float64)
+    objective = Objective.from_spec([{"loss": "jsd", "weight": 1.0, "beta": 0.4}])
+    plain, _ = objective(fused.Head(**student).logits(), fused.Head(**teacher).logits(), batch, _count(batch))
+    got, _ = objective.fused(fused.Head(**student), fused.Head(**teacher), batch, _count(batch))
+    want = _grads(plain, student.values())
+    first = torch.autograd.grad(got, list(student.values()), retain_graph=True)
+    again = torch.autograd.grad(2 * got, list(student.values()))
+    for a, b, c in zip(first, again, want, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, 2 * c, rtol=1e-10, atol=1e-12)
+
+
+def test_without_grad_mode_only_the_value_is_computed():
+    student, teacher, batch = _inputs(10)
+    objective = Objective.from_spec([{"loss": "rkl", "weight": 1.0}])
+    with torch.no_grad():
+        got, _ = objective.fused(fused.Head(**student), fused.Head(**teacher), batch, _count(batch))
+    plain, _ = objective(fused.Head(**student).logits(), fused.Head(**teacher).logits(), batch, _count(batch))
+    assert not got.requires_grad
+    torch.testing.assert_close(got, plain.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_chunk_size_is_the_divergence_terms_next_to_a_bare_ce():
+    """kd_weight's objective is [ce, divergence]: loss.chunk_size sits on the divergence."""
+    objective = Objective.from_spec([{"loss": "ce", "weight": 0.5}, {"loss": "fkl", "weight": 0.5, "chunk_size": 4}])
+    assert objective.fused_chunk == 4
+    assert Objective.from_spec([{"loss": "ce"}, {"loss": "fkl", "chunk_size": None}]).fused_chunk == "auto"
+    assert Objective.from_spec([{"loss": "ce"}, {"loss": "fkl"}]).fused_chunk == "auto"
+
+
+def test_a_head_hook_set_on_the_instance_survives_and_logit_transforms_are_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdexp.teachers.base import bare_heads, linear_head
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    head, why = linear_head(model)
+    assert head is model.lm_head and why == ""
+    hooked = lambda x: torch.nn.functional.linear(x, head.weight) * 2  # noqa: E731  (an accelerate-style hook)
+    head.forward = hooked
+    with bare_heads(head, head):  # twice: the same head once
+        x = torch.randn(3, 16)
+        assert torch.equal(head(x), x)
+    assert head.forward is hooked
+    del head.forward
+    model.config.final_logit_softcapping = 30.0  # Gemma-2's: the logits are not the head's output
+    head, why = linear_head(model)
+    assert head is None and "final_logit_softcapping" in why
+
+
+def test_a_head_under_the_engines_bf16_autocast_is_still_linear():
+    """accelerate runs the forward under bf16 autocast and hands the logits back in float32:
+    the head is still recognised (found on an H200, where every run fell back to the plain path)."""
+    from accelerate import Accelerator
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kdexp.teachers.base import linear_head
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    head, why = linear_head(model)
+    assert head is model.lm_head, why
