@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from procmem import reset_peak_rss, status_bytes  # benchmarks/procmem.py
+from procmem import read_peak, start_peak, status_bytes  # benchmarks/procmem.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -80,15 +80,9 @@ def measure(loss: str, positions: int, vocab: int, chunk: int | None, device: st
     del warm
     s = _logits(positions, vocab, dt, device, seed=0).requires_grad_(True)  # [B*T, V] student
     t = _logits(positions, vocab, dt, device, seed=1)  # [B*T, V] teacher
-    room = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset_peak_rss()
-        base = status_bytes("VmRSS")
-        room = limit - status_bytes("VmSize") if limit else None  # address space left above the inputs
+    base = start_peak(device)
+    # CPU: the address space left above the inputs under the limit
+    room = limit - status_bytes("VmSize") if device != "cuda" and limit else None
     start = time.perf_counter()
     try:
         value = fn(s, t).sum()  # [] float32
@@ -98,11 +92,7 @@ def measure(loss: str, positions: int, vocab: int, chunk: int | None, device: st
             raise
         return {"error": f"over the limit: {str(e).splitlines()[0][:200]}",
                 "extra_more_than": room}
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = status_bytes("VmHWM")
+    peak = read_peak(device)
     seconds = time.perf_counter() - start
     return {"extra": peak - base, "grad": s.grad.numel() * s.grad.element_size(), "seconds": seconds,
             "value": value.item()}

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from procmem import reset_peak_rss, status_bytes  # benchmarks/procmem.py
+from procmem import read_peak, start_peak  # benchmarks/procmem.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -83,20 +83,10 @@ def measure(path: str, hidden: int, vocab: int, positions: int, loss: str, devic
     s_w.grad = None
     s_h, t_h, batch = inputs(positions)
     t_h = t_h.to(dt)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset_peak_rss()
-        base = status_bytes("VmRSS")
+    base = start_peak(device)
     start = time.perf_counter()
     value = step(s_h, t_h, batch, positions)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = status_bytes("VmHWM")
+    peak = read_peak(device)
     return {"extra": peak - base, "seconds": time.perf_counter() - start, "value": value.item()}
 
 

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from procmem import reset_peak_rss, status_bytes  # benchmarks/procmem.py
+from procmem import read_peak, start_peak  # benchmarks/procmem.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -116,20 +116,10 @@ def measure(path: str, shape: str, args: argparse.Namespace) -> dict:
         return float(loss)
 
     step(1, 16)  # warm-up: AdamW's state, kernels, threads
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset_peak_rss()
-        base = status_bytes("VmRSS")
+    base = start_peak(device)
     start = time.perf_counter()
     value = step(args.batch, args.length)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = status_bytes("VmHWM")
+    peak = read_peak(device)
     return {"peak": peak, "before": base, "seconds": time.perf_counter() - start, "value": value,
             "teacher_bytes": sum(p.numel() * p.element_size() for p in teacher.parameters())}
 

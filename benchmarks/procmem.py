@@ -20,3 +20,26 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def start_peak(device: str) -> int:
+    """Reset the peak-memory counter of ``device`` (``cuda``: the allocator's, else this
+    process's RSS high-water mark) and return the memory in use now, the base of the peak."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    reset_peak_rss()
+    return status_bytes("VmRSS")
+
+
+def read_peak(device: str) -> int:
+    """The peak since :func:`start_peak`, once the device's queued work is done."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return status_bytes("VmHWM")

@@ -112,17 +112,17 @@ def test_fused_benchmark_measures_every_path_with_the_same_loss(tmp_path):
 
 
 def test_gpu_check_runs_every_step_on_cpu_with_smoke(tmp_path):
-    """make gpu-check's script, on CPU with tiny settings, so that it works when a GPU is lent."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    """make gpu-check's script, on CPU with tiny settings, so that it works when a GPU is lent
+    (its TRL and throughput steps run the scripts the tests above run: left out here)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--skip", "trl",
+                           "throughput", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = {r["step"]: r for r in result["steps"]}
     assert result["smoke"] and result["device"].startswith("CPU")
-    for method in ("sft", "kd", "gkd", "minillm"):
-        assert steps[f"method={method}"]["status"] == 0
-    assert steps["method=kd"]["loss path"].startswith("fused")
+    assert steps["method=kd"]["status"] == 0 and steps["method=kd"]["loss path"].startswith("fused")
+    assert steps["method=minillm"]["status"] == 0
     assert steps["method=minillm"]["loss path"].startswith("plain path")  # policy-gradient terms
-    assert all(r["status"] == 0 for name, r in steps.items() if "benchmarks/" in name), steps
+    assert [r["status"] for name, r in steps.items() if "benchmarks/" in name] == [0, 0], steps
     assert (tmp_path / "fused.md").is_file() and (tmp_path / "fused_step.md").is_file()
     assert "gpu-check on CPU" in (tmp_path / "gpu_check.md").read_text()
