@@ -86,7 +86,11 @@ def linear_head(model: torch.nn.Module) -> tuple[torch.nn.Linear | None, str]:
     its logits after the head keeps the plain path."""
     head = output_head(model)
     if head is None:
-        return None, f"{type(model).__name__} has no plain linear LM head here (LoRA on it, ZeRO-3, or none)"
+        get = getattr(model, "get_output_embeddings", None)
+        found = get() if callable(get) else None
+        if type(found) is torch.nn.Linear:  # there, but its weight is a shard
+            return None, "ZeRO-3 partitions the LM head (the fused path does not gather it yet)"
+        return None, f"{type(model).__name__} has no plain linear LM head (LoRA on it, or none)"
     config = getattr(model, "config", None)
     transforms = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
     if transforms:
