@@ -46,9 +46,23 @@ def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     here (not partitioned by ZeRO-3), else None."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if type(head) is not torch.nn.Linear or head.weight.numel() == 0:
+    if type(head) is not torch.nn.Linear or (head.weight.numel() == 0 and not hasattr(head.weight, "ds_id")):
         return None
     return head
+
+
+@contextmanager
+def gathered(*params: torch.nn.Parameter | None) -> Iterator[None]:
+    """ZeRO-3's shards of ``params`` gathered while inside (collective: every process enters);
+    a no-op for parameters that are whole."""
+    wanted = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not wanted:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None):
+        yield
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -109,10 +123,11 @@ def linear_head(model: torch.nn.Module) -> tuple[torch.nn.Linear | None, str]:
     # The forward may run under the engine's autocast (accelerate wraps it, and may hand the
     # logits back in float32): the head applied in float32 must agree with the logits to 2 %
     # of their norm, which bf16 / fp16 rounding meets (about 0.4 %) and a transform does not.
-    bias = None if head.bias is None else head.bias.float()
     if hidden.shape[-1] != head.in_features:
         return None, f"{type(model).__name__}'s hidden states do not match its LM head"
-    error = (F.linear(hidden.float(), head.weight.float(), bias) - logits.float()).norm()
+    with gathered(head.weight, head.bias):
+        bias = None if head.bias is None else head.bias.float()
+        error = (F.linear(hidden.float(), head.weight.float(), bias) - logits.float()).norm()
     if not error <= 2e-2 * logits.float().norm():
         return None, f"{type(model).__name__} transforms its logits after the LM head"
     return head, ""

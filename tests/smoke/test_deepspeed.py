@@ -77,8 +77,11 @@ def test_zero_on_two_processes_matches_the_plain_run(tmp_path, plain, method, st
         assert (run / "final_teacher_adapter" / "adapter_config.json").is_file()
     if extra:
         assert read_json(run / "results.json")["teacher"]["rougeL"] > 50  # the trained teacher, whole
-    partitioned = "the teacher is partitioned across the 2 processes (ZeRO-3)" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    partitioned = "the teacher is partitioned across the 2 processes (ZeRO-3)" in log
     assert partitioned == (stage == 3 and method != "okd")
+    # every stage takes the fused loss path: under ZeRO-3 with each head gathered for the loss
+    assert "loss: fused" in log, log
 
 
 def test_zero_in_one_process_without_a_launcher(tmp_path, plain):
