@@ -269,7 +269,12 @@ def test_a_head_under_the_engines_bf16_autocast_is_still_linear():
 
     from kdexp.teachers.base import linear_head
 
+    from accelerate.state import AcceleratorState
+
     model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=16))
-    Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
-    head, why = linear_head(model)
+    try:
+        Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+        head, why = linear_head(model)
+    finally:  # accelerate's state is process-wide: later tests get their own
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert head is model.lm_head, why
