@@ -23,7 +23,7 @@ test-fast: ## unit and config tests only (no end-to-end runs)
 lint: ## ruff
 	ruff check kdexp tests
 
-bench: ## benchmarks (about 35 minutes on 2 cores): divergences, throughput, GPT-2 shapes, TRL, teacher cache
+bench: ## benchmarks (about 45 minutes on 2 cores, estimated): divergences, throughput, GPT-2 shapes, TRL, teacher cache, fused paths
 	$(PYTHON) benchmarks/divergences.py
 	$(PYTHON) benchmarks/throughput.py
 	$(PYTHON) benchmarks/throughput.py --shape gpt2 --steps 15 --batch 8 --rounds 1 --methods sft kd "kd (teacher cache)"
@@ -31,7 +31,6 @@ bench: ## benchmarks (about 35 minutes on 2 cores): divergences, throughput, GPT
 	$(PYTHON) benchmarks/teacher_cache.py
 	$(PYTHON) benchmarks/fused.py
 	$(PYTHON) benchmarks/fused_step.py --shapes gpt2
-	$(PYTHON) benchmarks/fused_step.py --shapes qwen --layers 2 --name fused_step_qwen2l
 
 gpu-check: ## on a lent GPU, one call under 8 minutes: every method in bf16, fused vs plain memory, TRL, rollouts
 	$(PYTHON) benchmarks/gpu_check.py
