@@ -23,7 +23,7 @@ test-fast: ## unit and config tests only (no end-to-end runs)
 lint: ## ruff
 	ruff check kdexp tests
 
-bench: ## benchmarks (about 45 minutes on 2 cores, estimated): divergences, throughput, GPT-2 shapes, TRL, teacher cache, fused paths
+bench: ## benchmarks (about 43 minutes on 2 cores): divergences, throughput, GPT-2 shapes, TRL, teacher cache, fused paths
 	$(PYTHON) benchmarks/divergences.py
 	$(PYTHON) benchmarks/throughput.py
 	$(PYTHON) benchmarks/throughput.py --shape gpt2 --steps 15 --batch 8 --rounds 1 --methods sft kd "kd (teacher cache)"
