@@ -32,8 +32,8 @@ bench: ## benchmarks (about 43 minutes on 2 cores): divergences, throughput, GPT
 	$(PYTHON) benchmarks/fused.py
 	$(PYTHON) benchmarks/fused_step.py --shapes gpt2
 
-gpu-check: ## on a lent GPU, one call under 8 minutes: every method in bf16, fused vs plain memory, TRL, rollouts
-	$(PYTHON) benchmarks/gpu_check.py
+gpu-check: ## on a lent GPU, one call under 8 minutes: every method in bf16, fused vs plain memory, TRL, rollouts (scripts/gpu_wheels.sh)
+	$(PYTHON) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT),)
 
 figures: ## the figures of docs/evaluation.md: train sft / kd-fkl / kd-rkl, run every analysis (about 10 minutes)
 	bash scripts/evaluation_figures.sh

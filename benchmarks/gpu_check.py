@@ -152,22 +152,26 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     dev = ["--device", "cpu"] if args.smoke else ["--device", "cuda", "--dtype", "bfloat16"]
-    rows = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="kdexp-gpu-check-") as tmp:
         work = Path(tmp)
+        # The benchmarks write into one folder, bundled into gpu_check.md / .json after every step:
+        # two files come back from a GPU machine whatever it ran.
+        details = work / "details"
+        details.mkdir()
         if "methods" not in args.skip:
             rows += method_runs(args, work, start + args.budget * 0.35)
-            write(rows, args, start)
+            write(rows, args, start, details)
         benches = [
-            ("loss side (benchmarks/fused.py)", [py, str(BENCH / "fused.py"), *dev, "--out", str(args.out),
+            ("loss side (benchmarks/fused.py)", [py, str(BENCH / "fused.py"), *dev, "--out", str(details),
              *(["--shapes", "tiny", "--positions", "300"] if args.smoke else ["--positions", "8192"])], 80),
-            ("whole step (benchmarks/fused_step.py)", [py, str(BENCH / "fused_step.py"), *dev, "--out", str(args.out),
+            ("whole step (benchmarks/fused_step.py)", [py, str(BENCH / "fused_step.py"), *dev, "--out", str(details),
              *(["--shapes", "gpt2", "--layers", "1", "--batch", "1", "--length", "32", "--paths", "fused", "sft"]
                if args.smoke else [])], 150),
-            ("TRL GKDTrainer vs kdexp (benchmarks/trl_gkd.py)", [py, str(BENCH / "trl_gkd.py"), "--out", str(args.out),
+            ("TRL GKDTrainer vs kdexp (benchmarks/trl_gkd.py)", [py, str(BENCH / "trl_gkd.py"), "--out", str(details),
              *(["--steps", "10", "--warmup", "2", "--rounds", "1", "--batch", "4", "--new-tokens", "8"] if args.smoke
                else ["--device", "cuda", "--shape", "gpt2", "--steps", "12", "--rounds", "1"])], 120),
-            ("rollouts and step times (benchmarks/throughput.py)", [py, str(BENCH / "throughput.py"), "--out", str(work),
+            ("rollouts and step times (benchmarks/throughput.py)", [py, str(BENCH / "throughput.py"), "--out", str(details),
              "--rounds", "1", "--methods", "sft", "kd", *(["--steps", "15", "--batch", "4", "--new-tokens", "8"]
                                                          if args.smoke else ["--shape", "gpt2", "--steps", "20"])], 90),
         ]
@@ -178,23 +182,24 @@ def main() -> None:
             left = deadline - time.perf_counter()
             rows.append(run(name, cmd, min(limit, left), ROOT) if left > 10 else
                         {"step": name, "status": "skipped (time)", "seconds": 0, "tail": []})
-            write(rows, args, start)
-        if (work / "throughput.md").is_file():
-            (args.out / "gpu_check_throughput.md").write_text((work / "throughput.md").read_text())
-    if "liger" not in args.skip:
-        try:
-            rows.append(liger(args))
-        except Exception as e:  # noqa: BLE001 (an API change of a package we do not depend on)
-            rows.append({"step": "liger", "status": f"failed: {type(e).__name__}: {e}"[:200], "seconds": 0, "tail": []})
-    write(rows, args, start)
+            write(rows, args, start, details)
+        if "liger" not in args.skip:
+            try:
+                rows.append(liger(args))
+            except Exception as e:  # noqa: BLE001 (an API change of a package we do not depend on)
+                rows.append({"step": "liger", "status": f"failed: {type(e).__name__}: {e}"[:200], "seconds": 0,
+                             "tail": []})
+        write(rows, args, start, details)
     sys.exit(0 if all(r["status"] in (0, "skipped (time)") or str(r["status"]).startswith("not available")
                       for r in rows) else 1)
 
 
-def write(rows: list[dict], args: argparse.Namespace, start: float) -> dict:
-    """gpu_check.json and .md as they stand (after every step: a run cut short keeps its results)."""
+def write(rows: list[dict], args: argparse.Namespace, start: float, details: Path) -> dict:
+    """gpu_check.json and .md as they stand (after every step: a run cut short keeps its results),
+    with every benchmark's own report from ``details`` appended."""
     result = {"device": device_name(), "smoke": args.smoke, "seconds": round(time.perf_counter() - start, 1),
-              "steps": rows}
+              "steps": rows,
+              "details": {f.stem: json.loads(f.read_text()) for f in sorted(details.glob("*.json"))}}
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     lines = [f"# gpu-check on {result['device']}", "", f"{result['seconds']} s in all"
              + (" (--smoke: CPU, tiny settings)" if args.smoke else ""), "",
@@ -204,7 +209,8 @@ def write(rows: list[dict], args: argparse.Namespace, start: float) -> dict:
         if r["step"] == "liger" and "kdexp" in r:
             last = json.dumps({k: r[k] for k in ("liger", "kdexp")})
         lines.append(f"| {r['step']} | {r['status']} | {r['seconds']} | {last.replace('|', '/')} |")
-    lines += ["", "Details: fused.md, fused_step.md, trl_gkd.md, gpu_check_throughput.md in this folder."]
+    for report in sorted(details.glob("*.md")):
+        lines += ["", "---", "", f"<!-- {report.name} -->", report.read_text().strip()]
     (args.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return result

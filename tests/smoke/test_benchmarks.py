@@ -124,5 +124,7 @@ def test_gpu_check_runs_every_step_on_cpu_with_smoke(tmp_path):
     assert steps["method=minillm"]["status"] == 0
     assert steps["method=minillm"]["loss path"].startswith("plain path")  # policy-gradient terms
     assert [r["status"] for name, r in steps.items() if "benchmarks/" in name] == [0, 0], steps
-    assert (tmp_path / "fused.md").is_file() and (tmp_path / "fused_step.md").is_file()
-    assert "gpu-check on CPU" in (tmp_path / "gpu_check.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md"]  # 2 files come back
+    assert set(result["details"]) == {"fused", "fused_step"}
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "gpu-check on CPU" in report and "# The loss side of a step" in report and "# A whole kd step" in report

@@ -265,11 +265,10 @@ def test_a_head_under_the_engines_bf16_autocast_is_still_linear():
     """accelerate runs the forward under bf16 autocast and hands the logits back in float32:
     the head is still recognised (found on an H200, where every run fell back to the plain path)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from kdexp.teachers.base import linear_head
-
-    from accelerate.state import AcceleratorState
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=16))
     try:
