@@ -127,6 +127,8 @@ CASES: list[tuple[str, str, list[str], list[str], Setup | None]] = [
     ("cache-without-cache", "train", ["teacher.source=cache"], ["no teacher cache at", "kdexp cache-teacher"], None),
     ("sample-weight-under-deepspeed", "train", ["method.sample_weight=teacher_likelihood", "deepspeed=zero2"], ["method.sample_weight=teacher_likelihood is normalized over the optimizer step", "without deepspeed="], None),
     ("cache-with-on-policy", "train", ["method=gkd", "teacher.source=cache"], ["teacher.source=cache serves methods", "method=gkd"], None),
+    ("fused-value", "train", ["loss.fused=maybe"], ["loss.fused must be auto, true or false"], None),
+    ("fused-required-but-impossible", "train", ["method=minillm", "loss.fused=true"], ["loss.fused=true, but the fused path cannot run", "terms other than CE and divergences", "loss.fused=auto"], None),
     ("tokenizer-mismatch", "train", [], ["use different tokenizers", "other-teacher"], other_tokenizer),
     ("missing-model", "train", ["student.name_or_path=no-such-model-dir"], ["no-such-model-dir"], None),
     ("missing-pretraining-corpus", "train", [], ["method.pt_data", "no-such-corpus.jsonl"], pt_missing),
