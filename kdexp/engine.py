@@ -178,6 +178,21 @@ def full_parameters(accelerator: Accelerator, *engines: torch.nn.Module | None) 
 
 
 @contextmanager
+def gathered_params(*params: torch.nn.Parameter | None) -> Iterator[None]:
+    """ZeRO-3's shards of ``params`` gathered while inside, for reading (the fused loss reads an
+    LM head outside its module's forward). Collective: every process enters; a no-op for
+    parameters that are whole."""
+    wanted = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not wanted:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None):
+        yield
+
+
+@contextmanager
 def plain_model(accelerator: Accelerator, model: torch.nn.Module,
                 engine: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
     """``model`` unwrapped from its engine, dropout off, its full parameters present (gathered

@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 
 from kdexp import engine as engines
 from kdexp.errors import UserError
-from kdexp.teachers.base import gathered
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +167,7 @@ class Step:
                     scaler = getattr(accelerator, "scaler", None)  # fp16: gradients at the loss scale
                     heads = [getattr(h, name, None) for h in (student, teacher) for name in ("weight", "bias")]
                     # each chunk's logits as the model's head makes them; ZeRO-3 gathers the heads
-                    with gathered(*heads), accelerator.autocast():
+                    with engines.gathered_params(*heads), accelerator.autocast():
                         loss, parts = objective.fused(student, teacher, batch, shares,
                                                       scaler.get_scale() * len(batches) if scaler else 1.0)
                 else:

@@ -62,7 +62,8 @@ def _linear(vocab: int | None):
     return build
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """Logits that are already logits (:class:`Dense`); an LM head bypassed (``bare_heads``)."""
     return x
 
 
@@ -93,7 +94,7 @@ class Dense:
 
     def select(self, index: torch.Tensor) -> Rows:
         width = self.values.shape[-1]
-        return Rows((self.values.reshape(-1, width).index_select(0, index),), (), _identity, width)
+        return Rows((self.values.reshape(-1, width).index_select(0, index),), (), identity, width)
 
     def logits(self) -> torch.Tensor:
         return self.values
@@ -233,4 +234,4 @@ def _split(xs: Sequence, layout: list[int]) -> list[list]:
     return out
 
 
-__all__ = ["AUTO_CHUNK_ELEMENTS", "Dense", "Head", "Logits", "Rows", "Sparse", "chunk_rows", "fused_loss"]
+__all__ = ["AUTO_CHUNK_ELEMENTS", "Dense", "Head", "Logits", "Rows", "Sparse", "chunk_rows", "fused_loss", "identity"]

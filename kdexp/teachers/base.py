@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdexp.losses.fused import Dense, Head
+from kdexp.engine import gathered_params
+from kdexp.losses.fused import Dense, Head, identity
 
 Logits = torch.Tensor  # [B, T, V], the positions of the micro-batch's sequences
 
@@ -42,31 +43,14 @@ def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab: int
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The model's LM head when it is a plain ``nn.Linear`` (not LoRA-wrapped) whose weight is
-    here (not partitioned by ZeRO-3), else None."""
+    """The model's LM head when it is a plain ``nn.Linear`` (not LoRA-wrapped) with a weight,
+    else None. Under ZeRO-3 its weight is a shard here (:func:`kdexp.engine.gathered_params`
+    gathers it)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if type(head) is not torch.nn.Linear or (head.weight.numel() == 0 and not hasattr(head.weight, "ds_id")):
         return None
     return head
-
-
-@contextmanager
-def gathered(*params: torch.nn.Parameter | None) -> Iterator[None]:
-    """ZeRO-3's shards of ``params`` gathered while inside (collective: every process enters);
-    a no-op for parameters that are whole."""
-    wanted = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not wanted:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None):
-        yield
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 @contextmanager
@@ -77,7 +61,7 @@ def bare_heads(*heads: torch.nn.Linear) -> Iterator[None]:
     unique = list({id(h): h for h in heads}.values())
     before = [h.__dict__.get("forward") for h in unique]
     for head in unique:
-        head.forward = _identity
+        head.forward = identity
     try:
         yield
     finally:
@@ -100,10 +84,6 @@ def linear_head(model: torch.nn.Module) -> tuple[torch.nn.Linear | None, str]:
     its logits after the head keeps the plain path."""
     head = output_head(model)
     if head is None:
-        get = getattr(model, "get_output_embeddings", None)
-        found = get() if callable(get) else None
-        if type(found) is torch.nn.Linear:  # there, but its weight is a shard
-            return None, "ZeRO-3 partitions the LM head (the fused path does not gather it yet)"
         return None, f"{type(model).__name__} has no plain linear LM head (LoRA on it, or none)"
     config = getattr(model, "config", None)
     transforms = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
@@ -125,7 +105,7 @@ def linear_head(model: torch.nn.Module) -> tuple[torch.nn.Linear | None, str]:
     # of their norm, which bf16 / fp16 rounding meets (about 0.4 %) and a transform does not.
     if hidden.shape[-1] != head.in_features:
         return None, f"{type(model).__name__}'s hidden states do not match its LM head"
-    with gathered(head.weight, head.bias):
+    with gathered_params(head.weight, head.bias):
         bias = None if head.bias is None else head.bias.float()
         error = (F.linear(hidden.float(), head.weight.float(), bias) - logits.float()).norm()
     if not error <= 2e-2 * logits.float().norm():
