@@ -117,6 +117,21 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
+def loss_scale(accelerator: Accelerator, engine: torch.nn.Module) -> float:
+    """The factor the engine's backward multiplies the loss by before any gradient exists:
+    torch AMP's GradScaler scale (fp16), DeepSpeed's current fp16 loss scale, else 1. (Both
+    divide by the accumulation count too, which the step's ``loss * len(batches)`` undoes.)
+    The fused path computes its gradients in its forward, so it must seed them at this scale
+    for float16 gradients not to underflow, as the plain path's are."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        return float(scaler.get_scale())
+    fp16 = getattr(engine, "fp16_enabled", None)
+    if zero_stage(accelerator) and callable(fp16) and fp16():
+        return float(engine.optimizer.loss_scale)
+    return 1.0
+
+
 def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """Under ZeRO-3, a frozen model (the teacher) partitioned across the processes like the
     student: a DeepSpeed engine of its own, without optimizer, that gathers each layer for its
@@ -219,11 +234,23 @@ def clip(accelerator: Accelerator, groups: list[list[torch.nn.Parameter]], max_n
     one per group. DeepSpeed clips inside its own step, over all parameters at once: one norm
     (``None`` with clipping off, where it reports none)."""
     zero = zero_stage(accelerator)
-    if max_norm <= 0:
-        return [None if zero else grad_norm(groups[0])]
     if zero:
-        return [accelerator.clip_grad_norm_(groups[0], max_norm)]
-    return [accelerator.clip_grad_norm_(g, max_norm) for g in groups]
+        return [None if max_norm <= 0 else accelerator.clip_grad_norm_(groups[0], max_norm)]
+    # fp16 (GradScaler): unscaled once for every group (accelerate's clip_grad_norm_ would
+    # unscale again for a second group, which GradScaler refuses), so the norms are true ones.
+    accelerator.unscale_gradients()
+    if max_norm <= 0:
+        return [grad_norm(groups[0])]
+    return [torch.nn.utils.clip_grad_norm_(g, max_norm) for g in groups]
+
+
+def skipped(accelerator: Accelerator) -> None:
+    """After a step whose update was dropped: GradScaler's bookkeeping of the unscaled
+    gradients is closed (``update``: the scale backs off if they overflowed), as its own
+    ``step`` would have; else the next step's unscale is refused."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        scaler.update()
 
 
 # accelerate's distributed types in words

@@ -164,12 +164,12 @@ class Step:
                 shares = {k: n / self.world for k, n in counts.items()}
                 if self.fused:
                     student, teacher = self.teacher.forward_fused(self.engine, batch, objective.needs_teacher)
-                    scaler = getattr(accelerator, "scaler", None)  # fp16: gradients at the loss scale
                     heads = [getattr(h, name, None) for h in (student, teacher) for name in ("weight", "bias")]
-                    # each chunk's logits as the model's head makes them; ZeRO-3 gathers the heads
+                    # each chunk's logits as the model's head makes them; ZeRO-3 gathers the heads;
+                    # fp16: gradients seeded at the engine's loss scale, as the plain path's backward
                     with engines.gathered_params(*heads), accelerator.autocast():
                         loss, parts = objective.fused(student, teacher, batch, shares,
-                                                      scaler.get_scale() * len(batches) if scaler else 1.0)
+                                                      engines.loss_scale(accelerator, self.engine))
                 else:
                     student_logits, teacher_logits = self.teacher.forward(self.engine, batch, objective.needs_teacher)
                     loss, parts = objective(student_logits, teacher_logits, batch, shares)
@@ -194,6 +194,7 @@ class Step:
         bad = self.guard.check(reduced, norms, step + 1)  # the same verdict on every rank
         if bad:  # skipped: no update, the step is taken again with the next batches
             self.optimizer.zero_grad(set_to_none=True)
+            engines.skipped(accelerator)
         return n_tokens, reduced, norms, bad
 
     def clip(self) -> list:

@@ -142,7 +142,7 @@ class _Chunked(torch.autograd.Function):
             if index is None:
                 out = torch.cat([fn(s[rows], t[rows]) for rows in _chunks(s.shape[0], chunk_size, None)])
             else:
-                out = torch.zeros(s.shape[0], dtype=torch.float32, device=s.device)
+                out = torch.zeros(s.shape[0], dtype=torch.promote_types(s.dtype, torch.float32), device=s.device)
                 for rows in _chunks(s.shape[0], chunk_size, index):
                     out[rows] = fn(s[rows], t[rows])
         return out.view(student_logits.shape[:-1])

@@ -79,7 +79,12 @@ class Head:
 
     def select(self, index: torch.Tensor) -> Rows:
         rows = self.hidden.reshape(-1, self.hidden.shape[-1]).index_select(0, index)
-        return Rows((rows,), (self.weight, self.bias), _linear(self.vocab), self.vocab or self.weight.shape[0])
+        # The vocabulary cut once, not per chunk: autocast then casts one tensor once, and the
+        # chunks' gradients are [vocab, H], not the whole head's.
+        w, b = self.weight, self.bias
+        if self.vocab is not None:
+            w, b = w[: self.vocab], None if b is None else b[: self.vocab]
+        return Rows((rows,), (w, b), _linear(None), self.vocab or self.weight.shape[0])
 
     def logits(self) -> torch.Tensor:
         """The plain path's logits ``[B, T, V]`` (for references and fallbacks)."""

@@ -366,6 +366,18 @@ def test_masked_positions_are_skipped_with_the_same_values_and_gradients(name, c
     assert torch.all(masked_s.grad[~mask] == 0)
 
 
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_float64_masked_logits_keep_their_precision(chunk):
+    """A float64 reference through the masked (and chunked) path stays float64 and exact."""
+    s, t = (torch.randn(2, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in (3, 4))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 0] = False
+    got = losses.divergence("fkl", chunk_size=chunk)(s, t, mask)
+    want = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got[mask], want[mask], rtol=1e-12, atol=1e-12)
+
+
 def test_auto_chunks_by_vocabulary_size(monkeypatch):
     fkl = losses.divergence("fkl", chunk_size="auto")
     assert fkl.chunk_rows(152064) == 256 and fkl.chunk_rows(32000) == 1216 and fkl.chunk_rows(10**9) == 1

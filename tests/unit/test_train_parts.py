@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kdexp.errors import UserError
 from kdexp.train import BatchStream, lr_lambda
@@ -115,3 +116,48 @@ def test_lr_schedules_cosine_and_constant():
     assert floor(500) == floor(110)  # past the end: stays at the floor
     const = lr_lambda(warmup=100, total=5000, min_ratio=0.0, kind="constant")
     assert const(49) == 0.5 and const(100) == const(4999) == 1.0
+
+
+def _accelerator(scaler=None, zero: int = 0, optimizer=None):
+    """What kdexp.engine reads of an Accelerator, with accelerate's fp16 behaviour: the loss
+    scaler, the ZeRO stage, and ``unscale_gradients`` unscaling every optimizer."""
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(zero_stage=zero) if zero else None
+    return SimpleNamespace(scaler=scaler, state=SimpleNamespace(deepspeed_plugin=plugin),
+                           unscale_gradients=lambda: scaler.unscale_(optimizer) if scaler else None)
+
+
+def test_the_fused_path_seeds_its_gradients_at_the_engines_loss_scale():
+    """torch AMP's GradScaler scale; DeepSpeed's own fp16 loss scale (no GradScaler there: the
+    fused chunks' float16 gradients underflowed at scale 1); 1 under bf16 or float32."""
+    from types import SimpleNamespace
+
+    from kdexp.engine import loss_scale
+
+    assert loss_scale(_accelerator(torch.amp.GradScaler("cpu", init_scale=1024.0)), None) == 1024.0
+    ds_fp16 = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(loss_scale=4096.0))
+    assert loss_scale(_accelerator(zero=2), ds_fp16) == 4096.0
+    assert loss_scale(_accelerator(zero=3), SimpleNamespace(fp16_enabled=lambda: False)) == 1.0  # bf16
+    assert loss_scale(_accelerator(), torch.nn.Linear(2, 2)) == 1.0
+
+
+def test_fp16_clipping_unscales_once_for_every_group_and_a_skipped_step_closes_the_scaler():
+    """Two parameter groups (OKD's student and teacher module) under a GradScaler: one unscale,
+    true norms; a step dropped by the guard calls ``update`` (else the next unscale raises)."""
+    from kdexp.engine import clip, skipped
+
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    accelerator = _accelerator(scaler, optimizer=optimizer)
+    for _ in range(2):  # two steps, both dropped
+        scaler.scale(torch.ones(()))  # the step's backward scaled its loss
+        a.grad, b.grad = torch.full((3,), 256.0 * 2), torch.full((4,), 256.0 * 3)  # scaled gradients
+        norms = clip(accelerator, [[a], [b]], max_norm=100.0)
+        torch.testing.assert_close(torch.stack(norms), torch.tensor([2 * 3**0.5, 3 * 4**0.5]))
+        skipped(accelerator)
+    a.grad = torch.ones(3)
+    clip(accelerator, [[a], [b]], max_norm=0.0)
+    with pytest.raises(RuntimeError, match="unscale_"):  # without closing the step: GradScaler refuses
+        clip(accelerator, [[a], [b]], max_norm=0.0)
