@@ -23,16 +23,17 @@ test-fast: ## unit and config tests only (no end-to-end runs)
 lint: ## ruff
 	ruff check kdexp tests
 
-bench: ## benchmarks (about 43 minutes on 2 cores): divergences, throughput, GPT-2 shapes, TRL, teacher cache, fused paths
+bench: ## benchmarks (about 47 minutes on 2 cores): divergences, throughput, GPT-2 shapes, TRL's two trainers, teacher cache, fused paths
 	$(PYTHON) benchmarks/divergences.py
 	$(PYTHON) benchmarks/throughput.py
 	$(PYTHON) benchmarks/throughput.py --shape gpt2 --steps 15 --batch 8 --rounds 1 --methods sft kd "kd (teacher cache)"
-	$(PYTHON) benchmarks/trl_gkd.py
+	$(PYTHON) benchmarks/trl_gkd.py --profile
+	$(PYTHON) benchmarks/trl_gkd.py --trainer distillation --profile
 	$(PYTHON) benchmarks/teacher_cache.py
 	$(PYTHON) benchmarks/fused.py
 	$(PYTHON) benchmarks/fused_step.py --shapes gpt2
 
-gpu-check: ## on a lent GPU, one call under 8 minutes: every method in bf16, fused vs plain memory, TRL, rollouts (scripts/gpu_wheels.sh)
+gpu-check: ## on a lent GPU, one call under 8 minutes: every method in bf16, fused vs plain memory, TRL, rollouts, sampling profile (scripts/gpu_wheels.sh)
 	$(PYTHON) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT),)
 
 figures: ## the figures of docs/evaluation.md: train sft / kd-fkl / kd-rkl, run every analysis (about 10 minutes)

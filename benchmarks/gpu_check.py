@@ -12,9 +12,12 @@ reported as such and the next one runs):
 2. **the loss side** at GPT-2 and Qwen2.5-0.5B shapes, 8,192 positions: plain, chunked and
    fused paths (``benchmarks/fused.py``), ``torch.cuda.max_memory_allocated``;
 3. **a whole kd step** at both shapes, every layer (``benchmarks/fused_step.py``);
-4. **TRL's GKDTrainer against kdexp** at GPT-2 shapes (``benchmarks/trl_gkd.py``);
+4. **TRL's GKDTrainer and DistillationTrainer against kdexp** at GPT-2 shapes
+   (``benchmarks/trl_gkd.py``, ``--trainer gkd`` and ``distillation``);
 5. **rollout tokens/s** and step times of sft and kd (``benchmarks/throughput.py``);
-6. **Liger-Kernel's fused linear JSD** against kdexp's fused jsd at the same shapes, where
+6. **where on-policy time goes**: kdexp's sampler against ``model.generate``, and its profile
+   (``benchmarks/sampler_profile.py``);
+7. **Liger-Kernel's fused linear JSD** against kdexp's fused jsd at the same shapes, where
    ``liger_kernel`` imports (it is not a dependency; nothing is installed here).
 
 ``--smoke`` runs the same steps on CPU with tiny models and sizes. The report names the GPU.
@@ -145,7 +148,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny settings (the test suite)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for everything")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--skip", nargs="*", default=[], help="steps to leave out: methods, fused, step, trl, throughput, liger")
+    p.add_argument("--skip", nargs="*", default=[], help="steps to leave out: methods, fused, step, trl, distillation, throughput, sampler, liger")
     args = p.parse_args()
     start = time.perf_counter()
     deadline = start + args.budget
@@ -164,18 +167,26 @@ def main() -> None:
             write(rows, args, start, details)
         benches = [
             ("loss side (benchmarks/fused.py)", [py, str(BENCH / "fused.py"), *dev, "--out", str(details),
-             *(["--shapes", "tiny", "--positions", "300"] if args.smoke else ["--positions", "8192"])], 80),
+             "--paths", "plain", "chunked", "fused", "fused c64", "sft", "sft fused",
+             *(["--shapes", "tiny", "--positions", "300"] if args.smoke else ["--positions", "8192"])], 90),
             ("whole step (benchmarks/fused_step.py)", [py, str(BENCH / "fused_step.py"), *dev, "--out", str(details),
              *(["--shapes", "gpt2", "--layers", "1", "--batch", "1", "--length", "32", "--paths", "fused", "sft"]
                if args.smoke else [])], 150),
             ("TRL GKDTrainer vs kdexp (benchmarks/trl_gkd.py)", [py, str(BENCH / "trl_gkd.py"), "--out", str(details),
              *(["--steps", "10", "--warmup", "2", "--rounds", "1", "--batch", "4", "--new-tokens", "8"] if args.smoke
                else ["--device", "cuda", "--shape", "gpt2", "--steps", "12", "--rounds", "1"])], 120),
+            ("TRL DistillationTrainer vs kdexp (benchmarks/trl_gkd.py --trainer distillation)",
+             [py, str(BENCH / "trl_gkd.py"), "--trainer", "distillation", "--out", str(details),
+              *(["--steps", "6", "--warmup", "2", "--rounds", "1", "--batch", "4", "--new-tokens", "8"] if args.smoke
+                else ["--device", "cuda", "--shape", "gpt2", "--steps", "8", "--rounds", "1"])], 100),
             ("rollouts and step times (benchmarks/throughput.py)", [py, str(BENCH / "throughput.py"), "--out", str(details),
              "--rounds", "1", "--methods", "sft", "kd", *(["--steps", "15", "--batch", "4", "--new-tokens", "8"]
                                                          if args.smoke else ["--shape", "gpt2", "--steps", "20"])], 90),
+            ("where sampling time goes (benchmarks/sampler_profile.py)",
+             [py, str(BENCH / "sampler_profile.py"), "--out", str(details),
+              *(["--smoke"] if args.smoke else ["--repeat", "3"])], 90),
         ]
-        keys = ["fused", "step", "trl", "throughput"]
+        keys = ["fused", "step", "trl", "distillation", "throughput", "sampler"]
         for key, (name, cmd, limit) in zip(keys, benches, strict=True):
             if key in args.skip:
                 continue

@@ -85,9 +85,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MIB = 1024**2
 SIDES = ("kdexp", "trl")
-NOT_IDENTICAL = [
-    "the student's samples (each side's own random stream) and sampler (kdexp's KV-cache sampler, "
-    "per-sequence stop at EOS; TRL: model.generate)",
+TRAINERS = {"gkd": "GKDTrainer", "distillation": "DistillationTrainer"}
+SPEEDUP_TARGET = 2.0  # kdexp at least 2x faster per optimizer step (issue 25)
+SAMPLES = ("the student's samples (each side's own random stream) and sampler (kdexp's KV-cache sampler, "
+           "per-sequence stop at EOS; TRL: model.generate)")
+NOT_IDENTICAL = {"gkd": [
+    SAMPLES,
     "padding: kdexp right-pads training batches, TRL's collator left-pads them (no position ids)",
     "loss normalization on on-policy steps: kdexp divides by the sampled batch's tokens, TRL by "
     "transformers' num_items_in_batch of the dataset batch drawn before sampling",
@@ -95,7 +98,16 @@ NOT_IDENTICAL = [
     "TRL disables dropout in the student (the tiny models have none, the GPT-2 shapes are built without it)",
     "kdexp logs every step (needed for its per-step times) and keeps two log-probabilities per sampled token",
     "peak RSS includes each side's own imports (TRL also imports datasets, pandas, pyarrow)",
-]
+], "distillation": [
+    SAMPLES,
+    "so the students drift apart, and with them the lengths of their samples (tokens / step above)",
+    "the loss: TRL projects both models' hidden states through their heads chunk by chunk (its own "
+    "chunked generalized JSD), kdexp through its fused path; the same divergence, normalized by the "
+    "sampled tokens on both sides",
+    "padding: TRL left-pads prompts and right-pads completions, kdexp right-pads prompt + response",
+    "kdexp logs every step (needed for its per-step times) and keeps two log-probabilities per sampled token",
+    "peak RSS includes each side's own imports (TRL also imports datasets, pandas, pyarrow)",
+]}
 
 
 # -- what both sides are told -----------------------------------------------------------------
@@ -159,25 +171,40 @@ def gpt2_models(root: Path) -> Path:
     return root
 
 
-def beta_convention(betas: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)) -> dict:
-    """kdexp's ``jsd(beta)`` against TRL's ``generalized_jsd_loss(beta)`` on random logits
-    [3, 5, 11]: the identity mapping must agree per position, and the mirror ``1 - beta`` must
-    not (else the check could not tell them apart)."""
+def beta_convention(trainer: str, betas: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)) -> dict:
+    """kdexp's ``jsd(beta)`` against TRL's loss at ``beta`` on random logits [3, 5, 11]
+    (GKDTrainer's ``generalized_jsd_loss``; DistillationTrainer's chunked loss over hidden states
+    equal to the logits and identity heads, which averages over positions): the identity mapping
+    must agree, and the mirror ``1 - beta`` must not (else the check could not tell them apart)."""
     import torch
-    from trl.experimental.gkd import GKDTrainer
 
     from kdexp.losses.divergences import generalized_jsd
 
     g = torch.Generator().manual_seed(0)
     student, teacher = (torch.randn(3, 5, 11, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    if trainer == "gkd":
+        from trl.experimental.gkd import GKDTrainer
 
-    def trl(beta: float) -> torch.Tensor:  # [3, 5]: TRL's per-entry values summed over the vocabulary
-        return GKDTrainer.generalized_jsd_loss(student, teacher, beta=beta, reduction="none").sum(-1)
+        def trl(beta: float) -> torch.Tensor:  # [3, 5]: TRL's per-entry values summed over the vocabulary
+            return GKDTrainer.generalized_jsd_loss(student, teacher, beta=beta, reduction="none").sum(-1)
 
-    same = max(float((generalized_jsd(student, teacher, beta=b) - trl(b)).abs().max()) for b in betas)
-    mirror = float((generalized_jsd(student, teacher, beta=0.1) - trl(0.9)).abs().max())
-    if same > 1e-9 or mirror < 1e-3:
-        raise RuntimeError(f"kdexp's jsd and TRL's generalized_jsd_loss disagree at equal beta "
+        def ours(beta: float) -> torch.Tensor:
+            return generalized_jsd(student, teacher, beta=beta)
+    else:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        eye, mask = torch.eye(11, dtype=torch.float64), torch.ones(3, 5)
+
+        def trl(beta: float) -> torch.Tensor:  # the mean over the 15 positions
+            return _chunked_divergence_loss(student, teacher, eye, eye, mask, beta)[0].detach()
+
+        def ours(beta: float) -> torch.Tensor:
+            return generalized_jsd(student, teacher, beta=beta).mean()
+
+    same = max(float((ours(b) - trl(b)).abs().max()) for b in betas)
+    mirror = float((ours(0.1) - trl(0.9)).abs().max())
+    if same > (1e-9 if trainer == "gkd" else 1e-5) or mirror < 1e-3:  # its chunked loss runs in float32
+        raise RuntimeError(f"kdexp's jsd and TRL's {TRAINERS[trainer]} loss disagree at equal beta "
                            f"(max |diff| {same:.3g}; mirrored {mirror:.3g}): map beta before comparing")
     return {"mapping": "identity (trl beta = kdexp loss.beta)", "max_abs_diff": same,
             "mirrored_max_abs_diff": mirror, "betas": list(betas)}
@@ -268,12 +295,12 @@ def kdexp_coin(seed: int, step: int) -> float:
 
 
 def trl_child(args: argparse.Namespace, models: Path | None, work: Path) -> dict:
-    """TRL's GKDTrainer on the models, examples and optimizer of the kdexp config."""
+    """TRL's GKDTrainer (``--trainer gkd``) or DistillationTrainer (``--trainer distillation``) on
+    the models, examples and optimizer of the kdexp config."""
     import torch
     from accelerate.utils import set_seed
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from kdexp.data import load_examples
     from kdexp.models import load_model, load_tokenizer
@@ -303,13 +330,25 @@ def trl_child(args: argparse.Namespace, models: Path | None, work: Path) -> dict
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps,
                                                                        t.min_lr_ratio))
-    config = GKDConfig(
-        output_dir=str(work / "trl"), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=1,
-        max_steps=t.max_steps, learning_rate=t.lr, max_grad_norm=t.max_grad_norm, seed=cfg.seed,
-        lmbda=args.lmbda, beta=args.beta, temperature=args.temperature, max_new_tokens=args.new_tokens,
-        max_length=cfg.data.max_length, seq_kd=False, bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=args.device == "cpu", train_sampling_strategy="sequential", report_to="none",
-        logging_strategy="no", eval_strategy="no", save_strategy="no", disable_tqdm=True)
+    common = dict(output_dir=str(work / "trl"), per_device_train_batch_size=t.batch_size,
+                  gradient_accumulation_steps=1, max_steps=t.max_steps, learning_rate=t.lr,
+                  max_grad_norm=t.max_grad_norm, seed=cfg.seed, beta=args.beta, temperature=args.temperature,
+                  bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=args.device == "cpu",
+                  report_to="none", logging_strategy="no", eval_strategy="no", save_strategy="no",
+                  disable_tqdm=True)
+    if args.trainer == "gkd":
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        config = GKDConfig(**common, lmbda=args.lmbda, max_new_tokens=args.new_tokens, seq_kd=False,
+                           max_length=cfg.data.max_length, train_sampling_strategy="sequential")
+    else:
+        from trl import DistillationConfig, DistillationTrainer
+
+        # On-policy only; the prompts are kdexp's own token ids (see ``prompt_dataset``), the
+        # sampling order kdexp's (no shuffling), dropout off as in GKDTrainer.
+        config = DistillationConfig(**common, max_completion_length=args.new_tokens, shuffle_dataset=False,
+                                    disable_dropout=True, top_p=1.0, top_k=0, use_vllm=False,
+                                    pad_to_multiple_of=None)
 
     probe = Probe(args.device)
     record = {"on_policy": False, "tokens": 0}
@@ -322,7 +361,10 @@ def trl_child(args: argparse.Namespace, models: Path | None, work: Path) -> dict
 
         def on_step_begin(self, _args, state, *_, **__):
             # GKDTrainer samples when random.random() <= self.lmbda: at 1 or 0 it follows kdexp's coin.
-            trainer.lmbda = 1.0 if kdexp_coin(cfg.seed, state.global_step) < args.lmbda else 0.0
+            if args.trainer == "gkd":
+                trainer.lmbda = 1.0 if kdexp_coin(cfg.seed, state.global_step) < args.lmbda else 0.0
+            else:
+                record["on_policy"] = True  # DistillationTrainer samples every step
 
         def on_step_end(self, _args, state, *_, **__):
             now = clock()
@@ -339,32 +381,85 @@ def trl_child(args: argparse.Namespace, models: Path | None, work: Path) -> dict
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, optimizers=(optimizer, scheduler), callbacks=[StepTimer()])
-    # Instance attributes over two methods, to record what each step trained on (nothing else changes).
-    generate, compute_loss = trainer.generate_on_policy_outputs, trainer.compute_loss
+    if args.trainer == "gkd":
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, optimizers=(optimizer, scheduler), callbacks=[StepTimer()])
+        # Instance attributes over two methods, to record what each step trained on (nothing else changes).
+        generate, compute_loss = trainer.generate_on_policy_outputs, trainer.compute_loss
 
-    def recorded_generate(*a, **k):
-        record["on_policy"] = True
-        return generate(*a, **k)
+        def recorded_generate(*a, **k):
+            record["on_policy"] = True
+            return generate(*a, **k)
 
-    def recorded_loss(model, inputs, *a, **k):
-        record["tokens"] += (inputs["labels"][:, 1:] != -100).sum()  # the tokens the loss is taken on
-        return compute_loss(model, inputs, *a, **k)
+        def recorded_loss(model, inputs, *a, **k):
+            record["tokens"] += (inputs["labels"][:, 1:] != -100).sum()  # the tokens the loss is taken on
+            return compute_loss(model, inputs, *a, **k)
 
-    trainer.generate_on_policy_outputs, trainer.compute_loss = recorded_generate, recorded_loss
+        trainer.generate_on_policy_outputs = recorded_generate
+    else:
+        prompt_ids = {f"{i}: {r['prompt']}": r["input_ids"][: r["completion_mask"].index(1)]
+                      for i, r in enumerate(rows)}
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
+                                      train_dataset=Dataset.from_list([{"prompt": k} for k in prompt_ids]),
+                                      processing_class=tokenizer, optimizers=(optimizer, scheduler),
+                                      callbacks=[StepTimer()])
+        compute_loss = trainer.compute_loss
+
+        def recorded_tokenize(prompts):  # kdexp's prompt ids, not a re-tokenization of their text
+            return [prompt_ids[p] for p in prompts], None, {}
+
+        def recorded_loss(model, inputs, *a, **k):
+            record["tokens"] += inputs["completion_mask"].sum()
+            return compute_loss(model, inputs, *a, **k)
+
+        trainer._tokenize_prompts = recorded_tokenize
+    trainer.compute_loss = recorded_loss
     trainer.train()
     return {"steps": [s for s in steps if s["step"] >= 2], **probe.result()}
 
 
+# Under --profile: the training loop of each side and the student's sampling inside it, by
+# (file name, function name) in cProfile's cumulative times.
+LOOPS = {"kdexp": ("train.py", "steps"), "trl": ("trainer.py", "_inner_training_loop")}
+SAMPLERS = {"kdexp": ("rollout.py", "sample"), "trl": ("generation/utils.py", "generate")}
+
+
+def profiled(side: str, fn):
+    """Run ``fn`` under cProfile; its result and the loop's seconds, the sampling's seconds
+    within it, and the top functions by own time. cProfile slows Python-heavy code more than
+    kernels, so the shares are indicative, and the timed steps of a profiled run are not used."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    result = prof.runcall(fn)
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+
+    def cumulative(where: tuple[str, str]) -> float:
+        return sum(v[3] for (f, _, name), v in stats.items() if f.endswith(where[0]) and name == where[1])
+
+    loop, sampling = cumulative(LOOPS[side]), cumulative(SAMPLERS[side])
+    loading = ("import", "bootstrap", "marshal", "builtins.exec", "_io.open_code")  # model and module loading
+    top = sorted(((k, v) for k, v in stats.items() if not any(w in f"{k[0]}:{k[2]}" for w in loading)),
+                 key=lambda kv: kv[1][2], reverse=True)[:10]
+    return result, {"loop_s": loop, "sampling_s": sampling, "sampling_share": sampling / loop if loop else None,
+                    "top_own_time": [[f"{Path(f).name}:{name}", round(v[2], 3)] for (f, _, name), v in top]}
+
+
 def child(args: argparse.Namespace) -> None:
-    result = (kdexp_child if args.child == "kdexp" else trl_child)(args, args.models, args.work)
+    def side():
+        return (kdexp_child if args.child == "kdexp" else trl_child)(args, args.models, args.work)
+
+    if args.profile:
+        result, result["profile"] = profiled(args.child, side)
+    else:
+        result = side()
     (args.work / "child.json").write_text(json.dumps(result) + "\n")
 
 
 # -- the parent: run both, reduce, report -------------------------------------------------------
 
-def run_side(side: str, args: argparse.Namespace, models: Path | None, work: Path) -> dict:
+def run_side(side: str, args: argparse.Namespace, models: Path | None, work: Path, profile: bool = False) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     threads = str(args.threads)
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -372,7 +467,7 @@ def run_side(side: str, args: argparse.Namespace, models: Path | None, work: Pat
            "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
            "MKL_NUM_THREADS": threads}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--work", str(work),
-           *passthrough(args), *(["--models", str(models)] if models else [])]
+           *passthrough(args), *(["--models", str(models)] if models else []), *(["--profile"] if profile else [])]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} run failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -382,7 +477,12 @@ def run_side(side: str, args: argparse.Namespace, models: Path | None, work: Pat
 def passthrough(args: argparse.Namespace) -> list[str]:
     return ["--steps", str(args.steps), "--batch", str(args.batch), "--new-tokens", str(args.new_tokens),
             "--threads", str(args.threads), "--lmbda", str(args.lmbda), "--beta", str(args.beta),
-            "--temperature", str(args.temperature), "--device", args.device]
+            "--temperature", str(args.temperature), "--device", args.device, "--trainer", args.trainer]
+
+
+def profile_sides(args: argparse.Namespace, models: Path | None, work: Path) -> dict:
+    """One more run of each side under cProfile (its step times not used)."""
+    return {side: run_side(side, args, models, work / f"{side}-profile", profile=True)["profile"] for side in SIDES}
 
 
 def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
@@ -443,8 +543,8 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
     def tok(x: float | None) -> str:
         return "-" if x is None else f"{x:.0f}"
 
-    lines = [f"# kdexp vs TRL GKDTrainer ({args.shape} models, {args.device}, this machine, one run)", "",
-             f"`python benchmarks/trl_gkd.py` - lmbda {args.lmbda}, beta {args.beta}, {args.batch} sequences "
+    lines = [f"# kdexp vs TRL {TRAINERS[args.trainer]} ({args.shape} models, {args.device}, this machine, one run)", "",
+             f"`python benchmarks/trl_gkd.py --trainer {args.trainer}` - lmbda {args.lmbda}, beta {args.beta}, {args.batch} sequences "
              f"per step, up to {args.new_tokens} new tokens, sampling temperature {args.temperature}, "
              f"{args.threads} threads, {args.steps} steps x {args.rounds} round(s) per side "
              f"(first {args.warmup} untimed); trl {result['versions']['trl']}, transformers "
@@ -469,6 +569,16 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
               f"(max |diff| {result['beta_convention']['max_abs_diff']:.1e}).", "",
               "Not identical between the two sides:", ""]
     lines += [f"- {x}" for x in result["not_identical"]]
+    if result.get("profile"):
+        lines += ["", "Under cProfile (one more run per side, its times not used above; cProfile slows Python "
+                  "more than kernels, so shares are indicative):", "",
+                  "| side | training loop s | sampling the student s | sampling share | most own time |",
+                  "|---|---|---|---|---|"]
+        for name, side in (("kdexp", "kdexp"), ("TRL", "trl")):
+            pr = result["profile"][side]
+            top = ", ".join(f"{f} {t}" for f, t in pr["top_own_time"][:3])
+            lines.append(f"| {name} | {pr['loop_s']:.1f} | {pr['sampling_s']:.1f} | "
+                         f"{100 * (pr['sampling_share'] or 0):.0f}% | {top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -486,6 +596,10 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--shape", choices=["tiny", "gpt2"], default="tiny",
                         help="tiny: the bundled models; gpt2: random GPT-2-shaped 124M student, 355M teacher")
+    parser.add_argument("--trainer", choices=list(TRAINERS), default="gkd",
+                        help="TRL's GKDTrainer (lmbda as given) or its on-policy DistillationTrainer (lmbda 1)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run each side once under cProfile: the sampling's share of its training loop")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -496,9 +610,13 @@ def main() -> None:
         return
     if args.warmup < 1 or args.steps <= args.warmup + 1:
         parser.error("--warmup must be >= 1 and --steps > --warmup + 1")
+    if args.trainer == "distillation":
+        if args.lmbda != parser.get_default("lmbda") and args.lmbda != 1:
+            parser.error("--trainer distillation is on-policy only: drop --lmbda (it is 1 there)")
+        args.lmbda = 1.0
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    convention = beta_convention()
+    convention = beta_convention(args.trainer)
     load_before = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     with tempfile.TemporaryDirectory() as tmp:
@@ -508,6 +626,7 @@ def main() -> None:
             for side in SIDES:
                 runs[side].append(run_side(side, args, models, Path(tmp) / f"{side}{r}"))
                 print(f"round {r}: {side:<6} done", flush=True)
+        profile = profile_sides(args, models, Path(tmp)) if args.profile else None
     sides = {side: summarize(runs[side], args) for side in SIDES}
     k, t = sides["kdexp"], sides["trl"]
     ratios = {"step_time": k["step_s"] / t["step_s"], "speedup": t["step_s"] / k["step_s"],
@@ -522,13 +641,14 @@ def main() -> None:
               "kdexp_overrides": overrides(args, None), "beta_convention": convention,
               "same_steps_checked": same_steps(runs["kdexp"], runs["trl"]),
               "sides": sides, "ratios": ratios,
-              "target": {"speedup": 1.5, "speed_met": ratios["speedup"] >= 1.5,
+              "target": {"speedup": SPEEDUP_TARGET, "speed_met": ratios["speedup"] >= SPEEDUP_TARGET,
                          "memory_met": ratios["peak_memory"] <= 1.0},
-              "not_identical": NOT_IDENTICAL}
+              "not_identical": NOT_IDENTICAL[args.trainer], "profile": profile}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "trl_gkd.json").write_text(json.dumps(result, indent=1) + "\n")
+    stem = "trl_gkd" if args.trainer == "gkd" else "trl_distillation"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     text = markdown(result, args)
-    (args.out / "trl_gkd.md").write_text(text)
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
 
 
