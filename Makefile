@@ -23,13 +23,14 @@ test-fast: ## unit and config tests only (no end-to-end runs)
 lint: ## ruff
 	ruff check kdexp tests
 
-bench: ## benchmarks (about 47 minutes on 2 cores): divergences, throughput, GPT-2 shapes, TRL's two trainers, teacher cache, fused paths
+bench: ## benchmarks (about 50 minutes on 2 cores): divergences, throughput, GPT-2 shapes, TRL's two trainers, teacher cache, served teacher, fused paths
 	$(PYTHON) benchmarks/divergences.py
 	$(PYTHON) benchmarks/throughput.py
 	$(PYTHON) benchmarks/throughput.py --shape gpt2 --steps 15 --batch 8 --rounds 1 --methods sft kd "kd (teacher cache)"
 	$(PYTHON) benchmarks/trl_gkd.py --profile
 	$(PYTHON) benchmarks/trl_gkd.py --trainer distillation --profile
 	$(PYTHON) benchmarks/teacher_cache.py
+	$(PYTHON) benchmarks/served_teacher.py
 	$(PYTHON) benchmarks/fused.py
 	$(PYTHON) benchmarks/fused_step.py --shapes gpt2
 

@@ -36,7 +36,8 @@ from kdexp.errors import UserError
 RUNNERS: dict[str, str] = {"train": "kdexp.train:run", "eval": "kdexp.jobs:run_eval",
                            "generate": "kdexp.jobs:run_generate", "analyze": "kdexp.analyze:run_analyze",
                            "compare": "kdexp.compare:run_compare",
-                           "cache-teacher": "kdexp.teacher_cache:run_cache"}
+                           "cache-teacher": "kdexp.teacher_cache:run_cache",
+                           "serve-teacher": "kdexp.serve:run_serve"}
 
 
 def job(command: str, cfg: Any, run_dir: Path, cwd: Path, existed: bool) -> Any:

@@ -123,13 +123,18 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
         problems.add(f"method.sample_weight={plan.objective.sample_weight} is normalized over the optimizer "
                      f"step by rescaling the accumulated gradients, which DeepSpeed's fused step does not "
                      f"allow: train it without deepspeed= (DDP or one process)")
-    from_cache = cfg.teacher.get("source") == "cache"
+    source = cfg.teacher.get("source")
+    from_cache = source == "cache"
     if from_cache and (plan.online is not None or type(plan.source) is not methods.Source
                        or any(c.needs_teacher for c in plan.hooks)):
         problems.add(f"teacher.source=cache serves methods that train on the dataset text (sft, kd, "
                      f"taid, ...); method={cfg.method.name} generates or trains sequences the cache "
                      f"cannot hold: use teacher.source=live")
-    elif plan.needs_teacher and not from_cache and not cfg.teacher.get("name_or_path"):
+    elif source == "server" and (plan.online is not None or any(c.needs_teacher for c in plan.components)):
+        problems.add(f"teacher.source=server scores text: methods that train on the dataset's or the "
+                     f"student's sequences (kd, gkd, distillm, ...); method={cfg.method.name} also trains "
+                     f"the teacher, generates with it or samples from it, which needs teacher.source=live")
+    elif plan.needs_teacher and source == "live" and not cfg.teacher.get("name_or_path"):
         problems.add(f"method={cfg.method.name} needs a teacher; choose one with teacher=NAME")
     return problems, plan
 
@@ -161,6 +166,7 @@ class Inputs(NamedTuple):
     data: dict[str, list]
     teacher_tokenizer: Any  # None: not needed, or from the cache
     cache: TeacherCache | None
+    server: Any = None  # teacher.source=server: the checked client (kdexp.teachers.server)
 
 
 def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
@@ -192,7 +198,13 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
         with problems.check():
             cache = teacher_cache.open_cache(cfg, data["train"], tokenizer,
                                              teacher_cache.temperature_of(plan.objective.teacher_temperatures))
+    server = None
+    if tokenizer is not None and cfg.teacher.source == "server" and not problems:
+        from kdexp.teachers.server import connect
+
+        with problems.check():
+            server = connect(cfg, tokenizer)
     problems.raise_if_any()
-    return Inputs(plan, tokenizer, data, teacher_tok, cache)
+    return Inputs(plan, tokenizer, data, teacher_tok, cache, server)
 
 

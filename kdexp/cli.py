@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "analyze": "analyses of students against their teacher: JSON, PNG and W&B panels",
     "compare": "one table (md, CSV, HTML) and plots of runs or sweeps, grouped by what was swept",
     "cache-teacher": "store the teacher's top-k log-probabilities on the training split (teacher.source=cache)",
+    "serve-teacher": "serve the teacher's log-probabilities over HTTP, vLLM's protocol (teacher.source=server)",
 }
 # `kdexp analyze NAME`: the analyses (kdexp.analyze.ANALYSES computes them).
 ANALYSES: dict[str, str] = {
@@ -49,7 +50,8 @@ def fail(message: str, status: int = 2) -> None:
 def top_help() -> str:
     from kdexp.config import all_groups, group_choices
 
-    lines = ["usage: kdexp {train,eval,generate,cache-teacher} [GROUP=OPTION ...] [KEY=VALUE ...] [Hydra flags]",
+    lines = ["usage: kdexp {train,eval,generate,cache-teacher,serve-teacher} [GROUP=OPTION ...] [KEY=VALUE ...] "
+             "[Hydra flags]",
              "       kdexp analyze NAME [RUN_DIR_OR_MODEL ...] [KEY=VALUE ...]",
              "       kdexp compare RUN_OR_SWEEP_DIR ... [--wandb-report] [KEY=VALUE ...]",
              "", "Knowledge distillation experiments for autoregressive language models.", "",
@@ -70,6 +72,8 @@ def top_help() -> str:
               "  kdexp train experiment=gpt2_base method=gkd       # a paper's setup (docs/experiments.md)",
               "  kdexp compare multirun/gkd_lambda_beta/DATE/TIME --wandb-report",
               "  kdexp cache-teacher teacher.top_k=64 && kdexp train method=kd teacher.source=cache",
+              "  kdexp serve-teacher teacher=tiny serve.port=8000 &   # then, from any job on the node:",
+              "  kdexp train method=kd teacher.source=server teacher.url=http://127.0.0.1:8000",
               "  kdexp train --help"]
     return "\n".join(lines)
 
@@ -158,6 +162,16 @@ def command_args(command: str, rest: list[str]) -> list[str]:
         rest[0] = f"model={rest[0]}"
     if command == "analyze":
         rest = _analyze_args(rest)
+    if command == "serve-teacher" and "--api-key" in rest:  # as vllm serve --api-key KEY
+        i = rest.index("--api-key")
+        if i + 1 >= len(rest) or not rest[i + 1] or rest[i + 1].startswith("-"):
+            fail("--api-key needs a value: kdexp serve-teacher --api-key KEY (or set $KDEXP_TEACHER_API_KEY)")
+        key = rest[i + 1]
+        del rest[i:i + 2]
+        env = next((a.split("=", 1)[1] for a in rest if a.startswith("serve.api_key_env=")), "KDEXP_TEACHER_API_KEY")
+        import os
+
+        os.environ[env] = key  # read by the job; never an override, so never in the saved config
     if command == "compare":
         wants_report = "--wandb-report" in rest
         flags, overrides = _positional([a for a in rest if a != "--wandb-report"], "compare.runs")

@@ -108,7 +108,7 @@ def writable_dir_problem(path: str | Path) -> str | None:
 
 
 # The kinds of teacher.source (kdexp.teachers.SOURCES registers one builder for each).
-TEACHER_SOURCES = ("live", "cache")
+TEACHER_SOURCES = ("live", "cache", "server")
 
 # The run's own settings, checked by :func:`problems` (the method's and the divergence's
 # parameters are declared in their records: kdexp.methods.METHODS, kdexp.losses.catalog).
@@ -134,6 +134,12 @@ SETTINGS: tuple[Param, ...] = (
     Param("train.log_every", positive_int, "an integer > 0"),
     Param("teacher.source", one_of(*TEACHER_SOURCES), " or ".join(TEACHER_SOURCES)),
     Param("teacher.top_k", positive_int, "an integer > 0"),
+    Param("teacher.timeout", positive, "> 0 (seconds)"),
+    Param("teacher.retries", nonneg_int, "an integer >= 0"),
+    Param("teacher.concurrency", positive_int, "an integer > 0"),
+    Param("serve.port", lambda v: nonneg_int(v) and v < 65536, "a port number in [0, 65535] (0: any free port)"),
+    Param("serve.max_batch_tokens", positive_int, "an integer > 0"),
+    Param("serve.max_logprobs", positive_int, "an integer > 0"),
     Param("data.max_prompt_length", positive_int, "an integer > 0"),
     Param("data.max_length", positive_int, "an integer > 0"),
     Param("eval.data.max_prompt_length", optional(positive_int), "an integer > 0 or null"),

@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: the tail at the recorded temperature (1: at T = 1 only)
 ARRAYS = ("ids", "logprobs", "log_rest", "offsets", "keys")
-SOURCES = ("live", "cache")
 # The log of the tail mass never goes below this (a tail of exactly 0, or k >= V): e^-69 ~ 1e-30,
 # finite in every divergence, and nothing next to the top k.
 MIN_LOG_REST = -69.0

@@ -41,6 +41,7 @@ from kdexp.guards import NonFinite, StopSignals, fault_injection
 from kdexp.logging import make_logger
 from kdexp.models import load_model
 from kdexp.step import BatchStream, Progress, Step, lr_lambda, schedule
+from kdexp.teachers.server import TeacherUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,15 @@ def steps(r: Run) -> tuple[float, int]:
     r.student.train()
     stop = StopSignals()  # SIGTERM / SIGUSR1: checkpoint after this step, then exit
     while progress.step < t.max_steps:
-        batches = [micro_batch(r, r.stream.next(), i) for i in range(accum)]
+        before = [(c, c.state_dict()) for c in (r.stream, *r.plan.components)]
+        try:
+            batches = [micro_batch(r, r.stream.next(), i) for i in range(accum)]
+        except TeacherUnavailable as err:  # the state as the last step left it, then a checkpoint
+            for component, state in before:
+                component.load_state_dict(state)
+            stop.restore()
+            clock.bar.close()
+            raise teacher_down(r, clock, err) from None
         r.ctx.check_decisions(progress.step)
         n_tokens, reduced, norms, bad = r.step(batches, progress.step)
         if bad:  # the step is taken again with the next batches
@@ -203,6 +212,21 @@ def steps(r: Run) -> tuple[float, int]:
     stop.restore()
     clock.bar.close()
     return clock.seconds(), progress.tokens
+
+
+def teacher_down(r: Run, clock: StepLog, err: Exception) -> UserError:
+    """The run's one line when its teacher server stayed down: a checkpoint of the last step
+    is saved (unless it was just saved), from which ``train.resume=true`` goes on exactly as
+    an uninterrupted run once the server is back."""
+    step = r.progress.step
+    saved = checkpoint.list_checkpoints(r.run_dir)
+    if step and not (saved and saved[-1].name == f"step_{step:07d}"):
+        r.progress.seconds = clock.seconds()
+        checkpoint.save(r.accelerator, r.run_dir, step, r.cfg.train.keep_checkpoints)
+    r.logger.finish()
+    where = (f"checkpoint of step {step} in {checkpoint.checkpoint_dir(r.run_dir)}: continue with "
+             f"train.resume=true hydra.run.dir={r.run_dir}" if step else "no step was taken")
+    return UserError(f"{err} ({where} once it is back)")
 
 
 class StepLog:

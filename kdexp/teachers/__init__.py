@@ -3,6 +3,7 @@
     kdexp train method=kd                                   # live: a frozen model
     kdexp train method=okd                                  # online: trained with the student
     kdexp cache-teacher teacher.top_k=64 && kdexp train teacher.source=cache   # a top-k cache
+    kdexp train teacher.source=server teacher.url=http://127.0.0.1:8000         # a served teacher
 
 :func:`build` picks the kind from ``teacher.source`` (:data:`SOURCES`) and the method's plan;
 the loop only calls the :class:`Teacher` interface (:mod:`kdexp.teachers.base`). A new kind
@@ -23,6 +24,7 @@ from kdexp.registry import Registry
 from kdexp.teachers.base import Teacher
 from kdexp.teachers.cache import CachedTeacher
 from kdexp.teachers.live import LiveTeacher, OnlineTeacher
+from kdexp.teachers.server import ServerTeacher
 
 Builder = Callable[..., Teacher]
 SOURCES: Registry[Builder] = Registry("teacher source")
@@ -52,10 +54,19 @@ def cache(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenize
     return CachedTeacher(accelerator, inputs.cache, student, tokenizer)
 
 
+@SOURCES.register("server")
+def server(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
+    """A teacher behind an inference server (vLLM, kdexp serve-teacher), connected and checked
+    by the run's input checks."""
+    return ServerTeacher(accelerator, inputs.server, int(cfg.teacher.top_k), student, tokenizer,
+                         int(cfg.teacher.concurrency))
+
+
 def build(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
     """The run's teacher (:class:`Teacher` itself when it needs none), after the student was
     loaded. ``inputs``: what the input checks opened (teacher tokenizer, cache)."""
     return SOURCES.get(cfg.teacher.source)(cfg, plan, accelerator, student, tokenizer, inputs)
 
 
-__all__ = ["SOURCES", "CachedTeacher", "LiveTeacher", "OnlineTeacher", "Teacher", "build", "wanted"]
+__all__ = ["SOURCES", "CachedTeacher", "LiveTeacher", "OnlineTeacher", "ServerTeacher", "Teacher", "build",
+           "wanted"]
