@@ -130,10 +130,11 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
         problems.add(f"teacher.source=cache serves methods that train on the dataset text (sft, kd, "
                      f"taid, ...); method={cfg.method.name} generates or trains sequences the cache "
                      f"cannot hold: use teacher.source=live")
-    elif source == "server" and (plan.online is not None or any(c.needs_teacher for c in plan.components)):
-        problems.add(f"teacher.source=server scores text: methods that train on the dataset's or the "
-                     f"student's sequences (kd, gkd, distillm, ...); method={cfg.method.name} also trains "
-                     f"the teacher, generates with it or samples from it, which needs teacher.source=live")
+    elif source == "server" and (plan.online is not None or any(c.needs_teacher and not c.teacher_generates_only
+                                                                 for c in plan.components)):
+        problems.add(f"teacher.source=server scores text and generates teacher outputs; method={cfg.method.name} "
+                     f"also trains the teacher or samples from it while rolling out the student (a teacher "
+                     f"mix, teacher-scored rewards), which needs teacher.source=live")
     elif plan.needs_teacher and source == "live" and not cfg.teacher.get("name_or_path"):
         problems.add(f"method={cfg.method.name} needs a teacher; choose one with teacher=NAME")
     return problems, plan

@@ -13,16 +13,18 @@ sweep on one node:
   ``prompt_logprobs: K`` (at most ``serve.max_logprobs``) and ``max_tokens``: per prompt,
   ``prompt_logprobs`` as vLLM gives it (``null`` for the first token; for token ``i`` the K
   most likely tokens given tokens ``< i``, ranks 1..K, and token ``i`` with its own rank), and a
-  continuation of ``max_tokens`` tokens (greedy at ``temperature: 0``, else sampled with
-  ``temperature``, ``top_p`` and ``seed``);
+  continuation of up to ``max_tokens`` tokens as ``token_ids`` (greedy at ``temperature: 0``,
+  else sampled with ``temperature``, ``top_p``, ``top_k`` and ``seed``; ending at EOS or one of
+  ``stop_token_ids``, kept);
 - ``POST /tokenize`` (``prompt``, ``add_special_tokens``) and ``POST /detokenize`` (``tokens``);
 - ``GET /v1/models`` and ``GET /health``.
 
 Requests that arrive together (several jobs, or one job's concurrent requests) are scored in
 one forward pass of up to ``serve.max_batch_tokens`` tokens. The server binds to
 ``serve.host`` (127.0.0.1 unless told otherwise); when the environment variable named by
-``serve.api_key_env`` is set (or ``--api-key`` is given), every request must carry
-``Authorization: Bearer KEY``, else it is answered 401. It stops on Ctrl-C or SIGTERM.
+``serve.api_key_env`` is set (or ``--api-key`` is given), every request but ``/health`` must
+carry ``Authorization: Bearer KEY``, else it is answered 401 (vLLM checks its ``/v1`` routes).
+Log-probabilities of ``-inf`` are sent as -9999, as vLLM does. It stops on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -131,11 +133,13 @@ class Scorer:
             if n <= 0:
                 result.append(([None] * len(p), greedy))
                 continue
-            logp = torch.log_softmax(logits[b, :n, :self.vocab].float(), dim=-1)
+            # float32, -inf and NaN sent as -9999 (as vLLM does: JSON has neither)
+            logp = torch.log_softmax(logits[b, :n, :self.vocab].float(), dim=-1).nan_to_num(-9999.0, -9999.0, -9999.0)
+            logp = logp.clamp_min(-9999.0)
             top = logp.topk(min(k, self.vocab), dim=-1)
             actual = torch.tensor(p[1:], device=logp.device)
             own = logp.gather(1, actual[:, None]).squeeze(1)
-            rank = (logp > own[:, None]).sum(-1) + 1
+            rank = (logp >= own[:, None]).sum(-1)  # vLLM's rank: the tokens at least as likely, itself included
             top_ids, top_lp = top.indices.tolist(), top.values.tolist()
             own_l, rank_l = own.tolist(), rank.tolist()
             entries: list[dict | None] = [None]
@@ -153,8 +157,9 @@ class Scorer:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float,
-                 seed: int | None) -> list[list[int]]:
-        """Continuations of ``max_tokens`` tokens (stopping at EOS), left-padded batch."""
+                 seed: int | None, top_k: int = -1, stop_ids: list[int] | None = None) -> list[list[int]]:
+        """Continuations of up to ``max_tokens`` tokens, each ending at its first stop token
+        (EOS or ``stop_ids``, kept), from a left-padded batch."""
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -165,13 +170,15 @@ class Scorer:
         with self.lock:
             if seed is not None:
                 torch.manual_seed(seed)
+            stops = sorted({self.tokenizer.eos_token_id, *(stop_ids or [])} - {None})
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=max_tokens, do_sample=sample, pad_token_id=pad,
-                                      **({"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}))
-        eos = self.tokenizer.eos_token_id
+                                      eos_token_id=stops or None,
+                                      **({"temperature": temperature, "top_p": top_p, "top_k": max(top_k, 0)}
+                                         if sample else {}))
         result = []
         for row in out[:, width:].tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             result.append(row[:cut])
         return result
 
@@ -204,8 +211,8 @@ def handler(scorer: Scorer, name: str, max_len: int, api_key: str | None) -> typ
         def _authorized(self) -> bool:
             if not api_key:
                 return True
-            given = self.headers.get("Authorization", "")
-            if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode()):
+            scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode()):
                 return True
             self._error(401, "invalid or missing API key", "Unauthorized")
             return False
@@ -221,11 +228,15 @@ def handler(scorer: Scorer, name: str, max_len: int, api_key: str | None) -> typ
             return self._error(404, f"no route {self.path}", "NotFound")
 
         def do_POST(self) -> None:  # noqa: N802
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length, self.close_connection = 0, True
+            data = self.rfile.read(length)  # read before any answer: the connection stays in step
             if not self._authorized():
                 return None
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
+                body = json.loads(data or b"{}")
                 if not isinstance(body, dict):
                     raise BadRequest("the request body must be a JSON object")
                 routes = {"/v1/completions": self._completions, "/tokenize": self._tokenize,
@@ -248,8 +259,9 @@ def handler(scorer: Scorer, name: str, max_len: int, api_key: str | None) -> typ
                     for p in prompts)):
                 raise BadRequest(f"prompt must be token ids (a list of ints in [0, {scorer.vocab}), or a list of "
                                  f"such lists); this server does not tokenize text prompts")
-            if any(len(p) > max_len for p in prompts):
-                raise BadRequest(f"a prompt is longer than the model's {max_len} positions")
+            if any(len(p) >= max_len for p in prompts):
+                raise BadRequest(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room for a new token "
+                                 f"in the model's {max_len} positions")
             k = body.get("prompt_logprobs")
             if k is not None and (not isinstance(k, int) or k < 0 or k > scorer.max_logprobs):
                 raise BadRequest(f"Requested prompt logprobs of {k}, which is greater than max allowed: "
@@ -263,12 +275,17 @@ def handler(scorer: Scorer, name: str, max_len: int, api_key: str | None) -> typ
             if scored is not None and max_tokens == 1 and temperature == 0:  # scoring: the pass gave it
                 gen = [[nxt] for _, nxt in scored]
             else:
+                stop_ids = body.get("stop_token_ids") or []
+                if not all(isinstance(t, int) for t in stop_ids):
+                    raise BadRequest("stop_token_ids must be a list of token ids")
                 gen = scorer.generate(prompts, max_tokens, temperature, float(body.get("top_p", 1.0)),
-                                      body.get("seed"))
+                                      body.get("seed"), int(body.get("top_k", -1)), stop_ids)
             scored = [None] * len(prompts) if scored is None else [e for e, _ in scored]
+            stops = {scorer.tokenizer.eos_token_id, *(body.get("stop_token_ids") or [])}
             choices = [{"index": i, "text": scorer.tokenizer.decode(g), "token_ids": g, "logprobs": None,
-                        "finish_reason": "length" if len(g) == max_tokens else "stop",
-                        "prompt_logprobs": s, "prompt_token_ids": p}
+                        "finish_reason": "stop" if g and g[-1] in stops else "length",
+                        "stop_reason": g[-1] if g and g[-1] in stops and g[-1] != scorer.tokenizer.eos_token_id
+                        else None, "prompt_logprobs": s, "prompt_token_ids": p}
                        for i, (p, g, s) in enumerate(zip(prompts, gen, scored, strict=True))]
             tokens = sum(len(p) for p in prompts)
             generated = sum(len(g) for g in gen)

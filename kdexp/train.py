@@ -41,7 +41,7 @@ from kdexp.guards import NonFinite, StopSignals, fault_injection
 from kdexp.logging import make_logger
 from kdexp.models import load_model
 from kdexp.step import BatchStream, Progress, Step, lr_lambda, schedule
-from kdexp.teachers.server import TeacherUnavailable
+from kdexp.teachers.server import TeacherError
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +169,21 @@ def steps(r: Run) -> tuple[float, int]:
     stop = StopSignals()  # SIGTERM / SIGUSR1: checkpoint after this step, then exit
     while progress.step < t.max_steps:
         before = [(c, c.state_dict()) for c in (r.stream, *r.plan.components)]
+        failure: TeacherError | None = None
         try:
             batches = [micro_batch(r, r.stream.next(), i) for i in range(accum)]
-        except TeacherUnavailable as err:  # the state as the last step left it, then a checkpoint
+        except TeacherError as err:
+            failure = err
+        if r.teacher.remote and accelerator.num_processes > 1:  # every process stops if one's teacher failed
+            failed = accelerator.reduce(torch.tensor(float(failure is not None), device=accelerator.device), "sum")
+            if failed.item() and failure is None:
+                failure = TeacherError("another process's request to the teacher server failed")
+        if failure is not None:  # the state as the last step left it, then a checkpoint
             for component, state in before:
                 component.load_state_dict(state)
             stop.restore()
             clock.bar.close()
-            raise teacher_down(r, clock, err) from None
+            raise teacher_down(r, clock, failure) from None
         r.ctx.check_decisions(progress.step)
         n_tokens, reduced, norms, bad = r.step(batches, progress.step)
         if bad:  # the step is taken again with the next batches
@@ -215,9 +222,9 @@ def steps(r: Run) -> tuple[float, int]:
 
 
 def teacher_down(r: Run, clock: StepLog, err: Exception) -> UserError:
-    """The run's one line when its teacher server stayed down: a checkpoint of the last step
-    is saved (unless it was just saved), from which ``train.resume=true`` goes on exactly as
-    an uninterrupted run once the server is back."""
+    """The run's one line when its teacher server failed (stayed down, or answered what the run
+    cannot use): a checkpoint of the last step is saved (unless it was just saved), from which
+    ``train.resume=true`` goes on exactly as an uninterrupted run once the server is back."""
     step = r.progress.step
     saved = checkpoint.list_checkpoints(r.run_dir)
     if step and not (saved and saved[-1].name == f"step_{step:07d}"):

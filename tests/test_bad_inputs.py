@@ -129,7 +129,7 @@ CASES: list[tuple[str, str, list[str], list[str], Setup | None]] = [
     ("cache-with-on-policy", "train", ["method=gkd", "teacher.source=cache"], ["teacher.source=cache serves methods", "method=gkd"], None),
     ("server-without-url", "train", ["teacher.source=server"], ["teacher.source=server needs teacher.url=http://HOST:PORT"], None),
     ("server-unreachable", "train", ["teacher.source=server", "teacher.url=http://127.0.0.1:9", "teacher.retries=0"], ["teacher server at http://127.0.0.1:9 is unreachable", "after 1 tries"], None),
-    ("server-with-seqkd", "train", ["method=seqkd", "teacher.source=server", "teacher.url=http://127.0.0.1:9"], ["teacher.source=server scores text", "method=seqkd"], None),
+    ("server-with-minillm", "train", ["method=minillm", "teacher.source=server", "teacher.url=http://127.0.0.1:9"], ["teacher.source=server scores text and generates", "method=minillm", "teacher.source=live"], None),
     ("server-retries", "train", ["teacher.retries=-1"], ["teacher.retries must be an integer >= 0"], None),
     ("serve-port", "serve-teacher", ["serve.port=70000"], ["serve.port must be a port number"], None),
     ("fused-value", "train", ["loss.fused=maybe"], ["loss.fused must be auto, true or false"], None),

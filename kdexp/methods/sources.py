@@ -29,6 +29,7 @@ class Source:
     """Dataset references, as they are (SFT, supervised KD)."""
 
     needs_teacher = False  # the source itself runs the teacher (teacher outputs, mixed sampling)
+    teacher_generates_only = False  # ... only to generate responses (a served teacher can)
     validates_first = False  # wants a validation before the first step (its after_validation at step 0)
 
     def setup(self, ctx: Context, resumed: bool) -> None:
@@ -58,6 +59,7 @@ class TeacherOutputs(Source):
     prompt and cached on disk (``live=False``, SeqKD), or sampled for each micro-batch."""
 
     needs_teacher = True
+    teacher_generates_only = True
 
     def __init__(self, live: bool = False, spec: RolloutSpec | None = None):
         self.live, self.spec = live, spec
@@ -84,7 +86,7 @@ class OnPolicy(Source):
 
     def __init__(self, p: Callable[[int, int], float], off: Source, per_sequence: bool = False):
         self.p, self.off, self.per_sequence = p, off, per_sequence
-        self.needs_teacher = off.needs_teacher
+        self.needs_teacher, self.teacher_generates_only = off.needs_teacher, off.teacher_generates_only
         self.drawn, self.generated = 0, 0
 
     def setup(self, ctx: Context, resumed: bool) -> None:
@@ -254,6 +256,7 @@ class Contrastive(Source):
     samples the student's on the fly instead)."""
 
     needs_teacher = True
+    teacher_generates_only = True
 
     def __init__(self, spec: RolloutSpec | None, live: bool = False):
         self.teacher = TeacherOutputs(spec=spec)

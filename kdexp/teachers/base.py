@@ -131,6 +131,7 @@ class Teacher:
 
     kind = "none"
     student_part: str | None = None
+    remote = False  # its micro-batch inputs come over a network and can fail (TeacherError)
 
     def __init__(self, accelerator, vocab: int | None = None):
         self.accelerator, self.vocab = accelerator, vocab
@@ -199,6 +200,20 @@ class Teacher:
         raise RuntimeError("the teacher's distributions were asked for but this run has no teacher")
 
     # -- sampling and generation ------------------------------------------------------------
+
+    # Whether the teacher's responses come from :meth:`generate` (a server) rather than from
+    # sampling :meth:`model` in this process.
+    generates_remotely = False
+
+    def identity(self) -> dict | None:
+        """What names the teacher in the keys of caches of its outputs when it is not the
+        ``teacher=`` model loaded here (a server: its URL and model); ``None``: that model."""
+        return None
+
+    def generate(self, prompts: list[list[int]], spec, stop_ids: list[int], seed: int) -> list[list[int]]:
+        """Responses to ``prompts`` (token ids, each ending at its first stop token, kept) where
+        :attr:`generates_remotely`."""
+        raise RuntimeError(f"a {self.kind} teacher does not generate remotely")
 
     @contextmanager
     def model(self) -> Iterator[torch.nn.Module]:

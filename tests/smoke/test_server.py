@@ -202,13 +202,13 @@ def test_a_server_that_goes_down_ends_the_run_with_a_checkpoint_and_resuming_is_
             "eval.seeds=[10]"]
     env = {"KDEXP_TEACHER_API_KEY": KEY}
     kdexp("train", *args, f"teacher.url={url}", f"hydra.run.dir={root / 'whole'}", cwd=root, env=env)
-    gateway = Gateway(url, fail_after=8)
+    gateway = Gateway(url, fail_after=9)  # the start-up probe, then 4 steps of 2 micro-batches
     try:
         run = [*args, f"teacher.url={gateway.url}", f"hydra.run.dir={root / 'cut'}"]
         cut = kdexp("train", *run, cwd=root, env=env, check=False)
         errors = [line for line in cut.stderr.splitlines() if "error" in line.lower()]
         assert cut.returncode == 2 and len(errors) == 1 and "Traceback" not in cut.stderr, cut.stderr
-        assert "unreachable (HTTP 503 backend down)" in cut.stderr and "checkpoint of step 4" in cut.stderr
+        assert "unreachable (HTTP 503 backend down)" in cut.stderr and "checkpoint of step 4" in cut.stderr, cut.stderr[-600:]
         assert "train.resume=true" in cut.stderr
         assert sorted(p.name for p in (root / "cut" / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
         gateway.back()
@@ -231,3 +231,36 @@ def test_a_server_with_another_tokenizer_is_refused(tmp_path):
         proc.wait(timeout=30)
     assert other.returncode == 2 and "tokenizes differently from the student (probe text)" in other.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_teacher_outputs_are_generated_by_the_server(server, tmp_path):
+    """SeqKD through the server: its greedy outputs are the live teacher's (kdexp's own
+    sampler, greedy) token for token, kept in their own cache (keyed by the server, not the
+    local teacher= files)."""
+    _, url = server
+    args = [*FAST, *DATA, "method=seqkd", "train.max_steps=2", "eval.max_samples=2", "eval.seeds=[10]"]
+    kdexp("train", *args, f"hydra.run.dir={tmp_path / 'live'}", cwd=tmp_path)
+    kdexp("train", *args, "teacher.source=server", f"teacher.url={url}", f"hydra.run.dir={tmp_path / 'served'}",
+          cwd=tmp_path, env={"KDEXP_TEACHER_API_KEY": KEY})
+    caches = sorted((tmp_path / ".kdexp-cache").glob("teacher-outputs-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    assert len(caches) == 2  # one per teacher: the local model, the server
+    live, served = ([json.loads(line) for line in c.read_text().splitlines()] for c in caches)
+    assert len(live) == len(served) == 96
+    same = sum(a == b for a, b in zip(live, served, strict=True))
+    assert same >= 0.95 * len(live), f"{same} of {len(live)} greedy outputs agree"
+
+
+def test_two_processes_stop_together_when_the_server_fails_under_one_of_them(server):
+    """DDP over gloo, each process asking the server for its own micro-batches: the gateway fails
+    mid-step for one of them; both stop (no hang in a collective) after a checkpoint."""
+    root, url = server
+    gateway = Gateway(url, fail_after=9)  # 2 start-up probes, 2 processes x 1 micro-batch a step: step 4 fails
+    try:
+        run = root / "ddp_cut"
+        cut = kdexp("train", *FAST, *DATA, "teacher.source=server", "teacher.top_k=8", "teacher.retries=0",
+                    f"teacher.url={gateway.url}", "eval.max_samples=2", "eval.seeds=[10]", f"hydra.run.dir={run}",
+                    cwd=root, env={"KDEXP_TEACHER_API_KEY": KEY}, nproc=2, check=False, timeout=240)
+    finally:
+        gateway.close()
+    assert cut.returncode != 0 and "teacher server" in cut.stderr, cut.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003"]

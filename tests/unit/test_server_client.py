@@ -113,3 +113,20 @@ def test_5xx_is_retried_with_backoff_a_wrong_key_is_not(flaky):
 def test_a_refused_connection_is_retried_then_one_line():
     with pytest.raises(TeacherUnavailable, match="unreachable .* after 3 tries; start it, or check teacher.url"):
         ServerClient("http://127.0.0.1:9", None, timeout=2, retries=2, backoff=0.01).get("/v1/models")
+
+
+def test_the_tail_is_floored_where_float32_cannot_resolve_it_and_bounded_by_the_actual_token():
+    """A confident teacher: 1 - sum(top k) is below float32's resolution, so the tail is
+    1e-6 (TAIL_FLOOR); an actual token outside the top k carries at least its own mass; logits
+    passed off as log-probabilities are refused."""
+    from kdexp.errors import UserError as Bad
+    from kdexp.teachers.server import TAIL_FLOOR
+
+    sure = {"7": {"logprob": -1e-9, "rank": 1}, "3": {"logprob": -25.0, "rank": 2}}
+    assert parse_prompt_logprobs([None, sure], [0, 7], [1], 2)[2] == [pytest.approx(math.log(TAIL_FLOOR))]
+    # float32 rounding left 1e-7 for the tail, but the actual token alone has 2.3e-6 of the mass
+    seen = {"7": {"logprob": -1e-7, "rank": 1}, "3": {"logprob": -25.0, "rank": 2}, "9": {"logprob": -13.0, "rank": 3}}
+    assert parse_prompt_logprobs([None, seen], [0, 9], [1], 2)[2] == [pytest.approx(-13.0)]
+    logits = {"7": {"logprob": 3.0, "rank": 1}, "3": {"logprob": 1.0, "rank": 2}}
+    with pytest.raises(Bad, match="must return log-probabilities"):
+        parse_prompt_logprobs([None, logits], [0, 7], [1], 2)
