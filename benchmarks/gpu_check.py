@@ -167,7 +167,7 @@ def main() -> None:
             write(rows, args, start, details)
         benches = [
             ("loss side (benchmarks/fused.py)", [py, str(BENCH / "fused.py"), *dev, "--out", str(details),
-             "--paths", "plain", "chunked", "fused", "fused c64", "sft", "sft fused",
+             "--paths", "plain", "chunked", "fused", *([] if args.smoke else ["fused c64"]), "sft", "sft fused",
              *(["--shapes", "tiny", "--positions", "300"] if args.smoke else ["--positions", "8192"])], 90),
             ("whole step (benchmarks/fused_step.py)", [py, str(BENCH / "fused_step.py"), *dev, "--out", str(details),
              *(["--shapes", "gpt2", "--layers", "1", "--batch", "1", "--length", "32", "--paths", "fused", "sft"]

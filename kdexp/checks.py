@@ -125,6 +125,16 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
                      f"allow: train it without deepspeed= (DDP or one process)")
     source = cfg.teacher.get("source")
     from_cache = source == "cache"
+    several = bool(cfg.get("teachers") and cfg.teachers.get("rule"))
+    if several:
+        from kdexp import config
+        from kdexp.teachers.multi import check_names
+
+        for line in check_names(list(cfg.teachers.names or []), cfg.teachers.rule, config.group_choices("teacher")):
+            problems.add(line)
+        weights = cfg.teachers.get("weights")
+        if weights is not None and len(weights) != len(cfg.teachers.names or []):
+            problems.add(f"teachers.weights has {len(weights)} weights for {len(cfg.teachers.names or [])} teachers")
     if from_cache and (plan.online is not None or type(plan.source) is not methods.Source
                        or any(c.needs_teacher for c in plan.hooks)):
         problems.add(f"teacher.source=cache serves methods that train on the dataset text (sft, kd, "
@@ -135,7 +145,11 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
         problems.add(f"teacher.source=server scores text and generates teacher outputs; method={cfg.method.name} "
                      f"also trains the teacher or samples from it while rolling out the student (a teacher "
                      f"mix, teacher-scored rewards), which needs teacher.source=live")
-    elif plan.needs_teacher and source == "live" and not cfg.teacher.get("name_or_path"):
+    elif several and (source != "live" or plan.online is not None or any(c.needs_teacher for c in plan.components)):
+        problems.add(f"teachers.rule={cfg.teachers.rule} combines live teachers' distributions on the training "
+                     f"text; method={cfg.method.name} with teacher.source={source} also trains, generates with or "
+                     f"samples from the teacher: use one teacher (teachers.rule=null) for it")
+    elif plan.needs_teacher and source == "live" and not several and not cfg.teacher.get("name_or_path"):
         problems.add(f"method={cfg.method.name} needs a teacher; choose one with teacher=NAME")
     return problems, plan
 
@@ -159,6 +173,23 @@ def eval_sets(cfg: DictConfig, problems: Problems, read: bool = False) -> dict[s
                     raise UserError(f"evaluation set {name} (eval.sets): {err}; MiniLLM's processed "
                                     f"sets are read under eval.data_dir") from None
     return sets
+
+
+def check_routes(cfg: DictConfig, train: list) -> None:
+    """``teachers.rule=route``: every training example's ``route_key`` field names a teacher."""
+    key, mapping, names = cfg.teachers.route_key, dict(cfg.teachers.route_map or {}), list(cfg.teachers.names)
+    missing = sum(key not in e.record for e in train)
+    if missing:
+        fields = ", ".join(sorted(train[0].record)) if train else "none"
+        raise UserError(f"teachers.rule=route reads each example's {key!r} field (teachers.route_key), but {missing} "
+                        f"of {len(train)} training examples lack it (their fields: {fields})")
+    unknown = sorted({str(e.record[key]) for e in train} - set(names) - set(mapping))
+    if unknown:
+        raise UserError(f"training examples name teachers that teachers.names lacks ({key}={', '.join(unknown)}): "
+                        f"add them to teachers.names or map them with teachers.route_map")
+    bad = sorted({str(v) for v in mapping.values()} - set(names))
+    if bad:
+        raise UserError(f"teachers.route_map maps to {', '.join(bad)}, not in teachers.names ({', '.join(names)})")
 
 
 class Inputs(NamedTuple):
@@ -199,6 +230,9 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
         with problems.check():
             cache = teacher_cache.open_cache(cfg, data["train"], tokenizer,
                                              teacher_cache.temperature_of(plan.objective.teacher_temperatures))
+    if data is not None and cfg.get("teachers") and cfg.teachers.get("rule") == "route" and not problems:
+        with problems.check():
+            check_routes(cfg, data["train"])
     server = None
     if tokenizer is not None and cfg.teacher.source == "server" and not problems:
         from kdexp.teachers.server import connect

@@ -4,6 +4,7 @@
     kdexp train method=okd                                  # online: trained with the student
     kdexp cache-teacher teacher.top_k=64 && kdexp train teacher.source=cache   # a top-k cache
     kdexp train teacher.source=server teacher.url=http://127.0.0.1:8000         # a served teacher
+    kdexp train teachers.rule=mixture teachers.names=[tiny,tiny]                # several, combined
 
 :func:`build` picks the kind from ``teacher.source`` (:data:`SOURCES`) and the method's plan;
 the loop only calls the :class:`Teacher` interface (:mod:`kdexp.teachers.base`). A new kind
@@ -62,9 +63,49 @@ def server(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeniz
                          int(cfg.teacher.concurrency))
 
 
+def preset(cfg: DictConfig, name: str) -> DictConfig:
+    """The model spec of the ``teacher=NAME`` preset (``conf/teacher/NAME.yaml``) over the run's
+    teacher spec, its weights loaded as they are (``init: pretrained`` unless the preset says)."""
+    from omegaconf import OmegaConf
+
+    from kdexp.config import conf_dir
+
+    base = OmegaConf.merge(cfg.teacher, {"init": "pretrained", "lora": {"enabled": False}})
+    return OmegaConf.merge(base, OmegaConf.load(conf_dir() / "teacher" / f"{name}.yaml"))
+
+
+def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
+    """``teachers.rule``: the teachers of ``teachers.names``, frozen, combined by the rule."""
+    import copy
+
+    from kdexp.teachers.multi import MultiTeacher
+
+    t = cfg.teachers
+    models, widths = [], []
+    for name in t.names:
+        spec = preset(cfg, name)
+        model, teacher_tokenizer = load_model(spec, "teacher")
+        widths.append(shared_vocab(student, tokenizer, model, teacher_tokenizer,
+                                   (cfg.student.name_or_path, f"teachers.names: {name}")))
+        models.append(model)
+    vocab = len(tokenizer) if any(w is not None for w in widths) else None
+    raw = None
+    if t.rule == "relative":  # the raw student: a model of its own, or this student before training
+        if t.get("raw_student"):
+            raw, _ = load_model({**cfg.student, "name_or_path": t.raw_student, "init": "pretrained",
+                                 "lora": {**cfg.student.lora, "enabled": False}}, "student")
+        else:
+            raw = copy.deepcopy(accelerator.unwrap_model(student))
+    route = {"key": t.route_key, "map": dict(t.route_map or {})}
+    return MultiTeacher(accelerator, vocab, list(t.names), models, t.rule, t.get("weights"), float(t.alpha), raw,
+                        route)
+
+
 def build(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
     """The run's teacher (:class:`Teacher` itself when it needs none), after the student was
     loaded. ``inputs``: what the input checks opened (teacher tokenizer, cache)."""
+    if cfg.get("teachers") and cfg.teachers.get("rule") and plan.needs_teacher:
+        return several(cfg, plan, accelerator, student, tokenizer, inputs)
     return SOURCES.get(cfg.teacher.source)(cfg, plan, accelerator, student, tokenizer, inputs)
 
 
