@@ -130,11 +130,14 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
         from kdexp import config
         from kdexp.teachers.multi import check_names
 
-        for line in check_names(list(cfg.teachers.names or []), cfg.teachers.rule, config.group_choices("teacher")):
+        for line in check_names(cfg.teachers.names, cfg.teachers.rule, config.group_choices("teacher")):
             problems.add(line)
         weights = cfg.teachers.get("weights")
-        if weights is not None and len(weights) != len(cfg.teachers.names or []):
+        if cfg.teachers.rule == "mixture" and weights is not None and len(weights) != len(cfg.teachers.names or []):
             problems.add(f"teachers.weights has {len(weights)} weights for {len(cfg.teachers.names or [])} teachers")
+        if not plan.needs_teacher:
+            problems.add(f"teachers.rule={cfg.teachers.rule} combines teachers for the loss, but method="
+                         f"{cfg.method.name} reads no teacher: drop teachers.rule")
     if from_cache and (plan.online is not None or type(plan.source) is not methods.Source
                        or any(c.needs_teacher for c in plan.hooks)):
         problems.add(f"teacher.source=cache serves methods that train on the dataset text (sft, kd, "
@@ -177,7 +180,8 @@ def eval_sets(cfg: DictConfig, problems: Problems, read: bool = False) -> dict[s
 
 def check_routes(cfg: DictConfig, train: list) -> None:
     """``teachers.rule=route``: every training example's ``route_key`` field names a teacher."""
-    key, mapping, names = cfg.teachers.route_key, dict(cfg.teachers.route_map or {}), list(cfg.teachers.names)
+    key, names = cfg.teachers.route_key, [str(n) for n in cfg.teachers.names]
+    mapping = {str(k): str(v) for k, v in (cfg.teachers.route_map or {}).items()}
     missing = sum(key not in e.record for e in train)
     if missing:
         fields = ", ".join(sorted(train[0].record)) if train else "none"
@@ -216,7 +220,20 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
     with problems.check(consequences=True):
         tokenizer = load_tokenizer(cfg.student, "student")
     wants_teacher = plan is not None and (plan.needs_teacher or cfg.eval.teacher)
-    if wants_teacher and cfg.teacher.get("name_or_path") and cfg.teacher.source == "live":
+    several = plan is not None and bool(cfg.get("teachers") and cfg.teachers.get("rule")) and not problems
+    if several:  # the named teachers (and the raw student), not teacher=
+        from kdexp.teachers import preset
+
+        t = cfg.teachers
+        named = [(str(n), f"teachers.names: {n}") for n in t.names]
+        named += [(str(t.raw_student), "teachers.raw_student")] if t.rule == "relative" and t.get("raw_student") else []
+        for name, what in named:
+            with problems.check(consequences=True):
+                spec = preset(name)
+                other = load_tokenizer(spec, "teacher")
+                if tokenizer is not None:
+                    same_tokenizer(tokenizer, other, (cfg.student.name_or_path, f"{spec.name_or_path} ({what})"))
+    elif wants_teacher and cfg.teacher.get("name_or_path") and cfg.teacher.source == "live":
         with problems.check(consequences=True):
             teacher_tok = load_tokenizer(cfg.teacher, "teacher")
             if tokenizer is not None:

@@ -138,6 +138,7 @@ SETTINGS: tuple[Param, ...] = (
     Param("teachers.weights", lambda v: v is None or (len(v) > 0 and all(nonneg(w) for w in v) and sum(v) > 0),
           "null or a list of weights >= 0 with a positive sum"),
     Param("teachers.alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    Param("teachers.route_map", lambda v: v is None or hasattr(v, "items"), "null or a mapping {field value: teacher}"),
     Param("teacher.timeout", positive, "> 0 (seconds)"),
     Param("teacher.retries", nonneg_int, "an integer >= 0"),
     Param("teacher.concurrency", positive_int, "an integer > 0"),

@@ -63,15 +63,23 @@ def server(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeniz
                          int(cfg.teacher.concurrency))
 
 
-def preset(cfg: DictConfig, name: str) -> DictConfig:
-    """The model spec of the ``teacher=NAME`` preset (``conf/teacher/NAME.yaml``) over the run's
-    teacher spec, its weights loaded as they are (``init: pretrained`` unless the preset says)."""
+# A named teacher's spec starts from these, not from the run's teacher= (whose revision, dtype or
+# attention kernel belong to that model).
+MODEL_DEFAULTS = {"name_or_path": None, "init": "pretrained", "dtype": "float32", "revision": None,
+                  "trust_remote_code": False, "attn_implementation": None,
+                  "lora": {"enabled": False, "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": None}}
+
+
+def preset(name: str) -> DictConfig:
+    """The model spec of ``NAME``: the ``teacher=NAME`` preset (``conf/teacher/NAME.yaml``) or
+    a model directory (a run's ``final/``), its weights loaded as they are."""
     from omegaconf import OmegaConf
 
     from kdexp.config import conf_dir
 
-    base = OmegaConf.merge(cfg.teacher, {"init": "pretrained", "lora": {"enabled": False}})
-    return OmegaConf.merge(base, OmegaConf.load(conf_dir() / "teacher" / f"{name}.yaml"))
+    path = conf_dir() / "teacher" / f"{name}.yaml"
+    spec = OmegaConf.load(path) if path.is_file() else {"name_or_path": name}
+    return OmegaConf.merge(OmegaConf.create(MODEL_DEFAULTS), spec)
 
 
 def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
@@ -83,7 +91,7 @@ def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeni
     t = cfg.teachers
     models, widths = [], []
     for name in t.names:
-        spec = preset(cfg, name)
+        spec = preset(name)
         model, teacher_tokenizer = load_model(spec, "teacher")
         widths.append(shared_vocab(student, tokenizer, model, teacher_tokenizer,
                                    (cfg.student.name_or_path, f"teachers.names: {name}")))
@@ -92,11 +100,11 @@ def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeni
     raw = None
     if t.rule == "relative":  # the raw student: a model of its own, or this student before training
         if t.get("raw_student"):
-            raw, _ = load_model({**cfg.student, "name_or_path": t.raw_student, "init": "pretrained",
-                                 "lora": {**cfg.student.lora, "enabled": False}}, "student")
+            raw, raw_tokenizer = load_model(preset(str(t.raw_student)), "student")
+            shared_vocab(student, tokenizer, raw, raw_tokenizer, (cfg.student.name_or_path, "teachers.raw_student"))
         else:
             raw = copy.deepcopy(accelerator.unwrap_model(student))
-    route = {"key": t.route_key, "map": dict(t.route_map or {})}
+    route = {"key": t.route_key, "map": {str(k): str(v) for k, v in (t.route_map or {}).items()}}
     return MultiTeacher(accelerator, vocab, list(t.names), models, t.rule, t.get("weights"), float(t.alpha), raw,
                         route)
 
@@ -109,5 +117,5 @@ def build(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenize
     return SOURCES.get(cfg.teacher.source)(cfg, plan, accelerator, student, tokenizer, inputs)
 
 
-__all__ = ["SOURCES", "CachedTeacher", "LiveTeacher", "OnlineTeacher", "ServerTeacher", "Teacher", "build",
+__all__ = ["MODEL_DEFAULTS", "SOURCES", "CachedTeacher", "LiveTeacher", "OnlineTeacher", "ServerTeacher", "Teacher", "build",
            "wanted"]

@@ -41,6 +41,8 @@ def mixture(logps: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Te
 def relative(finetuned: torch.Tensor, raw_teacher: torch.Tensor, raw_student: torch.Tensor,
              alpha: float) -> torch.Tensor:
     """``log_softmax(log p_ft + alpha (log q_raw - log p_raw))``."""
+    floor = -1e4  # a token a model rules out (-inf) stays out, without -inf - -inf = NaN
+    finetuned, raw_teacher, raw_student = (x.clamp_min(floor) for x in (finetuned, raw_teacher, raw_student))
     return torch.log_softmax(finetuned + alpha * (raw_student - raw_teacher), dim=-1)
 
 

@@ -1,9 +1,9 @@
 """Several teachers combined into one target (``teachers.rule``), each a frozen model in this process.
 
-    kdexp train teachers.rule=mixture teachers.names=[tiny,tiny-b] teachers.weights=[0.7,0.3]
-    kdexp train teachers.rule=route teachers.names=[tiny,tiny-b] teachers.route_key=family \\
-        'teachers.route_map={fact: tiny, math: tiny-b}'
-    kdexp train teachers.rule=relative teachers.names=[tiny,tiny-raw] teachers.alpha=0.5
+    kdexp train teachers.rule=mixture teachers.names=[tiny,runs/other/final] teachers.weights=[0.7,0.3]
+    kdexp train teachers.rule=route teachers.names=[tiny,runs/other/final] teachers.route_key=family \\
+        'teachers.route_map={fact: tiny, arith: runs/other/final}'
+    kdexp train teachers.rule=relative teachers.names=[runs/finetuned/final,tiny] teachers.alpha=0.5
 
 At every position the teachers' distributions (at temperature 1, on the tokenizer's tokens) are
 combined by :mod:`kdexp.teachers.combine` (``mixture``: a weighted average; ``relative``: the
@@ -50,8 +50,8 @@ class MultiTeacher(Teacher):
     def teacher_of(self, example) -> int:
         """The index of ``example``'s teacher (``route``): its record's ``key`` field, mapped."""
         key, mapping = self.route["key"], self.route.get("map") or {}
-        value = example.record.get(key)
-        name = mapping.get(str(value), value)
+        value = str(example.record.get(key))
+        name = mapping.get(value, value)
         if name not in self.names:
             raise UserError(f"a training example's {key}={value!r} names no teacher of teachers.names "
                             f"({', '.join(self.names)}); map it with teachers.route_map")
@@ -73,16 +73,24 @@ class MultiTeacher(Teacher):
             return combine.relative(logps[0], logps[1], raw, self.alpha)
 
 
-def check_names(names: Sequence[str], rule: str, choices: Sequence[str]) -> list[str]:
-    """One line per problem of ``teachers.names`` for ``rule``."""
+def check_names(names: Any, rule: str, choices: Sequence[str]) -> list[str]:
+    """One line per problem of ``teachers.names`` for ``rule``: each a ``teacher=`` preset with
+    a model, or a model directory."""
+    from pathlib import Path
+
     from kdexp.errors import unknown_choice
 
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        return [f"teachers.names must be a list of teacher= presets or model directories, got {names!r} "
+                f"(e.g. teachers.names=[tiny,runs/other/final])"]
     problems = []
     if not names:
-        problems.append(f"teachers.rule={rule} needs teachers.names, a list of teacher= presets "
-                        f"(e.g. teachers.names=[tiny,tiny-b])")
-    for name in names:
-        if name not in choices:
+        problems.append(f"teachers.rule={rule} needs teachers.names, a list of teacher= presets or model "
+                        f"directories (e.g. teachers.names=[tiny,runs/other/final])")
+    for name in map(str, names):
+        if name == "none":
+            problems.append("teachers.names entry 'none' is no model")
+        elif name not in choices and not Path(name).is_dir():
             problems.append(str(unknown_choice("teachers.names entry", name, choices)))
     if rule == "relative" and len(names) != 2:
         problems.append(f"teachers.rule=relative takes two teachers, [fine-tuned, raw], got {len(names)}")

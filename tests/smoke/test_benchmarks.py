@@ -36,9 +36,9 @@ def test_throughput_benchmark_writes_its_ratios(tmp_path):
 def test_trl_benchmark_reports_both_sides(tmp_path, trainer):
     pytest.importorskip("trl", reason="the TRL comparison needs `pip install trl==1.16.0`")
     # lmbda 1 (the only one of DistillationTrainer): every step samples from the student on both
-    # sides, so 6 steps always time both.
+    # sides, so 5 steps always time both.
     lmbda = ["--lmbda", "1"] if trainer == "gkd" else []
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trl_gkd.py"), "--steps", "6", "--rounds", "1",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trl_gkd.py"), "--steps", "5", "--rounds", "1",
                            "--batch", "4", "--new-tokens", "8", *lmbda, "--beta", "0.9", "--warmup", "2",
                            "--trainer", trainer, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
@@ -50,7 +50,7 @@ def test_trl_benchmark_reports_both_sides(tmp_path, trainer):
     kd, trl = result["sides"]["kdexp"], result["sides"]["trl"]
     for side in (kd, trl):
         assert side["step_s"] > 0 and side["peak_mib"] > 0 and side["above_start_mib"] > 0
-        assert side["steps_on_policy"] == 4 and side["steps_off_policy"] == 0  # steps 3..6 timed
+        assert side["steps_on_policy"] == 3 and side["steps_off_policy"] == 0  # steps 3..5 timed
         assert side["step_s"] == pytest.approx(side["step_s_on_policy"])
         assert 0 < side["tokens_on_policy"] <= 4 * 8  # at most batch x new tokens are trained on
     ratios = result["ratios"]

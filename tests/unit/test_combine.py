@@ -68,3 +68,52 @@ def test_gradients_flow_through_each_rule():
     assert torch.autograd.gradcheck(lambda x, y: combine.mixture([x.log_softmax(-1), y.log_softmax(-1)], [0.3, 0.7]),
                                     (a, b))
     assert torch.autograd.gradcheck(lambda x, y, z: combine.relative(x, y, z, 0.7), (a, b, c))
+
+
+class Fixed(torch.nn.Module):
+    """A stand-in model whose logits are a fixed [T, V] table for every sequence."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table.float())
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table.expand(input_ids.shape[0], -1, -1))
+
+
+def test_the_multi_teacher_combines_its_own_distinct_models_by_each_rule():
+    """Two different teachers and a raw student: the rule's target is the right function of the
+    right models (weights, the fine-tuned / raw order, each example's routed teacher)."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from kdexp.teachers.multi import MultiTeacher
+
+    g = torch.Generator().manual_seed(4)
+    a, b, s = (torch.randn(3, 7, generator=g) * 2 for _ in range(3))
+    acc = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    la, lb, ls = (x.log_softmax(-1) for x in (a, b, s))
+
+    mix = MultiTeacher(acc, None, ["A", "B"], [Fixed(a), Fixed(b)], "mixture", weights=[1.0, 0.0])
+    torch.testing.assert_close(mix.distributions(batch)[0], la)
+    mix.weights = [0.25, 0.75]
+    torch.testing.assert_close(mix.distributions(batch)[1], combine.mixture([la, lb], [0.25, 0.75]))
+    rel = MultiTeacher(acc, None, ["A", "B"], [Fixed(a), Fixed(b)], "relative", alpha=0.6, raw_student=Fixed(s))
+    torch.testing.assert_close(rel.distributions(batch)[0], combine.relative(la, lb, ls, 0.6))
+    route = MultiTeacher(acc, None, ["A", "B"], [Fixed(a), Fixed(b)], "route",
+                         route={"key": "level", "map": {"1": "B", "2": "A"}})
+    examples = [SimpleNamespace(record={"level": 1}), SimpleNamespace(record={"level": 2})]
+    got = route.distributions({**batch, **route.inputs(examples)})
+    torch.testing.assert_close(got[0], lb)
+    torch.testing.assert_close(got[1], la)
+
+
+def test_a_token_a_model_rules_out_stays_out_of_the_relative_target():
+    ft = torch.tensor([[0.0, -1.0, -2.0]]).log_softmax(-1)
+    raw_t = torch.tensor([[0.0, -1.0, float("-inf")]])
+    raw_s = torch.tensor([[0.0, -1.0, float("-inf")]])
+    got = combine.relative(ft, raw_t, raw_s, 1.0)
+    assert torch.isfinite(got).all() and torch.allclose(got.exp().sum(-1), torch.ones(1))
