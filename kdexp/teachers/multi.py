@@ -64,13 +64,31 @@ class MultiTeacher(Teacher):
 
     def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
         with torch.no_grad(), self.accelerator.autocast() if autocast else nullcontext():
-            logps = [logits_of(m, batch, self.vocab).float().log_softmax(-1) for m in self.modules]
-            if self.rule == "mixture":
-                return combine.mixture(logps, self.weights)
             if self.rule == "route":
-                return combine.route(logps, batch["teacher_index"])
-            raw = logits_of(self.raw_student, batch, self.vocab).float().log_softmax(-1)
-            return combine.relative(logps[0], logps[1], raw, self.alpha)
+                return self._routed(batch)
+            if self.rule == "mixture":  # a teacher of weight 0 is not run
+                used = [i for i, w in enumerate(self.weights) if w > 0]
+                logps = [self._logp(self.modules[i], batch) for i in used]
+                return combine.mixture(logps, [self.weights[i] for i in used])
+            finetuned, raw_teacher = (self._logp(m, batch) for m in self.modules)
+            return combine.relative(finetuned, raw_teacher, self._logp(self.raw_student, batch), self.alpha)
+
+    def _logp(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return logits_of(model, batch, self.vocab).float().log_softmax(-1)
+
+    def _routed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each teacher run on its own sequences only (:func:`combine.route`'s target)."""
+        index = batch["teacher_index"].to(batch["input_ids"].device)
+        out = None
+        for i, model in enumerate(self.modules):
+            rows = (index == i).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            part = self._logp(model, {k: batch[k][rows] for k in ("input_ids", "attention_mask")})
+            if out is None:
+                out = part.new_zeros((index.shape[0], *part.shape[1:]))
+            out[rows] = part
+        return out
 
 
 def check_names(names: Any, rule: str, choices: Sequence[str]) -> list[str]:
