@@ -125,9 +125,8 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
                      f"allow: train it without deepspeed= (DDP or one process)")
     source = cfg.teacher.get("source")
     from_cache = source == "cache"
-    several = bool(cfg.get("teachers") and cfg.teachers.get("rule"))
+    several = bool(config.teachers_rule(cfg))
     if several:
-        from kdexp import config
         from kdexp.teachers.multi import check_names
 
         for line in check_names(cfg.teachers.names, cfg.teachers.rule, config.group_choices("teacher")):
@@ -203,6 +202,7 @@ class Inputs(NamedTuple):
     teacher_tokenizer: Any  # None: not needed, or from the cache
     cache: TeacherCache | None
     server: Any = None  # teacher.source=server: the checked client (kdexp.teachers.server)
+    named_tokenizers: Any = None  # teachers.rule: {name: tokenizer} of teachers.names (and the raw student)
 
 
 def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
@@ -220,8 +220,9 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
     with problems.check(consequences=True):
         tokenizer = load_tokenizer(cfg.student, "student")
     wants_teacher = plan is not None and (plan.needs_teacher or cfg.eval.teacher)
-    several = plan is not None and bool(cfg.get("teachers") and cfg.teachers.get("rule")) and not problems
-    if several:  # the named teachers (and the raw student), not teacher=
+    rule = config.teachers_rule(cfg)
+    named_tokenizers = {}
+    if plan is not None and rule and not problems:  # the named teachers (and the raw student), not teacher=
         from kdexp.teachers import preset
 
         t = cfg.teachers
@@ -230,9 +231,10 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
         for name, what in named:
             with problems.check(consequences=True):
                 spec = preset(name)
-                other = load_tokenizer(spec, "teacher")
+                named_tokenizers[name] = load_tokenizer(spec, "teacher")
                 if tokenizer is not None:
-                    same_tokenizer(tokenizer, other, (cfg.student.name_or_path, f"{spec.name_or_path} ({what})"))
+                    same_tokenizer(tokenizer, named_tokenizers[name],
+                                   (cfg.student.name_or_path, f"{spec.name_or_path} ({what})"))
     elif wants_teacher and cfg.teacher.get("name_or_path") and cfg.teacher.source == "live":
         with problems.check(consequences=True):
             teacher_tok = load_tokenizer(cfg.teacher, "teacher")
@@ -247,7 +249,7 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
         with problems.check():
             cache = teacher_cache.open_cache(cfg, data["train"], tokenizer,
                                              teacher_cache.temperature_of(plan.objective.teacher_temperatures))
-    if data is not None and cfg.get("teachers") and cfg.teachers.get("rule") == "route" and not problems:
+    if data is not None and rule == "route" and not problems:
         with problems.check():
             check_routes(cfg, data["train"])
     server = None
@@ -257,6 +259,6 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
         with problems.check():
             server = connect(cfg, tokenizer)
     problems.raise_if_any()
-    return Inputs(plan, tokenizer, data, teacher_tok, cache, server)
+    return Inputs(plan, tokenizer, data, teacher_tok, cache, server, named_tokenizers)
 
 

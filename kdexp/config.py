@@ -107,6 +107,11 @@ def writable_dir_problem(path: str | Path) -> str | None:
     return None
 
 
+def teachers_rule(cfg: DictConfig) -> str | None:
+    """``teachers.rule`` when the run combines several teachers, else None (one teacher)."""
+    return (cfg.get("teachers") or {}).get("rule") or None
+
+
 # The kinds of teacher.source (kdexp.teachers.SOURCES registers one builder for each).
 TEACHER_SOURCES = ("live", "cache", "server")
 

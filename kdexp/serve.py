@@ -107,12 +107,14 @@ class Scorer:
 
     def _score_all(self, prompts: list[list[int]], k: int) -> list[tuple[list[dict | None], int]]:
         out: list = []
-        batch: list[list[int]] = []
+        batch: list[int] = []
+        tokens = 0
         for p in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):  # similar lengths together
             batch.append(p)
-            if sum(len(prompts[i]) for i in batch) >= self.max_batch_tokens:
+            tokens += len(prompts[p])
+            if tokens >= self.max_batch_tokens:
                 out += list(zip(batch, self._forward([prompts[i] for i in batch], k), strict=True))
-                batch = []
+                batch, tokens = [], 0
         if batch:
             out += list(zip(batch, self._forward([prompts[i] for i in batch], k), strict=True))
         return [s for _, s in sorted(out, key=lambda x: x[0])]
@@ -134,8 +136,7 @@ class Scorer:
                 result.append(([None] * len(p), greedy))
                 continue
             # float32, -inf and NaN sent as -9999 (as vLLM does: JSON has neither)
-            logp = torch.log_softmax(logits[b, :n, :self.vocab].float(), dim=-1).nan_to_num(-9999.0, -9999.0, -9999.0)
-            logp = logp.clamp_min(-9999.0)
+            logp = torch.log_softmax(logits[b, :n, :self.vocab].float(), dim=-1).nan_to_num(-9999.0).clamp_min(-9999.0)
             top = logp.topk(min(k, self.vocab), dim=-1)
             actual = torch.tensor(p[1:], device=logp.device)
             own = logp.gather(1, actual[:, None]).squeeze(1)
@@ -144,16 +145,13 @@ class Scorer:
             own_l, rank_l = own.tolist(), rank.tolist()
             entries: list[dict | None] = [None]
             for i in range(n):
-                entry = {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": self._text(t)}
+                entry = {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": self.texts[t]}
                          for r, (t, lp) in enumerate(zip(top_ids[i], top_lp[i], strict=True))}
                 entry.setdefault(str(p[i + 1]), {"logprob": own_l[i], "rank": int(rank_l[i]),
-                                                 "decoded_token": self._text(p[i + 1])})
+                                                 "decoded_token": self.texts[p[i + 1]]})
                 entries.append(entry)
             result.append((entries, greedy))
         return result
-
-    def _text(self, token: int) -> str:
-        return self.texts[token]
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float,

@@ -192,9 +192,15 @@ class TeacherCache:
         # k >= width), is log(share / (V - k)) per token at T, that is T times it as a logit.
         # Ids past ``width`` (the teacher's padded embedding rows, never tokens) are dropped, as
         # the live path slices them off.
-        spread = (rest - math.log(max(1, width - self.top_k))).clamp_min(MIN_LOG_REST) * self.temperature
+        spread = tail_logit(rest, width, self.top_k) * self.temperature
         device = targets.device
         return Sparse(ids.to(device), values.to(device), spread.to(device), width, mask)
+
+
+def tail_logit(log_rest: torch.Tensor, width: int, k: int) -> torch.Tensor:
+    """``log(rest / (V - k))``: each tail token's share of the tail's mass ``rest`` (its log,
+    ``log_rest``) spread evenly over the ``width - k`` tokens outside the top k (none: k >= V)."""
+    return (log_rest - math.log(max(1, width - k))).clamp_min(MIN_LOG_REST)
 
 
 def open_cache(cfg: DictConfig, train: Sequence[Example], tokenizer, temperature: float) -> TeacherCache:

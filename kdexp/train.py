@@ -168,7 +168,9 @@ def steps(r: Run) -> tuple[float, int]:
     r.student.train()
     stop = StopSignals()  # SIGTERM / SIGUSR1: checkpoint after this step, then exit
     while progress.step < t.max_steps:
-        before = [(c, c.state_dict()) for c in (r.stream, *r.plan.components)]
+        # a teacher over a network can fail while the step's micro-batches are drawn: their state
+        # is kept aside to be put back (components may hold whole buffers: not for other teachers)
+        before = [(c, c.state_dict()) for c in (r.stream, *r.plan.components)] if r.teacher.remote else []
         failure: TeacherError | None = None
         try:
             batches = [micro_batch(r, r.stream.next(), i) for i in range(accum)]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from kdexp.config import teachers_rule
 from kdexp.models import load_model, shared_vocab
 from kdexp.registry import Registry
 from kdexp.teachers.base import Teacher
@@ -90,9 +91,10 @@ def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeni
 
     t = cfg.teachers
     models, widths = [], []
+    known = inputs.named_tokenizers or {}  # read by the input checks
     for name in t.names:
         spec = preset(name)
-        model, teacher_tokenizer = load_model(spec, "teacher")
+        model, teacher_tokenizer = load_model(spec, "teacher", known.get(str(name)))
         widths.append(shared_vocab(student, tokenizer, model, teacher_tokenizer,
                                    (cfg.student.name_or_path, f"teachers.names: {name}")))
         models.append(model)
@@ -100,7 +102,7 @@ def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeni
     raw = None
     if t.rule == "relative":  # the raw student: a model of its own, or this student before training
         if t.get("raw_student"):
-            raw, raw_tokenizer = load_model(preset(str(t.raw_student)), "student")
+            raw, raw_tokenizer = load_model(preset(str(t.raw_student)), "student", known.get(str(t.raw_student)))
             shared_vocab(student, tokenizer, raw, raw_tokenizer, (cfg.student.name_or_path, "teachers.raw_student"))
         else:
             raw = copy.deepcopy(accelerator.unwrap_model(student))
@@ -112,7 +114,7 @@ def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeni
 def build(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
     """The run's teacher (:class:`Teacher` itself when it needs none), after the student was
     loaded. ``inputs``: what the input checks opened (teacher tokenizer, cache)."""
-    if cfg.get("teachers") and cfg.teachers.get("rule") and plan.needs_teacher:
+    if teachers_rule(cfg) and plan.needs_teacher:
         return several(cfg, plan, accelerator, student, tokenizer, inputs)
     return SOURCES.get(cfg.teacher.source)(cfg, plan, accelerator, student, tokenizer, inputs)
 

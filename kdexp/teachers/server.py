@@ -49,7 +49,7 @@ import torch
 from kdexp.errors import UserError
 from kdexp.losses.fused import Sparse
 from kdexp.losses.objective import IGNORE_INDEX
-from kdexp.teacher_cache import MIN_LOG_REST  # the tail's floor, as the cache's
+from kdexp.teacher_cache import MIN_LOG_REST, tail_logit  # the tail's floor and layout, as the cache's
 from kdexp.teachers.base import Logits, Teacher
 
 log = logging.getLogger(__name__)
@@ -268,8 +268,8 @@ class ServerTeacher(Teacher):
         if int(mask.sum()) != batch["server_ids"].shape[0]:
             raise RuntimeError(f"the teacher server scored {batch['server_ids'].shape[0]} positions for a "
                                f"micro-batch with {int(mask.sum())} targets")
-        # Each tail token's logit: log(rest / (V - k)), tempered by the loss like any logit.
-        fill = (batch["server_rest"] - math.log(max(1, self.width - self.top_k))).clamp_min(MIN_LOG_REST)
+        # each tail token's logit, tempered by the loss like any logit
+        fill = tail_logit(batch["server_rest"], self.width, self.top_k)
         return Sparse(batch["server_ids"], batch["server_logprobs"], fill, self.width, mask)
 
     def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
