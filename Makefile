@@ -34,7 +34,7 @@ bench: ## benchmarks (about 50 minutes on 2 cores): divergences, throughput, GPT
 	$(PYTHON) benchmarks/fused.py
 	$(PYTHON) benchmarks/fused_step.py --shapes gpt2
 
-gpu-check: ## on a lent GPU, one call under 8 minutes: every method in bf16, fused vs plain memory, TRL, rollouts, sampling profile (scripts/gpu_wheels.sh)
+gpu-check: ## on a lent GPU, one call under 9 minutes: every method in bf16, fused vs plain memory, TRL, rollouts, sampling profile (scripts/gpu_wheels.sh)
 	$(PYTHON) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT),)
 
 figures: ## the figures of docs/evaluation.md: train sft / kd-fkl / kd-rkl, run every analysis (about 10 minutes)
