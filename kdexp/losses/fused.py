@@ -191,7 +191,7 @@ class _Fused(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [
             torch.zeros(t.shape, dtype=_accumulator(t), device=t.device) if n else None
             for t, n in zip(tensors, need, strict=True)]
-        shared = {i: None if tensors[i] is None else tensors[i].detach().requires_grad_(need[i])
+        shared = {i: None if tensors[i] is None else _once(tensors[i].detach().requires_grad_(need[i]))
                   for g in groups[1::2] for i in g}
         n = tensors[0].shape[0]
         device = tensors[0].device
@@ -229,6 +229,16 @@ class _Fused(torch.autograd.Function):
         grads = [None if g is None else (g * grad_out.to(g.dtype)).to(dtype)
                  for g, dtype in zip(ctx.grads, ctx.dtypes, strict=True)]
         return None, None, None, None, None, *grads
+
+
+def _once(t: torch.Tensor) -> torch.Tensor:
+    """A shared tensor without a gradient (the frozen teacher's head) cast to the autocast dtype
+    here, once: autocast caches its casts only for tensors that require a gradient, and would
+    otherwise cast the whole ``[V, H]`` head again for every chunk. The same values either way."""
+    kind = t.device.type
+    if t.requires_grad or not t.is_floating_point() or not torch.is_autocast_enabled(kind):
+        return t
+    return t.to(torch.get_autocast_dtype(kind))
 
 
 def _split(xs: Sequence, layout: list[int]) -> list[list]:

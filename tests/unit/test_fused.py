@@ -277,3 +277,17 @@ def test_a_head_under_the_engines_bf16_autocast_is_still_linear():
     finally:  # accelerate's state is process-wide: later tests get their own
         AcceleratorState._reset_state(reset_partial_state=True)
     assert head is model.lm_head, why
+
+
+def test_a_frozen_teachers_head_is_cast_once_under_autocast_with_the_same_loss():
+    student, teacher, batch = _inputs(2)
+    teacher = {k: v.detach() for k, v in teacher.items()}  # frozen: autocast would not cache its cast
+    objective = Objective.from_spec([{"loss": "ce", "weight": 0.5}, {"loss": "fkl", "weight": 0.5}])
+    (p, _, pg), (f, _, fg) = _both(objective, student, teacher, batch, _count(batch), autocast=True)
+    torch.testing.assert_close(f, p, rtol=1e-3, atol=1e-4)
+    for a, b in zip(fg, pg, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused._once(teacher["weight"]).dtype == torch.bfloat16
+        assert fused._once(student["weight"]) is student["weight"]  # a leaf with a gradient: autocast caches it
+    assert fused._once(teacher["weight"]) is teacher["weight"]  # no autocast: untouched
