@@ -2,7 +2,7 @@
 PYTHON ?= python
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test test-fast lint bench gpu-check figures reproduce readme-check known teacher clean
+.PHONY: help install demo test test-fast lint bench gpu-check figures reproduce readme-check known teacher teachers-study clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -50,8 +50,11 @@ readme-check: ## run `kdexp train` and check that the README quotes the table it
 known: ## the known-answer study: claims checked where the truth is known, 3 seeds (docs/results/KNOWN_ANSWERS.md; QUICK=1: 1 seed)
 	$(PYTHON) -m kdexp.known.study $(if $(QUICK),--quick,)
 
-teacher: ## rebuild the bundled tokenizer and tiny teacher from their seed (about 1 hour on 2 cores)
+teacher: ## rebuild the bundled tokenizer, the tiny teacher and its two specialists from their seed (about 70 minutes on 2 cores)
 	$(PYTHON) -m kdexp.assets.build teacher
+
+teachers-study: ## several teachers on the embedded task: each teacher, route, mixture, relative, mot, 3 seeds (docs/results/TEACHERS.md, about 35 minutes)
+	$(PYTHON) scripts/teachers_study.py
 
 clean: ## remove run directories and caches
 	rm -rf runs multirun outputs .pytest_cache .ruff_cache .kdexp-cache

@@ -134,6 +134,8 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
         weights = cfg.teachers.get("weights")
         if cfg.teachers.rule == "mixture" and weights is not None and len(weights) != len(cfg.teachers.names or []):
             problems.add(f"teachers.weights has {len(weights)} weights for {len(cfg.teachers.names or [])} teachers")
+        for line in mot_problems(cfg) if cfg.teachers.rule == "mot" else []:
+            problems.add(line)
         if not plan.needs_teacher:
             problems.add(f"teachers.rule={cfg.teachers.rule} combines teachers for the loss, but method="
                          f"{cfg.method.name} reads no teacher: drop teachers.rule")
@@ -154,6 +156,25 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
     elif plan.needs_teacher and source == "live" and not several and not cfg.teacher.get("name_or_path"):
         problems.add(f"method={cfg.method.name} needs a teacher; choose one with teacher=NAME")
     return problems, plan
+
+
+def mot_problems(cfg: DictConfig) -> list[str]:
+    """``teachers.rule=mot``: it edits the student's weights and the optimizer's state between
+    branches, so it needs them whole, and a step count that ends a round."""
+    from kdexp.teachers.merge import mot_steps_problem
+
+    t = cfg.train
+    problems = []
+    if cfg.get("deepspeed"):
+        problems.append("teachers.rule=mot resets the student's weights and optimizer state between branches, "
+                        "which DeepSpeed partitions: train it without deepspeed= (DDP or one process)")
+    if cfg.student.get("lora", {}).get("enabled"):
+        problems.append("teachers.rule=mot averages whole weights; averaging LoRA's factors is not averaging "
+                        "the adapted weights: train it with student.lora.enabled=false")
+    n, r = len(cfg.teachers.names or []), cfg.teachers.branch_steps
+    if n and isinstance(r, int) and r > 0 and t.get("epochs") is None and t.max_steps % (n * r):
+        problems.append(mot_steps_problem(t.max_steps, n, cfg.teachers.branch_steps))
+    return problems
 
 
 def eval_sets(cfg: DictConfig, problems: Problems, read: bool = False) -> dict[str, DictConfig]:
@@ -186,11 +207,12 @@ def check_routes(cfg: DictConfig, train: list) -> None:
         fields = ", ".join(sorted(train[0].record)) if train else "none"
         raise UserError(f"teachers.rule=route reads each example's {key!r} field (teachers.route_key), but {missing} "
                         f"of {len(train)} training examples lack it (their fields: {fields})")
-    unknown = sorted({str(e.record[key]) for e in train} - set(names) - set(mapping))
+    default = cfg.teachers.get("route_default")
+    unknown = [] if default else sorted({str(e.record[key]) for e in train} - set(names) - set(mapping))
     if unknown:
         raise UserError(f"training examples name teachers that teachers.names lacks ({key}={', '.join(unknown)}): "
-                        f"add them to teachers.names or map them with teachers.route_map")
-    bad = sorted({str(v) for v in mapping.values()} - set(names))
+                        f"add them to teachers.names or map them with teachers.route_map (or teachers.route_default: the rest)")
+    bad = sorted({str(v) for v in [*mapping.values(), *([default] if default else [])]} - set(names))
     if bad:
         raise UserError(f"teachers.route_map maps to {', '.join(bad)}, not in teachers.names ({', '.join(names)})")
 
@@ -203,6 +225,7 @@ class Inputs(NamedTuple):
     cache: TeacherCache | None
     server: Any = None  # teacher.source=server: the checked client (kdexp.teachers.server)
     named_tokenizers: Any = None  # teachers.rule: {name: tokenizer} of teachers.names (and the raw student)
+    named_servers: Any = None  # teachers.rule: {url: checked client} of the served teachers.names
 
 
 def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
@@ -221,12 +244,17 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
         tokenizer = load_tokenizer(cfg.student, "student")
     wants_teacher = plan is not None and (plan.needs_teacher or cfg.eval.teacher)
     rule = config.teachers_rule(cfg)
-    named_tokenizers = {}
+    named_tokenizers, named_servers = {}, {}
     if plan is not None and rule and not problems:  # the named teachers (and the raw student), not teacher=
         from kdexp.teachers import preset
+        from kdexp.teachers.server import connect, is_url
 
         t = cfg.teachers
-        named = [(str(n), f"teachers.names: {n}") for n in t.names]
+        for url in (str(n) for n in t.names if is_url(n)):
+            with problems.check(consequences=True):
+                if tokenizer is not None:
+                    named_servers[url] = connect(cfg, tokenizer, url)
+        named = [(str(n), f"teachers.names: {n}") for n in t.names if not is_url(n)]
         named += [(str(t.raw_student), "teachers.raw_student")] if t.rule == "relative" and t.get("raw_student") else []
         for name, what in named:
             with problems.check(consequences=True):
@@ -259,6 +287,6 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
         with problems.check():
             server = connect(cfg, tokenizer)
     problems.raise_if_any()
-    return Inputs(plan, tokenizer, data, teacher_tok, cache, server, named_tokenizers)
+    return Inputs(plan, tokenizer, data, teacher_tok, cache, server, named_tokenizers, named_servers)
 
 

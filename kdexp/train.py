@@ -41,6 +41,7 @@ from kdexp.guards import NonFinite, StopSignals, fault_injection
 from kdexp.logging import make_logger
 from kdexp.models import load_model
 from kdexp.step import BatchStream, Progress, Step, lr_lambda, schedule
+from kdexp.teachers.merge import MergeOfThought, branch_schedule
 from kdexp.teachers.server import TeacherError
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,12 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         lrs.append(lr)
     optimizer = torch.optim.AdamW([{"params": g, "lr": lr} for g, lr in zip(groups, lrs, strict=True)],
                                   lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio, t.get("lr_schedule") or "linear"))
+    warmup, total, clock = t.warmup_steps, t.max_steps, None
+    if mot := next((h for h in plan.hooks if isinstance(h, MergeOfThought)), None):  # one branch's schedule per round
+        warmup, total = branch_schedule(mot.k, warmup, total)
+        clock = mot.schedule_step
+    factor = lr_lambda(warmup, total, t.min_lr_ratio, t.get("lr_schedule") or "linear")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor if clock is None else lambda s: factor(clock(s)))
     engine, optimizer, scheduler = accelerator.prepare(teacher.engine_module(student), optimizer, scheduler)
     student = teacher.prepared(engine)
     stream = BatchStream(len(data["train"]), t.micro_batch_size, world, accelerator.process_index, cfg.seed)
@@ -115,7 +120,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     for state in (stream, progress, plan.objective, *plan.components):
         accelerator.register_for_checkpointing(state)
     ctx = methods.Context(cfg, accelerator, student, teacher, tokenizer, data["train"], t.max_steps,
-                          engine=engine)
+                          engine=engine, optimizer=optimizer, stream=stream)
     guard = NonFinite(os.environ.get("KDEXP_NAN_AT_ATTEMPT"))
     step = Step(cfg, accelerator, engine, teacher, plan.objective, groups, optimizer, guard)
 

@@ -1,12 +1,19 @@
 """Build the bundled tiny models: ``make teacher`` runs this.
 
     python -m kdexp.assets.build skeleton        # tokenizer + configs of tiny-teacher and tiny-student
-    python -m kdexp.assets.build teacher         # skeleton, then train the teacher with `kdexp train`
+    python -m kdexp.assets.build teacher         # skeleton, then train the teacher with `kdexp train`, then specialists
+    python -m kdexp.assets.build specialists     # the two specialist teachers alone, from the first (~8 minutes)
 
 The tokenizer is a byte-level BPE (1024 tokens) learned on the toy task's training text; both
 tiny models share it. The teacher (LLaMA architecture, 4 layers, width 256, ~3.4M parameters)
 is trained with kdexp's own loop (``method=sft``) from a fixed seed, and its weights are copied
-into ``kdexp/assets/tiny-teacher``. The student config (2 layers, width 96, ~0.32M parameters,
+into ``kdexp/assets/tiny-teacher``. Two specialist teachers for the several-teachers rules,
+``tiny-teacher-b`` and ``tiny-teacher-c`` (``teacher=tiny-b``, ``teacher=tiny-c``), are that
+teacher fine-tuned further on four of the eight families each (:data:`SPECIALISTS`): each keeps
+its own families and forgets much of the others', so each is better on some families, and
+``tiny-teacher`` is their raw (pre-fine-tuning) checkpoint (``teachers.rule=relative``). They are
+stored in bfloat16 (half the bytes; their scores in ``training.json`` are of the stored weights).
+The student config (2 layers, width 96, ~0.32M parameters,
 about 10x smaller) has no weights: ``student=tiny`` initializes it from ``seed``.
 """
 
@@ -44,6 +51,17 @@ TEACHER_RECIPE = [
     "eval=greedy", "eval.teacher=false",
 ]
 
+# The specialists: the teacher fine-tuned on four families each (the world's lookups and sums;
+# the list and sequence tasks).
+SPECIALISTS = {"b": ["fact", "describe", "arith", "category"], "c": ["repeat", "reverse", "count", "story"]}
+
+
+def specialist_recipe(families: list[str]) -> list[str]:
+    return ["method=sft", "teacher=none", "logger=none", "seed=0",
+            "student=tiny", "student.name_or_path=${kdexp.asset:tiny-teacher}", "student.init=pretrained",
+            f"data.toy.families=[{','.join(families)}]", "data.toy.n_train=8000", "train.max_steps=600",
+            "train.batch_size=32", "train.micro_batch_size=32", "train.lr=5e-4", "train.warmup_steps=30",
+            "train.min_lr_ratio=0.1", "train.eval_every=0", "train.save_every=0", "eval=greedy", "eval.teacher=false"]
 
 def tokenizer_corpus(n: int = 20000) -> list[str]:
     """Prompt + response texts of the toy training split (seed 0, compact template)."""
@@ -97,25 +115,61 @@ def teacher(run_dir: Path) -> None:
     cmd = [sys.executable, "-m", "kdexp", "train", *TEACHER_RECIPE, f"hydra.run.dir={run_dir}"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+    install(run_dir, TEACHER, "teacher", TEACHER_RECIPE)
+    specialists(run_dir)
+
+
+def specialists(run_dir: Path) -> None:
+    """Fine-tune the bundled teacher on each of SPECIALISTS' family sets into ``tiny-teacher-X``."""
+    for letter, families in SPECIALISTS.items():
+        run = run_dir.with_name(f"{run_dir.name}-{letter}")
+        if run.exists():
+            shutil.rmtree(run)
+        recipe = specialist_recipe(families)
+        cmd = [sys.executable, "-m", "kdexp", "train", *recipe, f"hydra.run.dir={run}"]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        folder = HERE / f"tiny-teacher-{letter}"
+        folder.mkdir(exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy2(TEACHER / name, folder / name)
+        install(run, folder, "specialists", recipe, bfloat16=True)
+
+
+def install(run_dir: Path, folder: Path, what: str, recipe: list[str], bfloat16: bool = False) -> None:
+    """Copy a run's final weights into a bundled model's folder, with its recipe and its scores
+    on the whole toy test split, overall and by family (evaluated here: a fine-tuning run's own
+    test split holds its families only)."""
     final = run_dir / "final"
     for name in ("model.safetensors", "config.json", "generation_config.json"):
-        shutil.copy2(final / name, TEACHER / name)
-    results = json.loads((run_dir / "results.json").read_text())
-    (TEACHER / "training.json").write_text(json.dumps({
-        "recipe": "python -m kdexp.assets.build teacher  (kdexp train " + " ".join(TEACHER_RECIPE) + ")",
+        shutil.copy2(final / name, folder / name)
+    if bfloat16:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(str(folder / "model.safetensors"))
+        save_file({k: v.bfloat16() for k, v in weights.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+    scored = run_dir.with_name(run_dir.name + "-eval")
+    subprocess.run([sys.executable, "-m", "kdexp", "eval", f"model={folder}", "eval=greedy", "logger=none",
+                    f"hydra.run.dir={scored}"], check=True)
+    results = json.loads((scored / "results.json").read_text())
+    trained = json.loads((run_dir / "results.json").read_text())
+    (folder / "training.json").write_text(json.dumps({
+        "recipe": f"python -m kdexp.assets.build {what}  (kdexp train " + " ".join(recipe) + ")",
         "test_rougeL": round(results["rougeL"], 2), "test_exact_match": round(results["exact_match"], 2),
-        "eval": "greedy, toy test split (200 prompts)", "train_time_s": results["train"]["time_s"],
+        "by_family": {f: {k: round(v, 2) for k, v in m.items()} for f, m in results["by_family"].items()},
+        "eval": "greedy, toy test split (200 prompts)", "train_time_s": trained["train"]["time_s"],
     }, indent=2) + "\n")
-    print(f"teacher written to {TEACHER}: test ROUGE-L {results['rougeL']:.2f}, "
+    print(f"{what} written to {folder}: test ROUGE-L {results['rougeL']:.2f}, "
           f"exact match {results['exact_match']:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["skeleton", "teacher"])
+    parser.add_argument("what", choices=["skeleton", "teacher", "specialists"])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/make-teacher"))
     args = parser.parse_args()
-    skeleton() if args.what == "skeleton" else teacher(args.run_dir)
+    {"skeleton": lambda _: skeleton(), "teacher": teacher, "specialists": specialists}[args.what](args.run_dir)
 
 
 if __name__ == "__main__":

@@ -236,9 +236,9 @@ def _once(t: torch.Tensor) -> torch.Tensor:
     here, once: autocast caches its casts only for tensors that require a gradient, and would
     otherwise cast the whole ``[V, H]`` head again for every chunk. The same values either way."""
     kind = t.device.type
-    if t.requires_grad or not t.is_floating_point() or not torch.is_autocast_enabled(kind):
+    if t.requires_grad or not t.is_floating_point() or t.dtype == torch.float64:
         return t
-    return t.to(torch.get_autocast_dtype(kind))
+    return t.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else t
 
 
 def _split(xs: Sequence, layout: list[int]) -> list[list]:

@@ -51,8 +51,9 @@ class Context:
     """The run as a method sees it. ``student`` is the engine-wrapped model being trained."""
 
     def __init__(self, cfg: DictConfig, accelerator, student: torch.nn.Module, teacher: Teacher,
-                 tokenizer, train: Sequence[Example], max_steps: int, engine: torch.nn.Module | None = None):
-        self.cfg, self.accelerator = cfg, accelerator
+                 tokenizer, train: Sequence[Example], max_steps: int, engine: torch.nn.Module | None = None,
+                 optimizer: Any = None, stream: Any = None):
+        self.cfg, self.accelerator, self.optimizer, self.stream = cfg, accelerator, optimizer, stream
         self.engine = engine if engine is not None else student  # what accelerate prepared
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         self.train, self.max_steps = train, max_steps

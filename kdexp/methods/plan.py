@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdexp.config import teachers_rule
 from kdexp.errors import UserError
 from kdexp.losses.objective import Objective
 from kdexp.methods import METHODS, TermSpec, rl  # noqa: F401  (rl registers its loss terms)
@@ -40,7 +41,12 @@ def build(cfg: DictConfig) -> Plan:
     if (online is not None) != objective.trains_teacher:
         raise UserError("an objective with terms that train the teacher needs method=okd's online module"
                         if online is None else "method=okd needs terms with trains: teacher")
-    return Plan(objective, method.make_source(cfg), method.make_hooks(cfg, objective), online)
+    hooks = method.make_hooks(cfg, objective)
+    if teachers_rule(cfg) == "mot":  # Merge-of-Thought: branches per teacher, merged (a hook of the loop)
+        from kdexp.teachers.merge import MergeOfThought
+
+        hooks.append(MergeOfThought(len(cfg.teachers.names or []) or 1, int(cfg.teachers.branch_steps or 1)))
+    return Plan(objective, method.make_source(cfg), hooks, online)
 
 
 def build_objective(cfg: DictConfig) -> Objective:

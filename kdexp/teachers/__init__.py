@@ -84,7 +84,7 @@ def preset(name: str) -> DictConfig:
 
 
 def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
-    """``teachers.rule``: the teachers of ``teachers.names``, frozen, combined by the rule."""
+    """``teachers.rule``: the teachers of ``teachers.names`` (frozen models, or servers), combined by the rule."""
     import copy
 
     from kdexp.teachers.multi import MultiTeacher
@@ -93,6 +93,12 @@ def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeni
     models, widths = [], []
     known = inputs.named_tokenizers or {}  # read by the input checks
     for name in t.names:
+        if str(name) in (inputs.named_servers or {}):  # a served teacher, connected by the input checks
+            served = ServerTeacher(accelerator, inputs.named_servers[str(name)], int(cfg.teacher.top_k), student,
+                                   tokenizer, int(cfg.teacher.concurrency))
+            models.append(served)
+            widths.append(served.vocab)
+            continue
         spec = preset(name)
         model, teacher_tokenizer = load_model(spec, "teacher", known.get(str(name)))
         widths.append(shared_vocab(student, tokenizer, model, teacher_tokenizer,
@@ -106,7 +112,8 @@ def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeni
             shared_vocab(student, tokenizer, raw, raw_tokenizer, (cfg.student.name_or_path, "teachers.raw_student"))
         else:
             raw = copy.deepcopy(accelerator.unwrap_model(student))
-    route = {"key": t.route_key, "map": {str(k): str(v) for k, v in (t.route_map or {}).items()}}
+    route = {"key": t.route_key, "map": {str(k): str(v) for k, v in (t.route_map or {}).items()},
+             "default": None if t.get("route_default") is None else str(t.route_default)}
     return MultiTeacher(accelerator, vocab, list(t.names), models, t.rule, t.get("weights"), float(t.alpha), raw,
                         route)
 

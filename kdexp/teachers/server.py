@@ -276,11 +276,17 @@ class ServerTeacher(Teacher):
         return self.fused_distributions(batch).logits()
 
 
-def connect(cfg, student_tokenizer) -> ServerClient:
-    """A client of ``teacher.url``, checked: reachable, the key accepted, the student's tokenizer."""
+def is_url(name: str) -> bool:
+    """Whether a teacher's name is a server's address (``teachers.names`` entries may be)."""
+    return str(name).startswith(("http://", "https://"))
+
+
+def connect(cfg, student_tokenizer, url: str | None = None) -> ServerClient:
+    """A client of ``url`` (default ``teacher.url``), checked: reachable, the key accepted, the
+    student's tokenizer; ``teacher.*`` gives its key variable, timeout, retries and top-k."""
     t = cfg.teacher
-    url = str(t.get("url") or "")
-    if not url.startswith(("http://", "https://")):
+    url = str(url or t.get("url") or "")
+    if not is_url(url):
         raise UserError(f"teacher.source=server needs teacher.url=http://HOST:PORT (got {url or 'nothing'})")
     key_env = str(t.get("api_key_env") or "KDEXP_TEACHER_API_KEY")
     client = ServerClient(url, os.environ.get(key_env) or None, float(t.timeout), int(t.retries), key_env=key_env)
@@ -324,4 +330,4 @@ def check_tokenizer(client: ServerClient, model: str, tokenizer) -> None:
 
 
 __all__ = ["PROBE", "TAIL_FLOOR", "ServerClient", "ServerTeacher", "TeacherError", "TeacherUnavailable",
-           "check_tokenizer", "connect", "parse_prompt_logprobs"]
+           "check_tokenizer", "connect", "is_url", "parse_prompt_logprobs"]

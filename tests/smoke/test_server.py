@@ -125,6 +125,29 @@ def test_kd_from_the_server_matches_a_top_k_cache_of_the_same_k(server):
         "train.log").read_text()
 
 
+def test_served_teachers_among_several(server, tmp_path):
+    """teachers.names may hold a server's address: a mixture of a served teacher with itself is
+    that served teacher (the same losses as teacher.source=server), and route sends each family's
+    rows to a live or a served teacher in one micro-batch."""
+    root, url = server
+    args = [*FAST, *DATA, "train.log_every=1", "teacher.top_k=8", "eval.max_samples=2", "eval.seeds=[10]"]
+    key = {"KDEXP_TEACHER_API_KEY": KEY}
+    kdexp("train", *args, "teacher.source=server", f"teacher.url={url}", f"hydra.run.dir={tmp_path / 'one'}",
+          cwd=tmp_path, env=key)
+    kdexp("train", *args, "teachers.rule=mixture", f"teachers.names=[{url},{url}]", "teachers.weights=[0.3,0.7]",
+          f"hydra.run.dir={tmp_path / 'mix'}", cwd=tmp_path, env=key)
+    routed = kdexp("train", *args, "teachers.rule=route", f"teachers.names=[tiny,{url}]", "teachers.route_key=family",
+                   "teachers.route_map={repeat: tiny, fact: tiny, arith: tiny}", f"teachers.route_default={url}",
+                   f"hydra.run.dir={tmp_path / 'route'}", cwd=tmp_path, env=key)
+    assert "from the server" in routed.stdout + routed.stderr
+
+    def fkl(run):
+        return [json.loads(line)["train/fkl"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert fkl("mix") == pytest.approx(fkl("one"), rel=1e-5, abs=1e-6)
+    assert all(0 < v < 20 for v in fkl("route"))
+
+
 def test_a_wrong_key_an_unreachable_server_and_an_unfit_method_are_one_line_each(server, tmp_path):
     root, url = server
     base = [*FAST, *DATA, "teacher.source=server", "teacher.top_k=8"]

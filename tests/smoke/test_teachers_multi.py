@@ -40,3 +40,31 @@ def test_the_relative_target_of_a_teacher_against_itself_is_the_raw_student(tmp_
           f"hydra.run.dir={tmp_path / 'rel'}", cwd=tmp_path)
     first, second = losses(tmp_path / "rel")
     assert first == pytest.approx(0.0, abs=1e-5) and second > first
+
+
+def test_mot_trains_each_teachers_branch_and_resumes_inside_a_round_to_the_same_weights(tmp_path):
+    """teachers.rule=mot through the CLI: branches alternate by teachers.branch_steps; a run
+    resumed from a checkpoint in the middle of a round (its base and branch sum in it) ends with
+    the uninterrupted run's weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from kdexp import checkpoint
+
+    args = [*ARGS, "train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=10", "teachers.rule=mot",
+            "teachers.names=[tiny-b,tiny-c]", "teachers.branch_steps=1", "eval.max_samples=1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    kdexp("train", *args, f"hydra.run.dir={whole}", cwd=tmp_path)
+    branches = [json.loads(line)["method/mot_branch"] for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert branches == [0, 1, 0, 1]
+    shutil.copytree(whole, cut)
+    for saved in checkpoint.list_checkpoints(cut)[1:]:  # keep step 1's: the second branch of round 1 is next
+        shutil.rmtree(saved)
+    shutil.rmtree(cut / "final")
+    kdexp("train", *args, "train.resume=true", f"hydra.run.dir={cut}", cwd=tmp_path)
+    a, b = (load_file(str(run / "final" / "model.safetensors")) for run in (whole, cut))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    logged = [[{k: v for k, v in json.loads(line).items() if k in ("step", "train/fkl", "train/lr", "method/mot_branch")}
+               for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (whole, cut)]
+    assert logged[0] == logged[1] and logged[0][2]["method/mot_branch"] == 0  # the resumed steps' teachers and losses

@@ -1,0 +1,107 @@
+"""Several teachers on the embedded task: students of each single teacher and of every
+``teachers.rule``, 3 training seeds, scored overall and by instruction family.
+
+    make teachers-study                          # docs/results/TEACHERS.md (about 35 minutes on 2 cores)
+    python scripts/teachers_study.py --seeds 0 --out runs/teachers-quick --report /tmp/T.md
+
+The teachers are the bundled specialists (``teacher=tiny-b``: fact, describe, arith, category;
+``teacher=tiny-c``: repeat, reverse, count, story; both fine-tuned from ``teacher=tiny``, which is
+also run alone and is their raw checkpoint for ``relative``). Every arm trains the embedded
+default's student with the embedded default's recipe (``method=kd``, forward KL at T = 2, 1000
+steps) and is evaluated greedily on the 200 test prompts. Runs go to ``--out`` (one directory per
+arm and seed); a finished run (``results.json``) is reused. Two runs at a time, one thread each.
+The report is computed from the run directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+B_FAMILIES = ["fact", "describe", "arith", "category"]  # kdexp/assets/build.py SPECIALISTS["b"]
+ROUTE = "{" + ", ".join(f"{f}: tiny-b" for f in B_FAMILIES) + "}"
+PAIR = "teachers.names=[tiny-b,tiny-c]"
+ARMS = {  # name: (label, overrides)
+    "tiny": ("teacher=tiny (the generalist, raw checkpoint of both)", ["teacher=tiny"]),
+    "tiny-b": ("teacher=tiny-b alone", ["teacher=tiny-b"]),
+    "tiny-c": ("teacher=tiny-c alone", ["teacher=tiny-c"]),
+    "route": ("route (each family to its specialist)",
+              ["teachers.rule=route", PAIR, "teachers.route_key=family", f"teachers.route_map={ROUTE}",
+               "teachers.route_default=tiny-c"]),
+    "mixture": ("mixture (equal weights)", ["teachers.rule=mixture", PAIR]),
+    "relative": ("relative (tiny-b corrected by raw student / tiny, alpha 1)",
+                 ["teachers.rule=relative", "teachers.names=[tiny-b,tiny]", "teachers.alpha=1.0"]),
+    "mot": ("mot (branches of 50 steps, 10 rounds)", ["teachers.rule=mot", PAIR, "teachers.branch_steps=50"]),
+}
+COMMON = ["logger=none", "eval=greedy", "eval.teacher=false", "train.num_threads=1"]
+
+
+def train(out: Path, arm: str, seed: int) -> Path:
+    run = out / f"{arm}-seed{seed}"
+    if (run / "results.json").is_file():
+        return run
+    cmd = [sys.executable, "-m", "kdexp", "train", *ARMS[arm][1], *COMMON, f"seed={seed}", f"hydra.run.dir={run}"]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    print(f"{arm} seed {seed}: {time.time() - start:.0f} s", flush=True)
+    return run
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def report(out: Path, seeds: list[int], seconds: float) -> str:
+    results = {arm: [json.loads((out / f"{arm}-seed{s}" / "results.json").read_text()) for s in seeds] for arm in ARMS}
+    families = list(next(iter(results.values()))[0]["by_family"])
+    lines = ["# Several teachers on the embedded task", "",
+             f"`python scripts/teachers_study.py` ({len(seeds)} training seeds: {', '.join(map(str, seeds))}; "
+             f"{seconds / 60:.0f} minutes on {os.cpu_count()} CPU cores). Every arm: the embedded default "
+             "(`method=kd`, fkl at T = 2, 1000 steps, the tiny student from a random init), greedy "
+             "evaluation on the 200 test prompts; mean ± std over the training seeds. The teachers: "
+             "`tiny-b` (fine-tuned on fact, describe, arith, category), `tiny-c` (repeat, reverse, count, "
+             "story), both from `tiny`.", "",
+             "| arm | ROUGE-L | exact match |", "|---|---|---|"]
+    for arm, (label, _) in ARMS.items():
+        rs = results[arm]
+        lines.append(f"| {label} | {mean_std([r['rougeL'] for r in rs])} | {mean_std([r['exact_match'] for r in rs])} |")
+    for metric, title in (("rougeL", "ROUGE-L"), ("exact_match", "exact match")):
+        lines += ["", f"{title} by family (b: a family of tiny-b's fine-tuning, c: of tiny-c's):", "",
+                  "| arm | " + " | ".join(f"{f} ({'b' if f in B_FAMILIES else 'c'})" for f in families) + " |",
+                  "|---|" + "---|" * len(families)]
+        for arm in ARMS:
+            cells = [mean_std([r["by_family"][f][metric] for r in results[arm]]) for f in families]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "teachers-study")
+    p.add_argument("--report", type=Path, default=ROOT / "docs" / "results" / "TEACHERS.md")
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+    start = time.time()
+    jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(lambda job: train(args.out, *job), jobs))
+    if args.arms == list(ARMS):
+        args.report.write_text(report(args.out, args.seeds, time.time() - start))
+        print(f"report: {args.report}")
+
+
+if __name__ == "__main__":
+    main()
