@@ -139,11 +139,13 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
         if not plan.needs_teacher:
             problems.add(f"teachers.rule={cfg.teachers.rule} combines teachers for the loss, but method="
                          f"{cfg.method.name} reads no teacher: drop teachers.rule")
-    if from_cache and (plan.online is not None or type(plan.source) is not methods.Source
-                       or any(c.needs_teacher for c in plan.hooks)):
-        problems.add(f"teacher.source=cache serves methods that train on the dataset text (sft, kd, "
-                     f"taid, ...); method={cfg.method.name} generates or trains sequences the cache "
-                     f"cannot hold: use teacher.source=live")
+    cached_member = several and any(is_cached(n) for n in (cfg.teachers.get("names") or []))
+    if (from_cache or cached_member) and (plan.online is not None or type(plan.source) is not methods.Source
+                                          or any(c.needs_teacher for c in plan.hooks)):
+        which, fix = (("teacher.source=cache", "use teacher.source=live") if from_cache else
+                      ("a cache: entry of teachers.names", "name the live teacher instead"))
+        problems.add(f"{which} serves methods that train on the dataset text (sft, kd, taid, ...); "
+                     f"method={cfg.method.name} generates or trains sequences the cache cannot hold: {fix}")
     elif source == "server" and (plan.online is not None or any(c.needs_teacher and not c.teacher_generates_only
                                                                  for c in plan.components)):
         problems.add(f"teacher.source=server scores text and generates teacher outputs; method={cfg.method.name} "
@@ -226,6 +228,7 @@ class Inputs(NamedTuple):
     server: Any = None  # teacher.source=server: the checked client (kdexp.teachers.server)
     named_tokenizers: Any = None  # teachers.rule: {name: tokenizer} of teachers.names (and the raw student)
     named_servers: Any = None  # teachers.rule: {url: checked client} of the served teachers.names
+    named_caches: Any = None  # teachers.rule: {"cache:NAME": opened cache} of the cached teachers.names
 
 
 def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
@@ -254,7 +257,7 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
             with problems.check(consequences=True):
                 if tokenizer is not None:
                     named_servers[url] = connect(cfg, tokenizer, url)
-        named = [(str(n), f"teachers.names: {n}") for n in t.names if not is_url(n)]
+        named = [(str(n), f"teachers.names: {n}") for n in t.names if not is_url(n) and not is_cached(n)]
         named += [(str(t.raw_student), "teachers.raw_student")] if t.rule == "relative" and t.get("raw_student") else []
         for name, what in named:
             with problems.check(consequences=True):
@@ -277,6 +280,11 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
         with problems.check():
             cache = teacher_cache.open_cache(cfg, data["train"], tokenizer,
                                              teacher_cache.temperature_of(plan.objective.teacher_temperatures))
+    named_caches = {}
+    if data is not None and rule and not problems:
+        for name in (str(n) for n in cfg.teachers.names if is_cached(n)):
+            with problems.check():
+                named_caches[name] = open_named_cache(cfg, name, data["train"], tokenizer)
     if data is not None and rule == "route" and not problems:
         with problems.check():
             check_routes(cfg, data["train"])
@@ -287,6 +295,25 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
         with problems.check():
             server = connect(cfg, tokenizer)
     problems.raise_if_any()
-    return Inputs(plan, tokenizer, data, teacher_tok, cache, server, named_tokenizers, named_servers)
+    return Inputs(plan, tokenizer, data, teacher_tok, cache, server, named_tokenizers, named_servers, named_caches)
+
+
+def is_cached(name: Any) -> bool:
+    """Whether a ``teachers.names`` entry is a teacher's top-k cache (``cache:NAME``)."""
+    return str(name).startswith("cache:")
+
+
+def open_named_cache(cfg: DictConfig, name: str, train: list, tokenizer) -> Any:
+    """The top-k cache of the teacher ``cache:NAME`` names (a preset or a model directory), as
+    ``kdexp cache-teacher teacher=NAME loss.temperature=1`` built it: the rules combine the
+    teachers' distributions at temperature 1 (the loss tempers the result)."""
+    from kdexp import teacher_cache
+    from kdexp.teachers import preset
+
+    spec = preset(name.removeprefix("cache:"))
+    teacher = OmegaConf.merge(cfg.teacher, {k: spec[k] for k in ("name_or_path", "revision", "dtype")})
+    scoped = OmegaConf.merge(cfg, {"teacher": teacher})
+    scoped.teacher.cache = None  # teacher.cache names the one teacher's cache
+    return teacher_cache.open_cache(scoped, train, tokenizer, 1.0)
 
 

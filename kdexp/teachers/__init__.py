@@ -94,10 +94,15 @@ def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeni
     known = inputs.named_tokenizers or {}  # read by the input checks
     for name in t.names:
         if str(name) in (inputs.named_servers or {}):  # a served teacher, connected by the input checks
-            served = ServerTeacher(accelerator, inputs.named_servers[str(name)], int(cfg.teacher.top_k), student,
+            member = ServerTeacher(accelerator, inputs.named_servers[str(name)], int(cfg.teacher.top_k), student,
                                    tokenizer, int(cfg.teacher.concurrency))
-            models.append(served)
-            widths.append(served.vocab)
+        elif str(name) in (inputs.named_caches or {}):  # a teacher's top-k cache, opened by the input checks
+            member = CachedTeacher(accelerator, inputs.named_caches[str(name)], student, tokenizer)
+        else:
+            member = None
+        if member is not None:
+            models.append(member)
+            widths.append(member.vocab)
             continue
         spec = preset(name)
         model, teacher_tokenizer = load_model(spec, "teacher", known.get(str(name)))

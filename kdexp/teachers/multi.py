@@ -1,5 +1,6 @@
 """Several teachers combined into one target (``teachers.rule``): frozen models in this process,
-or teachers behind a server (a ``teachers.names`` entry ``http://HOST:PORT``).
+teachers behind a server (a ``teachers.names`` entry ``http://HOST:PORT``) or a teacher's top-k
+cache (``cache:NAME``, built by ``kdexp cache-teacher teacher=NAME loss.temperature=1``).
 
     kdexp train teachers.rule=mixture teachers.names=[tiny,runs/other/final] teachers.weights=[0.7,0.3]
     kdexp train teachers.rule=route teachers.names=[tiny,runs/other/final] teachers.route_key=family \\
@@ -39,7 +40,8 @@ RULES = (*combine.RULES, "mot")  # mot combines students, not distributions: kde
 
 class MultiTeacher(Teacher):
     """Teachers whose distributions a rule combines per position: frozen models in this process,
-    or served teachers (:class:`~kdexp.teachers.server.ServerTeacher`, asked per micro-batch)."""
+    served teachers (:class:`~kdexp.teachers.server.ServerTeacher`, asked per micro-batch) or
+    top-k caches (:class:`~kdexp.teachers.cache.CachedTeacher`)."""
 
     kind = "multi"
 
@@ -105,7 +107,7 @@ class MultiTeacher(Teacher):
 
     def _logp(self, i: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         member = self.members[i]
-        if isinstance(member, Teacher):  # a served teacher: its top-k and tail, densified
+        if isinstance(member, Teacher):  # served or cached: its top-k and tail, densified
             own = {k.split("/", 1)[1]: v for k, v in batch.items() if k.startswith(f"member{i}/")}
             return member.distributions({**batch, **own}).float().log_softmax(-1)
         return logits_of(member, batch, self.vocab).float().log_softmax(-1)
@@ -128,9 +130,11 @@ class MultiTeacher(Teacher):
 
 def check_names(names: Any, rule: str, choices: Sequence[str]) -> list[str]:
     """One line per problem of ``teachers.names`` for ``rule``: each a ``teacher=`` preset with
-    a model, a model directory, or a teacher server's address (``http://HOST:PORT``)."""
+    a model, a model directory, a teacher server's address (``http://HOST:PORT``), or the top-k
+    cache of a preset or directory (``cache:NAME``)."""
     from pathlib import Path
 
+    from kdexp.checks import is_cached
     from kdexp.errors import unknown_choice
     from kdexp.teachers.server import is_url
 
@@ -144,6 +148,9 @@ def check_names(names: Any, rule: str, choices: Sequence[str]) -> list[str]:
     for name in map(str, names):
         if name == "none":
             problems.append("teachers.names entry 'none' is no model")
+        elif is_cached(name):
+            if name[6:] not in choices and not Path(name[6:]).is_dir():
+                problems.append(str(unknown_choice("teachers.names entry cache:", name[6:], choices)))
         elif name not in choices and not Path(name).is_dir() and not is_url(name):
             problems.append(str(unknown_choice("teachers.names entry", name, choices)))
     if rule == "relative" and len(names) != 2:

@@ -68,3 +68,22 @@ def test_mot_trains_each_teachers_branch_and_resumes_inside_a_round_to_the_same_
     logged = [[{k: v for k, v in json.loads(line).items() if k in ("step", "train/fkl", "train/lr", "method/mot_branch")}
                for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (whole, cut)]
     assert logged[0] == logged[1] and logged[0][2]["method/mot_branch"] == 0  # the resumed steps' teachers and losses
+
+
+def test_cached_teachers_among_several(tmp_path):
+    """A teachers.names entry cache:NAME reads that teacher's top-k cache (built at temperature 1):
+    a mixture of one cached teacher with itself trains exactly as teacher.source=cache, and a
+    missing cache is one line that says how to build it."""
+    args = [*ARGS, "teacher.top_k=8", "loss.temperature=1"]
+    missing = kdexp("train", *args, "teachers.rule=mixture", "teachers.names=[cache:tiny-c,tiny-b]",
+                    f"hydra.run.dir={tmp_path / 'none'}", cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and "no teacher cache" in missing.stderr and "kdexp cache-teacher" in missing.stderr
+    kdexp("cache-teacher", *DATA, "teacher=tiny-c", "loss.temperature=1", "teacher.top_k=8", "logger=none",
+          f"hydra.run.dir={tmp_path / 'cache'}", cwd=tmp_path)
+    kdexp("train", *args, "teacher=tiny-c", "teacher.source=cache", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    kdexp("train", *args, "teachers.rule=mixture", "teachers.names=[cache:tiny-c,cache:tiny-c]",
+          f"hydra.run.dir={tmp_path / 'mix'}", cwd=tmp_path)
+    assert losses(tmp_path / "mix") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
+    gkd = kdexp("train", *args, "method=gkd", "teachers.rule=mixture", "teachers.names=[cache:tiny-c,tiny-b]",
+                f"hydra.run.dir={tmp_path / 'gkd'}", cwd=tmp_path, check=False)
+    assert gkd.returncode == 2 and "a cache: entry of teachers.names serves methods" in gkd.stderr
