@@ -314,6 +314,14 @@ def open_named_cache(cfg: DictConfig, name: str, train: list, tokenizer) -> Any:
     teacher = OmegaConf.merge(cfg.teacher, {k: spec[k] for k in ("name_or_path", "revision", "dtype")})
     scoped = OmegaConf.merge(cfg, {"teacher": teacher})
     scoped.teacher.cache = None  # teacher.cache names the one teacher's cache
-    return teacher_cache.open_cache(scoped, train, tokenizer, 1.0)
+    try:
+        return teacher_cache.open_cache(scoped, train, tokenizer, 1.0)
+    except UserError as err:
+        if "no teacher cache" not in str(err):
+            raise
+        raise UserError(f"teachers.names entry {name}: no cache of that teacher at temperature 1 with "
+                        f"top-{scoped.teacher.top_k}; build it with the run's data overrides: kdexp cache-teacher "
+                        f"teacher={name.removeprefix('cache:')} loss.temperature=1 "
+                        f"teacher.top_k={scoped.teacher.top_k}") from None
 
 

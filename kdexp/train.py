@@ -175,7 +175,8 @@ def steps(r: Run) -> tuple[float, int]:
     while progress.step < t.max_steps:
         # a teacher over a network can fail while the step's micro-batches are drawn: their state
         # is kept aside to be put back (components may hold whole buffers: not for other teachers)
-        before = [(c, c.state_dict()) for c in (r.stream, *r.plan.components)] if r.teacher.remote else []
+        before = ([(c, c.state_dict()) for c in (r.stream, *r.plan.components) if getattr(c, "drawn", True)]
+                  if r.teacher.remote else [])
         failure: TeacherError | None = None
         try:
             batches = [micro_batch(r, r.stream.next(), i) for i in range(accum)]
@@ -268,7 +269,7 @@ class StepLog:
         metrics = {"train/loss": total, **{f"train/{k}": v for k, v in reduced.items()},
                    "train/lr": r.scheduler.get_last_lr()[0],
                    "train/tokens_per_s": (r.progress.tokens - self.tokens_before) / max(time.time() - self.start, 1e-9),
-                   "train/teacher_s": r.teacher.seconds / (step - self.first),
+                   "train/teacher_s": r.teacher.total_seconds() / (step - self.first),
                    "train/epoch": stream.epoch + stream.index / stream.per_epoch}
         if norms[0] is not None:
             metrics["train/grad_norm"] = float(norms[0])

@@ -137,6 +137,10 @@ class Teacher:
         self.accelerator, self.vocab = accelerator, vocab
         self.seconds = 0.0
 
+    def total_seconds(self) -> float:
+        """``seconds``, with those of the teachers it is made of (several teachers)."""
+        return self.seconds
+
     # -- the engine -------------------------------------------------------------------------
 
     def engine_module(self, student: torch.nn.Module) -> torch.nn.Module:

@@ -61,6 +61,9 @@ class MultiTeacher(Teacher):
         self.route = dict(route or {})
         self.active = 0  # mot: the teacher of the current branch (set by kdexp.teachers.merge)
 
+    def total_seconds(self) -> float:
+        return self.seconds + sum(m.seconds for m in self.members if isinstance(m, Teacher))
+
     def teacher_of(self, example) -> int:
         """The index of ``example``'s teacher (``route``): its record's ``key`` field, mapped."""
         key, mapping = self.route["key"], self.route.get("map") or {}

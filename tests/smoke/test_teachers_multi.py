@@ -77,7 +77,8 @@ def test_cached_teachers_among_several(tmp_path):
     args = [*ARGS, "teacher.top_k=8", "loss.temperature=1"]
     missing = kdexp("train", *args, "teachers.rule=mixture", "teachers.names=[cache:tiny-c,tiny-b]",
                     f"hydra.run.dir={tmp_path / 'none'}", cwd=tmp_path, check=False)
-    assert missing.returncode == 2 and "no teacher cache" in missing.stderr and "kdexp cache-teacher" in missing.stderr
+    assert missing.returncode == 2 and "teachers.names entry cache:tiny-c: no cache" in missing.stderr
+    assert "kdexp cache-teacher teacher=tiny-c loss.temperature=1 teacher.top_k=8" in missing.stderr
     kdexp("cache-teacher", *DATA, "teacher=tiny-c", "loss.temperature=1", "teacher.top_k=8", "logger=none",
           f"hydra.run.dir={tmp_path / 'cache'}", cwd=tmp_path)
     kdexp("train", *args, "teacher=tiny-c", "teacher.source=cache", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
