@@ -64,7 +64,7 @@ def mean_std(values: list[float]) -> str:
 
 def report(out: Path, seeds: list[int], seconds: float) -> str:
     results = {arm: [json.loads((out / f"{arm}-seed{s}" / "results.json").read_text()) for s in seeds] for arm in ARMS}
-    families = list(next(iter(results.values()))[0]["by_family"])
+    families = list(next(iter(results.values()))[0]["student"]["by_family"])
     lines = ["# Several teachers on the embedded task", "",
              f"`python scripts/teachers_study.py` ({len(seeds)} training seeds: {', '.join(map(str, seeds))}; "
              f"{seconds / 60:.0f} minutes on {os.cpu_count()} CPU cores). Every arm: the embedded default "
@@ -81,7 +81,7 @@ def report(out: Path, seeds: list[int], seconds: float) -> str:
                   "| arm | " + " | ".join(f"{f} ({'b' if f in B_FAMILIES else 'c'})" for f in families) + " |",
                   "|---|" + "---|" * len(families)]
         for arm in ARMS:
-            cells = [mean_std([r["by_family"][f][metric] for r in results[arm]]) for f in families]
+            cells = [mean_std([r["student"]["by_family"][f][metric] for r in results[arm]]) for f in families]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
