@@ -31,7 +31,7 @@ class Source:
     needs_teacher = False  # the source itself runs the teacher (teacher outputs, mixed sampling)
     teacher_generates_only = False  # ... only to generate responses (a served teacher can)
     validates_first = False  # wants a validation before the first step (its after_validation at step 0)
-    drawn = True  # its state can change while a step's micro-batches are drawn (kept aside for a failing teacher)
+    changes_when_drawn = True  # drawing a step's micro-batches can change its state (kept aside for a failing teacher)
 
     def setup(self, ctx: Context, resumed: bool) -> None:
         """Once, before the first step (``resumed``: the state was just loaded from a checkpoint)."""

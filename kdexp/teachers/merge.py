@@ -37,7 +37,7 @@ from kdexp.methods.sources import Source
 class MergeOfThought(Source):
     """The hook that switches branches and merges them (one of the plan's hooks)."""
 
-    drawn = False  # it acts after the optimizer step only: nothing to put back when drawing fails
+    changes_when_drawn = False  # it acts after the optimizer step only: nothing to put back when drawing fails
 
     def __init__(self, teachers: int, branch_steps: int):
         self.k, self.r = int(teachers), int(branch_steps)

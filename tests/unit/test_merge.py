@@ -156,3 +156,12 @@ def test_the_branches_of_a_round_take_the_same_learning_rates():
     # one branch per round walks one whole schedule: warmup, then the decay to its end
     assert [branch_step(s, k, r) for s in range(total) if (s // r) % k == 0] == list(range(t))
     assert lrs[0] == factor(0) and lrs[-1] == factor(t - 1) and factor(t - 1) < factor(w)
+
+
+def test_only_the_hook_declares_its_state_untouched_while_micro_batches_are_drawn():
+    """A failing served teacher puts back the state of every component that drawing can change:
+    on-policy sources keep counters that must not shadow that flag (a name clash once made it 0)."""
+    from kdexp.methods.sources import OnPolicy, Source
+
+    assert OnPolicy(lambda step, micro: 0.5, Source()).changes_when_drawn is True
+    assert Source().changes_when_drawn is True and MergeOfThought(2, 1).changes_when_drawn is False
