@@ -139,7 +139,7 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
         if not plan.needs_teacher:
             problems.add(f"teachers.rule={cfg.teachers.rule} combines teachers for the loss, but method="
                          f"{cfg.method.name} reads no teacher: drop teachers.rule")
-    cached_member = several and any(is_cached(n) for n in (cfg.teachers.get("names") or []))
+    cached_member = several and any(config.is_cached(n) for n in (cfg.teachers.get("names") or []))
     if (from_cache or cached_member) and (plan.online is not None or type(plan.source) is not methods.Source
                                           or any(c.needs_teacher for c in plan.hooks)):
         which, fix = (("teacher.source=cache", "use teacher.source=live") if from_cache else
@@ -250,16 +250,17 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
     named_tokenizers, named_servers = {}, {}
     if plan is not None and rule and not problems:  # the named teachers (and the raw student), not teacher=
         from kdexp.teachers import preset
-        from kdexp.teachers.server import connect, is_url
+        from kdexp.teachers.server import connect
 
         t = cfg.teachers
-        for url in (str(n) for n in t.names if is_url(n)):
+        for url in dict.fromkeys(str(n) for n in t.names if config.is_url(n)):  # a name given twice: checked once
             with problems.check(consequences=True):
                 if tokenizer is not None:
                     named_servers[url] = connect(cfg, tokenizer, url)
-        named = [(str(n), f"teachers.names: {n}") for n in t.names if not is_url(n) and not is_cached(n)]
-        named += [(str(t.raw_student), "teachers.raw_student")] if t.rule == "relative" and t.get("raw_student") else []
-        for name, what in named:
+        named = {str(n): f"teachers.names: {n}" for n in t.names if not config.is_url(n) and not config.is_cached(n)}
+        if t.rule == "relative" and t.get("raw_student"):
+            named.setdefault(str(t.raw_student), "teachers.raw_student")
+        for name, what in named.items():
             with problems.check(consequences=True):
                 spec = preset(name)
                 named_tokenizers[name] = load_tokenizer(spec, "teacher")
@@ -282,7 +283,7 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
                                              teacher_cache.temperature_of(plan.objective.teacher_temperatures))
     named_caches = {}
     if data is not None and rule and not problems:
-        for name in (str(n) for n in cfg.teachers.names if is_cached(n)):
+        for name in dict.fromkeys(str(n) for n in cfg.teachers.names if config.is_cached(n)):
             with problems.check():
                 named_caches[name] = open_named_cache(cfg, name, data["train"], tokenizer)
     if data is not None and rule == "route" and not problems:
@@ -296,11 +297,6 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
             server = connect(cfg, tokenizer)
     problems.raise_if_any()
     return Inputs(plan, tokenizer, data, teacher_tok, cache, server, named_tokenizers, named_servers, named_caches)
-
-
-def is_cached(name: Any) -> bool:
-    """Whether a ``teachers.names`` entry is a teacher's top-k cache (``cache:NAME``)."""
-    return str(name).startswith("cache:")
 
 
 def open_named_cache(cfg: DictConfig, name: str, train: list, tokenizer) -> Any:

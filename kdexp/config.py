@@ -112,6 +112,16 @@ def teachers_rule(cfg: DictConfig) -> str | None:
     return (cfg.get("teachers") or {}).get("rule") or None
 
 
+def is_url(name: Any) -> bool:
+    """Whether a teacher's name is a server's address (``teacher.url``; ``teachers.names`` entries may be)."""
+    return str(name).startswith(("http://", "https://"))
+
+
+def is_cached(name: Any) -> bool:
+    """Whether a ``teachers.names`` entry is a teacher's top-k cache (``cache:NAME``)."""
+    return str(name).startswith("cache:")
+
+
 # The kinds of teacher.source (kdexp.teachers.SOURCES registers one builder for each).
 TEACHER_SOURCES = ("live", "cache", "server")
 

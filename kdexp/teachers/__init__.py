@@ -84,7 +84,7 @@ def preset(name: str) -> DictConfig:
 
 
 def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
-    """``teachers.rule``: the teachers of ``teachers.names`` (frozen models, or servers), combined by the rule."""
+    """``teachers.rule``: the teachers of ``teachers.names`` (frozen models, servers or caches), combined by the rule."""
     import copy
 
     from kdexp.teachers.multi import MultiTeacher
@@ -92,23 +92,18 @@ def several(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeni
     t = cfg.teachers
     models, widths = [], []
     known = inputs.named_tokenizers or {}  # read by the input checks
-    for name in t.names:
-        if str(name) in (inputs.named_servers or {}):  # a served teacher, connected by the input checks
-            member = ServerTeacher(accelerator, inputs.named_servers[str(name)], int(cfg.teacher.top_k), student,
-                                   tokenizer, int(cfg.teacher.concurrency))
-        elif str(name) in (inputs.named_caches or {}):  # a teacher's top-k cache, opened by the input checks
-            member = CachedTeacher(accelerator, inputs.named_caches[str(name)], student, tokenizer)
+    servers, caches = inputs.named_servers or {}, inputs.named_caches or {}
+    for name in map(str, t.names):
+        teacher_tokenizer = None
+        if name in servers:  # connected by the input checks; built as the one served teacher is
+            member = server(cfg, plan, accelerator, student, tokenizer, inputs._replace(server=servers[name]))
+        elif name in caches:  # opened by the input checks; built as the one cached teacher is
+            member = cache(cfg, plan, accelerator, student, tokenizer, inputs._replace(cache=caches[name]))
         else:
-            member = None
-        if member is not None:
-            models.append(member)
-            widths.append(member.vocab)
-            continue
-        spec = preset(name)
-        model, teacher_tokenizer = load_model(spec, "teacher", known.get(str(name)))
-        widths.append(shared_vocab(student, tokenizer, model, teacher_tokenizer,
-                                   (cfg.student.name_or_path, f"teachers.names: {name}")))
-        models.append(model)
+            member, teacher_tokenizer = load_model(preset(name), "teacher", known.get(name))
+        widths.append(member.vocab if isinstance(member, Teacher) else shared_vocab(
+            student, tokenizer, member, teacher_tokenizer, (cfg.student.name_or_path, f"teachers.names: {name}")))
+        models.append(member)
     vocab = len(tokenizer) if any(w is not None for w in widths) else None
     raw = None
     if t.rule == "relative":  # the raw student: a model of its own, or this student before training

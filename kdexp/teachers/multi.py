@@ -137,9 +137,8 @@ def check_names(names: Any, rule: str, choices: Sequence[str]) -> list[str]:
     cache of a preset or directory (``cache:NAME``)."""
     from pathlib import Path
 
-    from kdexp.checks import is_cached
+    from kdexp.config import is_cached, is_url
     from kdexp.errors import unknown_choice
-    from kdexp.teachers.server import is_url
 
     if isinstance(names, str) or not isinstance(names, Sequence):
         return [f"teachers.names must be a list of teacher= presets or model directories, got {names!r} "
@@ -151,11 +150,11 @@ def check_names(names: Any, rule: str, choices: Sequence[str]) -> list[str]:
     for name in map(str, names):
         if name == "none":
             problems.append("teachers.names entry 'none' is no model")
-        elif is_cached(name):
-            if name[6:] not in choices and not Path(name[6:]).is_dir():
-                problems.append(str(unknown_choice("teachers.names entry cache:", name[6:], choices)))
-        elif name not in choices and not Path(name).is_dir() and not is_url(name):
-            problems.append(str(unknown_choice("teachers.names entry", name, choices)))
+            continue
+        model = name.removeprefix("cache:")  # a cache names its teacher as a live entry would
+        if not is_url(name) and model not in choices and not Path(model).is_dir():
+            label = "teachers.names entry" + (" cache:" if is_cached(name) else "")
+            problems.append(str(unknown_choice(label, model, choices)))
     if rule == "relative" and len(names) != 2:
         problems.append(f"teachers.rule=relative takes two teachers, [fine-tuned, raw], got {len(names)}")
     if rule == "mot" and len(names) < 2:

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from kdexp.config import is_url
 from kdexp.errors import UserError
 from kdexp.losses.fused import Sparse
 from kdexp.losses.objective import IGNORE_INDEX
@@ -276,11 +277,6 @@ class ServerTeacher(Teacher):
         return self.fused_distributions(batch).logits()
 
 
-def is_url(name: str) -> bool:
-    """Whether a teacher's name is a server's address (``teachers.names`` entries may be)."""
-    return str(name).startswith(("http://", "https://"))
-
-
 def connect(cfg, student_tokenizer, url: str | None = None) -> ServerClient:
     """A client of ``url`` (default ``teacher.url``), checked: reachable, the key accepted, the
     student's tokenizer; ``teacher.*`` gives its key variable, timeout, retries and top-k."""
@@ -330,4 +326,4 @@ def check_tokenizer(client: ServerClient, model: str, tokenizer) -> None:
 
 
 __all__ = ["PROBE", "TAIL_FLOOR", "ServerClient", "ServerTeacher", "TeacherError", "TeacherUnavailable",
-           "check_tokenizer", "connect", "is_url", "parse_prompt_logprobs"]
+           "check_tokenizer", "connect", "parse_prompt_logprobs"]
