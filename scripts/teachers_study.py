@@ -9,7 +9,8 @@ The teachers are the bundled specialists (``teacher=tiny-b``: fact, describe, ar
 also run alone and is their raw checkpoint for ``relative``). Every arm trains the embedded
 default's student with the embedded default's recipe (``method=kd``, forward KL at T = 2, 1000
 steps) and is evaluated greedily on the 200 test prompts. Runs go to ``--out`` (one directory per
-arm and seed); a finished run (``results.json``) is reused. Two runs at a time, one thread each.
+arm and seed; logs in ``--out/logs``); a finished run (``results.json``) is reused. Two runs at a
+time, one thread each (``scripts/reproduce.py``'s runner).
 The report is computed from the run directories.
 """
 
@@ -18,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from reproduce import Job, Stat, run_jobs  # the reproduction study's runner and statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 B_FAMILIES = ["fact", "describe", "arith", "category"]  # kdexp/assets/build.py SPECIALISTS["b"]
@@ -44,22 +43,15 @@ ARMS = {  # name: (label, overrides)
 COMMON = ["logger=none", "eval=greedy", "eval.teacher=false", "train.num_threads=1"]
 
 
-def train(out: Path, arm: str, seed: int) -> Path:
+def job(out: Path, arm: str, seed: int) -> Job:
+    """One arm's run for one seed, as the reproduction study runs its own (finished: reused)."""
     run = out / f"{arm}-seed{seed}"
-    if (run / "results.json").is_file():
-        return run
-    cmd = [sys.executable, "-m", "kdexp", "train", *ARMS[arm][1], *COMMON, f"seed={seed}", f"hydra.run.dir={run}"]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode:
-        raise SystemExit(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    print(f"{arm} seed {seed}: {time.time() - start:.0f} s", flush=True)
-    return run
+    return Job(["train", *ARMS[arm][1], *COMMON, f"seed={seed}", f"hydra.run.dir={run}"], run, run / "results.json",
+               1.0, out / "logs" / f"{arm}-seed{seed}.log")
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    return Stat.of(values).fmt(1)
 
 
 def report(out: Path, seeds: list[int], seconds: float) -> str:
@@ -95,9 +87,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     start = time.time()
-    jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]
-    with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(lambda job: train(args.out, *job), jobs))
+    failed = run_jobs([job(args.out, arm, seed) for arm in args.arms for seed in args.seeds], args.workers)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed (logs in {args.out / 'logs'}): no report")
     if args.arms == list(ARMS):
         args.report.write_text(report(args.out, args.seeds, time.time() - start))
         print(f"report: {args.report}")
