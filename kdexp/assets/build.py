@@ -110,11 +110,7 @@ def skeleton() -> None:
 def teacher(run_dir: Path) -> None:
     """Train the tiny teacher with kdexp itself and copy its weights into the package."""
     skeleton()
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "kdexp", "train", *TEACHER_RECIPE, f"hydra.run.dir={run_dir}"]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    train(run_dir, TEACHER_RECIPE)
     install(run_dir, TEACHER, "teacher", TEACHER_RECIPE)
     specialists(run_dir)
 
@@ -122,18 +118,22 @@ def teacher(run_dir: Path) -> None:
 def specialists(run_dir: Path) -> None:
     """Fine-tune the bundled teacher on each of SPECIALISTS' family sets into ``tiny-teacher-X``."""
     for letter, families in SPECIALISTS.items():
-        run = run_dir.with_name(f"{run_dir.name}-{letter}")
-        if run.exists():
-            shutil.rmtree(run)
-        recipe = specialist_recipe(families)
-        cmd = [sys.executable, "-m", "kdexp", "train", *recipe, f"hydra.run.dir={run}"]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        run, recipe = run_dir.with_name(f"{run_dir.name}-{letter}"), specialist_recipe(families)
+        train(run, recipe)
         folder = HERE / f"tiny-teacher-{letter}"
         folder.mkdir(exist_ok=True)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy2(TEACHER / name, folder / name)
         install(run, folder, "specialists", recipe, bfloat16=True)
+
+
+def train(run_dir: Path, recipe: list[str]) -> None:
+    """``kdexp train RECIPE`` into a fresh ``run_dir``."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "kdexp", "train", *recipe, f"hydra.run.dir={run_dir}"]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
 
 
 def install(run_dir: Path, folder: Path, what: str, recipe: list[str], bfloat16: bool = False) -> None:
