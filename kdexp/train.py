@@ -175,8 +175,8 @@ def steps(r: Run) -> tuple[float, int]:
     while progress.step < t.max_steps:
         # a teacher over a network can fail while the step's micro-batches are drawn: their state
         # is kept aside to be put back (components may hold whole buffers: not for other teachers)
-        kept = [c for c in (r.stream, *r.plan.components) if getattr(c, "changes_when_drawn", True)]
-        before = [(c, c.state_dict()) for c in kept] if r.teacher.remote else []
+        before = [(c, c.state_dict()) for c in (r.stream, *r.plan.components)
+                  if r.teacher.remote and getattr(c, "changes_when_drawn", True)]
         failure: TeacherError | None = None
         try:
             batches = [micro_batch(r, r.stream.next(), i) for i in range(accum)]
