@@ -58,9 +58,11 @@ def models(shape: str, layers: int | None, device: str):
 def _models(shape: str, layers: int | None):
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-    if shape == "gpt2":
+    if shape in ("gpt2", "tiny"):  # tiny: the tests' GPT-2 of the same kind (a 1000-token vocabulary)
         quiet = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-        configs = [GPT2Config(**quiet), GPT2Config(n_embd=1024, n_layer=24, n_head=16, **quiet)]
+        configs = ([GPT2Config(**quiet), GPT2Config(n_embd=1024, n_layer=24, n_head=16, **quiet)] if shape == "gpt2"
+                   else [GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=1000, **quiet),
+                         GPT2Config(n_embd=96, n_layer=2, n_head=2, vocab_size=1000, **quiet)])
         configs = [c if layers is None else GPT2Config(**{**c.to_dict(), "n_layer": layers}) for c in configs]
         built = [GPT2LMHeadModel(c) for c in configs]
     else:
@@ -158,7 +160,7 @@ def report(cells: list[dict], args: argparse.Namespace) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", nargs=2, metavar=("PATH", "SHAPE"))
-    p.add_argument("--shapes", nargs="+", default=["gpt2", "qwen"], choices=["gpt2", "qwen"])
+    p.add_argument("--shapes", nargs="+", default=["gpt2", "qwen"], choices=["gpt2", "qwen", "tiny"])
     p.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS)
     p.add_argument("--layers", type=int, default=None, help="layers per model (default: the real count)")
     p.add_argument("--batch", type=int, default=8)

@@ -170,7 +170,7 @@ def main() -> None:
              "--paths", "plain", "chunked", "fused", *([] if args.smoke else ["fused c64"]), "sft", "sft fused",
              *(["--shapes", "tiny", "--positions", "300"] if args.smoke else ["--positions", "8192"])], 90),
             ("whole step (benchmarks/fused_step.py)", [py, str(BENCH / "fused_step.py"), *dev, "--out", str(details),
-             *(["--shapes", "gpt2", "--layers", "1", "--batch", "1", "--length", "32", "--paths", "fused", "sft"]
+             *(["--shapes", "tiny", "--batch", "1", "--length", "32", "--paths", "fused", "sft"]
                if args.smoke else [])], 200),
             ("rollouts and step times (benchmarks/throughput.py)", [py, str(BENCH / "throughput.py"), "--out", str(details),
              "--rounds", "1", "--methods", "sft", "kd", *(["--steps", "15", "--batch", "4", "--new-tokens", "8"]
