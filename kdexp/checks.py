@@ -123,6 +123,8 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
         problems.add(f"method.sample_weight={plan.objective.sample_weight} is normalized over the optimizer "
                      f"step by rescaling the accumulated gradients, which DeepSpeed's fused step does not "
                      f"allow: train it without deepspeed= (DDP or one process)")
+    for line in fsdp_problems(cfg):
+        problems.add(line)
     source = cfg.teacher.get("source")
     from_cache = source == "cache"
     several = bool(config.teachers_rule(cfg))
@@ -160,6 +162,33 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
     return problems, plan
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fsdp_problems(cfg: DictConfig) -> list[str]:
+    """``fsdp=``: the combinations the FSDP2 engine does not run."""
+    if cfg.get("fsdp") is None:
+        return []
+    problems = []
+    if cfg.get("deepspeed") is not None:
+        problems.append("fsdp= and deepspeed= are two engines: choose one (write ~deepspeed or ~fsdp to drop the other)")
+    if cfg.train.mixed_precision == "fp16":
+        problems.append("fsdp= trains in float32 or bf16 (train.mixed_precision=bf16); fp16's loss scaling over "
+                        "sharded gradients is not supported: use bf16, or deepspeed= for fp16")
+    if cfg.student.get("lora", {}).get("enabled"):
+        problems.append("fsdp= with a LoRA student is not supported yet (the final merge needs the whole model): "
+                        "train LoRA without fsdp= (DDP or deepspeed=)")
+    if cfg.fsdp.get("offload") not in ("none", "cpu"):
+        problems.append(f"fsdp.offload={cfg.fsdp.get('offload')} is not one of none, cpu")
+    elif cfg.fsdp.offload == "cpu" and (cfg.train.device == "cpu" or not _cuda()):
+        problems.append("fsdp.offload=cpu moves the shards off the GPUs, and this run trains on the CPU: "
+                        "set fsdp.offload=none")
+    return problems
+
+
 def mot_problems(cfg: DictConfig) -> list[str]:
     """``teachers.rule=mot``: it edits the student's weights and the optimizer's state between
     branches, so it needs them whole, and a step count that ends a round."""
@@ -167,9 +196,10 @@ def mot_problems(cfg: DictConfig) -> list[str]:
 
     t = cfg.train
     problems = []
-    if cfg.get("deepspeed"):
-        problems.append("teachers.rule=mot resets the student's weights and optimizer state between branches, "
-                        "which DeepSpeed partitions: train it without deepspeed= (DDP or one process)")
+    if cfg.get("deepspeed") or cfg.get("fsdp"):
+        engine = "deepspeed=" if cfg.get("deepspeed") else "fsdp="
+        problems.append(f"teachers.rule=mot resets the student's weights and optimizer state between branches, "
+                        f"which {engine} partitions: train it without {engine} (DDP or one process)")
     if cfg.student.get("lora", {}).get("enabled"):
         problems.append("teachers.rule=mot averages whole weights; averaging LoRA's factors is not averaging "
                         "the adapted weights: train it with student.lora.enabled=false")

@@ -1,8 +1,9 @@
-"""The training engine: ``accelerate`` with DDP or DeepSpeed ZeRO, on GPUs or on CPU.
+"""The training engine: ``accelerate`` with DDP or DeepSpeed ZeRO, or FSDP2, on GPUs or on CPU.
 
     torchrun --nproc_per_node=2 -m kdexp train                      # DDP
     torchrun --nproc_per_node=2 -m kdexp train deepspeed=zero2      # DeepSpeed ZeRO-2
     kdexp train deepspeed=zero3                                         # one process, ZeRO-3
+    torchrun --nproc_per_node=2 -m kdexp train fsdp=full_shard      # FSDP2 (kdexp.fsdp)
 
 The loop stays engine-agnostic: it asks this module for an ``Accelerator`` and, under ZeRO-3,
 for the full parameters of the engine's model while it generates (validation, final evaluation,
@@ -23,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
+from kdexp import fsdp
 from kdexp.errors import UserError
 
 
@@ -88,7 +90,10 @@ def make_accelerator(cfg: DictConfig, accum: int, world: int) -> Accelerator:
                               # the schedule counts optimizer steps, whatever the number of processes
                               "step_scheduler_with_optimizer": False}
     if cfg.get("deepspeed") is None:
-        return Accelerator(cpu=t.device == "cpu" or (world > 1 and no_gpu), **kwargs)
+        accelerator = Accelerator(cpu=t.device == "cpu" or (world > 1 and no_gpu), **kwargs)
+        if fsdp.enabled(cfg):
+            fsdp.init_group(accelerator.device.type)  # one process: fully_shard still wants a group
+        return accelerator
     try:
         import deepspeed  # noqa: F401
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -109,6 +114,23 @@ def make_accelerator(cfg: DictConfig, accum: int, world: int) -> Accelerator:
 
     unset_hf_deepspeed_config()
     return accelerator
+
+
+def shard(cfg: DictConfig, module: torch.nn.Module) -> torch.nn.Module:
+    """Under ``fsdp=``, the models that train sharded in place (before the optimizer is made:
+    sharding replaces their parameters); otherwise ``module`` as it is (accelerate's engines
+    wrap it when it is prepared)."""
+    return fsdp.shard(module, fsdp.options(cfg)) if fsdp.enabled(cfg) else module
+
+
+def prepare(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler) -> tuple:
+    """The engine, optimizer and scheduler of the run. A module sharded by :func:`shard` stays
+    as it is (accelerate would wrap it in DDP), and its parameters and optimizer state are
+    checkpointed as one gathered state (:class:`kdexp.fsdp.ShardedState`)."""
+    if fsdp.is_sharded(module):
+        accelerator.register_for_checkpointing(fsdp.ShardedState(module, optimizer))
+        return module, optimizer, accelerator.prepare(scheduler)
+    return accelerator.prepare(module, optimizer, scheduler)
 
 
 def zero_stage(accelerator: Accelerator) -> int:
@@ -132,15 +154,19 @@ def loss_scale(accelerator: Accelerator, engine: torch.nn.Module) -> float:
     return 1.0
 
 
-def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+def shard_frozen(accelerator: Accelerator, model: torch.nn.Module,
+                 engine: torch.nn.Module | None = None) -> torch.nn.Module:
     """Under ZeRO-3, a frozen model (the teacher) partitioned across the processes like the
     student: a DeepSpeed engine of its own, without optimizer, that gathers each layer for its
-    forward and releases it after. Other engines: ``model`` unchanged (it stays whole).
+    forward and releases it after. Under FSDP2 (``engine`` sharded), sharded in place as the
+    engine is. Other engines: ``model`` unchanged (it stays whole).
 
     The model was loaded whole in every process and is partitioned here, so loading still
     needs one copy per process; the forward passes during training then hold one layer at a
     time. Generation gathers it whole (:func:`full_parameters`).
     """
+    if engine is not None and fsdp.shard_like(engine, model):
+        return model
     if zero_stage(accelerator) != 3:
         return model
     import copy
@@ -171,8 +197,13 @@ def full_parameters(accelerator: Accelerator, *engines: torch.nn.Module | None) 
     the model once per token; with the hooks on, every call would re-gather every layer, in
     lockstep across processes). ``engines``: the trained engine and/or the teacher of
     :func:`shard_frozen`; anything else is skipped. Collective: every process must enter it,
-    including those that then do nothing.
+    including those that then do nothing. Under FSDP2 every unit of the sharded models is
+    gathered (:func:`kdexp.fsdp.full_parameters`).
     """
+    if any(fsdp.is_sharded(e) for e in engines):
+        with fsdp.full_parameters(*engines):
+            yield
+        return
     if zero_stage(accelerator) != 3:
         yield
         return
@@ -223,10 +254,23 @@ def plain_model(accelerator: Accelerator, model: torch.nn.Module,
         plain.train(was_training)
 
 
+def state_dict(accelerator: Accelerator, engine: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The engine's model's whole state dict on the main process (gathered under ZeRO-3 and
+    FSDP2; there, empty elsewhere). Collective."""
+    if fsdp.is_sharded(engine):
+        found = fsdp.roots(engine)
+        if found == [engine]:
+            return fsdp.full_state_dict(engine)
+        # online KD's pair: each sharded model gathered, under its name in the pair
+        names = {id(m): n for n, m in engine.named_modules()}
+        return {f"{names[id(r)]}.{k}": v for r in found for k, v in fsdp.full_state_dict(r).items()}
+    return accelerator.get_state_dict(engine) or {}
+
+
 def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """The 2-norm of all gradients (with clipping off, the guard still needs it)."""
     grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    return fsdp.local_norm(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
 
 
 def clip(accelerator: Accelerator, groups: list[list[torch.nn.Parameter]], max_norm: float) -> list:
@@ -241,7 +285,7 @@ def clip(accelerator: Accelerator, groups: list[list[torch.nn.Parameter]], max_n
     accelerator.unscale_gradients()
     if max_norm <= 0:
         return [grad_norm(groups[0])]
-    return [torch.nn.utils.clip_grad_norm_(g, max_norm) for g in groups]
+    return [fsdp.local_norm(torch.nn.utils.clip_grad_norm_(g, max_norm)) for g in groups]
 
 
 def skipped(accelerator: Accelerator) -> None:
@@ -262,5 +306,7 @@ def describe(cfg: DictConfig, accelerator: Accelerator) -> str:
     """Where and how the run trains, for the log: ``cpu, a single process, no distributed
     backend``, ``cuda, DeepSpeed ZeRO-2``, ``cpu, DDP over gloo``, ..."""
     kind = accelerator.distributed_type.value
-    how = f"DeepSpeed ZeRO-{cfg.deepspeed.stage}" if cfg.get("deepspeed") else ENGINES.get(kind, kind)
+    how = (f"DeepSpeed ZeRO-{cfg.deepspeed.stage}" if cfg.get("deepspeed") else
+           f"FSDP2 ({cfg.fsdp.name}) over {'gloo' if accelerator.device.type == 'cpu' else 'NCCL'}"
+           if fsdp.enabled(cfg) else ENGINES.get(kind, kind))
     return f"{accelerator.device.type}, {how}"

@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
+from kdexp.engine import state_dict
 from kdexp.evaluation import evaluate_generation, format_table, teacher_forced_nll
 
 
@@ -29,7 +30,7 @@ def validate(cfg: DictConfig, model: torch.nn.Module, tokenizer, valid: list) ->
 def part_of(accelerator: Accelerator, engine: torch.nn.Module, part: str | None,
             ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A submodule of the engine's model and its full state dict (gathered under ZeRO-3)."""
-    state = accelerator.get_state_dict(engine) or {}  # ZeRO-3: gathered on the main process only
+    state = state_dict(accelerator, engine)  # ZeRO-3, FSDP2: gathered on the main process only
     unwrapped = accelerator.unwrap_model(engine)
     if part is None:
         return unwrapped, state

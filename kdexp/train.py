@@ -11,8 +11,8 @@ the engine; :func:`steps` runs optimizer steps (:class:`kdexp.step.Step`: each g
 ``accum`` micro-batches and gives exactly the gradient of one big batch) with the method's
 components between them, validations, checkpoints and the guards (:mod:`kdexp.guards`);
 :func:`finish` saves the final student and evaluates it (:mod:`kdexp.finish`). ``accelerate``
-supplies the engine (single process, DDP, DeepSpeed) and mixed precision; the loop does not
-branch on either.
+supplies the engine (single process, DDP, DeepSpeed) and mixed precision, :mod:`kdexp.fsdp`
+the FSDP2 one; the loop does not branch on either.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     set_seed(cfg.seed)  # the student is created right after seeding: a random init is reproducible
     student, tokenizer = load_model(cfg.student, "student", inputs.tokenizer)
     teacher = teachers.build(cfg, plan, accelerator, student, tokenizer, inputs)
+    module = engines.shard(cfg, teacher.engine_module(student))  # FSDP2: sharded before the optimizer
     groups = [[p for p in student.parameters() if p.requires_grad]]  # one per side, each clipped alone
     lrs = [t.lr]
     for params, lr in teacher.param_groups():
@@ -113,7 +114,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         clock = mot.schedule_step
     factor = lr_lambda(warmup, total, t.min_lr_ratio, t.get("lr_schedule") or "linear")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor if clock is None else lambda s: factor(clock(s)))
-    engine, optimizer, scheduler = accelerator.prepare(teacher.engine_module(student), optimizer, scheduler)
+    engine, optimizer, scheduler = engines.prepare(accelerator, module, optimizer, scheduler)
     student = teacher.prepared(engine)
     stream = BatchStream(len(data["train"]), t.micro_batch_size, world, accelerator.process_index, cfg.seed)
     progress = Progress()

@@ -34,7 +34,7 @@ FAST = [
 
 # Every test belongs to one tier (a marker, set from its file): `pytest -m unit`, `-m "not slurm"`.
 TIERS = {"unit": "unit", "test_configs.py": "config", "test_bad_inputs.py": "config",
-         "test_distributed.py": "distributed", "test_deepspeed.py": "distributed", "integration": "slurm",
+         "test_distributed.py": "distributed", "test_sharded.py": "distributed", "integration": "slurm",
          "test_benchmarks.py": "bench", "test_reproduce_cli.py": "bench", "smoke": "smoke"}
 
 
@@ -123,3 +123,10 @@ def compose():
             return hydra_compose("config", overrides=list(overrides or []), return_hydra_config=hydra)
 
     return run
+
+
+def logged(run):
+    """metrics.jsonl without the wall-clock fields."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    timings = ("time", "train/tokens_per_s", "train/teacher_s")  # wall-clock, not the run
+    return [{k: v for k, v in r.items() if k not in timings} for r in rows]

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from kdexp import engine as engines
+from kdexp import fsdp
 from kdexp.losses.fused import Head
 from kdexp.methods.online import OnlineModule, Pair
 from kdexp.teachers.base import Logits, Teacher, bare_heads, linear_head, logits_of
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 class LiveTeacher(Teacher):
     """A frozen model on this process's device, run on every micro-batch that needs it.
 
-    Under ZeRO-3 it is partitioned across the processes like the student
+    Under ZeRO-3 and FSDP2 it is partitioned across the processes like the student
     (:func:`kdexp.engine.shard_frozen`) once the engine is prepared.
     """
 
@@ -33,11 +34,12 @@ class LiveTeacher(Teacher):
         self.module = model.requires_grad_(False).eval().to(accelerator.device)
 
     def prepared(self, engine: torch.nn.Module) -> torch.nn.Module:
-        if engines.zero_stage(self.accelerator) == 3:
-            self.module = engines.shard_frozen(self.accelerator, self.module)
+        how = "ZeRO-3" if engines.zero_stage(self.accelerator) == 3 else "FSDP2" if fsdp.is_sharded(engine) else None
+        if how:
+            self.module = engines.shard_frozen(self.accelerator, self.module, engine)
             if self.accelerator.is_main_process:
-                log.info("the teacher is partitioned across the %d processes (ZeRO-3)",
-                         self.accelerator.num_processes)
+                log.info("the teacher is partitioned across the %d processes (%s)",
+                         self.accelerator.num_processes, how)
         return engine
 
     def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdexp import checkpoint
-from tests.conftest import FAST, kdexp
+from tests.conftest import FAST, kdexp, logged
 
 pytestmark = pytest.mark.slow
 
@@ -75,14 +75,15 @@ def clean_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"clean-{request.param}")
     args = [*ARGS, *METHODS[request.param]]
     kdexp("train", *args, f"hydra.run.dir={root / 'run'}", cwd=root)
-    return args, final_weights(root / "run"), totals(root / "run")
+    return args, root / "run"
 
 
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(clean_run, tmp_path):
     """Killed from outside after a random step (possibly inside a checkpoint write): resuming
     from whatever checkpoint survived ends with exactly the uninterrupted run's weights, and
-    results.json reports the whole run: the uninterrupted run's steps and tokens."""
-    args, reference, reference_totals = clean_run
+    results.json reports the whole run: the uninterrupted run's steps and tokens, its metrics
+    log and its final evaluation."""
+    args, clean = clean_run
     step = random.Random(SEED).randint(3, 6)
     run = tmp_path / "run"
     status, _ = interrupt_after(popen("train", *args, f"hydra.run.dir={run}", cwd=tmp_path), run, step,
@@ -90,8 +91,12 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(clean_run, tmp_
     assert status == -signal.SIGKILL
     assert checkpoint.list_checkpoints(run), "no checkpoint survived"
     kdexp("train", *args, "train.resume=true", f"hydra.run.dir={run}", cwd=tmp_path)
-    assert_same_weights(reference, final_weights(run), f"killed after step {step}, KDEXP_TEST_SEED={SEED}")
-    assert totals(run) == reference_totals, f"killed after step {step}, KDEXP_TEST_SEED={SEED}"
+    context = f"killed after step {step}, KDEXP_TEST_SEED={SEED}"
+    assert_same_weights(final_weights(clean), final_weights(run), context)
+    assert totals(run) == totals(clean), context
+    assert logged(run) == logged(clean), context
+    a, b = (json.loads((r / "results.json").read_text()) for r in (clean, run))
+    assert (a["rougeL"], a["exact_match"]) == (b["rougeL"], b["exact_match"]), context
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
