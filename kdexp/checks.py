@@ -123,7 +123,9 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
         problems.add(f"method.sample_weight={plan.objective.sample_weight} is normalized over the optimizer "
                      f"step by rescaling the accumulated gradients, which DeepSpeed's fused step does not "
                      f"allow: train it without deepspeed= (DDP or one process)")
-    for line in fsdp_problems(cfg):
+    from kdexp import rollout_vllm
+
+    for line in [*fsdp_problems(cfg), *rollout_vllm.problems(cfg)]:
         problems.add(line)
     source = cfg.teacher.get("source")
     from_cache = source == "cache"

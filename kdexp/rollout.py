@@ -244,3 +244,40 @@ def _unpack(tokens: list[torch.Tensor], logp_sampler: list[torch.Tensor],
         n = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
         out.append(Sampled(row[:n], a[:n], b[:n], None if c is None else c[:n]))
     return out
+
+
+@torch.no_grad()
+def score(student: torch.nn.Module, prompts: Sequence[list[int]], responses: Sequence[list[int]],
+          spec: RolloutSpec, eos_id: int, pad_id: int, vocab: int | None = None) -> list[Sampled]:
+    """Responses sampled elsewhere (a vLLM engine) as :func:`sample` returns its own: each cut
+    after its first stop token, with the log-probability of every token under the sampling
+    policy (``spec``'s temperature and cuts) and under the student, from one teacher-forced
+    forward of ``student`` over the left-padded batch. The log-probabilities are the trained
+    model's, not the engine's (whose kernels and precision differ)."""
+    stops = {eos_id, *spec.stop_ids}
+    cut = [list(r[:next((i + 1 for i, t in enumerate(r) if t in stops), len(r))]) for r in responses]
+    device = next(student.parameters()).device
+    rows = [p + r for p, r in zip(prompts, cut, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+        mask[b, width - len(row):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    position = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = student(input_ids=ids, attention_mask=mask, position_ids=position).logits.float()
+    if vocab is not None:
+        logits = logits[..., :vocab]
+    out = []
+    for b, response in enumerate(cut):
+        if not response:
+            out.append(Sampled([], [], []))
+            continue
+        # the logits at position t predict token t + 1: the response's tokens are predicted
+        # from the last prompt token on
+        at = logits[b, width - len(response) - 1:width - 1]  # [n, V]
+        token = torch.tensor(response, device=device)[:, None]
+        out.append(Sampled(response, _policy(at, spec).gather(1, token).squeeze(1).tolist(),
+                           at.log_softmax(-1).gather(1, token).squeeze(1).tolist()))
+    return out

@@ -179,6 +179,7 @@ def steps(r: Run) -> tuple[float, int]:
         before = [(c, c.state_dict()) for c in (r.stream, *r.plan.components)
                   if r.teacher.remote and getattr(c, "changes_when_drawn", True)]
         failure: TeacherError | None = None
+        r.ctx.step = progress.step
         try:
             batches = [micro_batch(r, r.stream.next(), i) for i in range(accum)]
         except TeacherError as err:

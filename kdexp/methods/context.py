@@ -61,6 +61,12 @@ class Context:
         self.seed = int(cfg.seed)
         self.max_length = int(cfg.data.max_length)
         self._drawn: list[float] = []  # this step's decisions, compared across ranks
+        self.step = 0  # the optimizer steps taken (set by the loop): when a vLLM engine loads new weights
+        self.vllm = None
+        if (cfg.rollout.get("engine") or "hf") == "vllm":
+            from kdexp.rollout_vllm import VllmRollouts
+
+            self.vllm = VllmRollouts(cfg, tokenizer, teacher.vocab)
 
     @property
     def vocab(self) -> int | None:
@@ -159,6 +165,9 @@ class Context:
         out: list[Example] = []
         size = int(self.cfg.rollout.batch_size)
         g = self.generator(*key, shared=shared)
+        # a vLLM engine samples the student alone (a teacher mix or score needs both models per token)
+        engine = self.vllm if model == "student" and not (teacher_mix > 0 or score_teacher) else None
+        seed = stable_seed(self.seed, "vllm", 0 if shared else self.rank, *key)
         mixing = self.teacher.model() if teacher_mix > 0 or score_teacher else nullcontext()
         starts = range(0, len(examples), size)
         if desc:
@@ -166,9 +175,12 @@ class Context:
         with policy as plain, mixing as mix, torch.no_grad():
             for start in starts:
                 chunk = examples[start:start + size]
-                samples = sample(plain, [e.prompt_ids for e in chunk], spec, self.tokenizer.eos_token_id,
-                                 self.tokenizer.pad_token_id, g, teacher=mix, teacher_mix=teacher_mix,
-                                 vocab=self.vocab, score_teacher=score_teacher)
+                if engine is not None:
+                    samples = engine.sample(plain, [e.prompt_ids for e in chunk], spec, seed + start, self.step)
+                else:
+                    samples = sample(plain, [e.prompt_ids for e in chunk], spec, self.tokenizer.eos_token_id,
+                                     self.tokenizer.pad_token_id, g, teacher=mix, teacher_mix=teacher_mix,
+                                     vocab=self.vocab, score_teacher=score_teacher)
                 for e, s in zip(chunk, samples, strict=True):
                     room = max(1, self.max_length - len(e.prompt_ids))
                     values = ({"logq_old": s.logp_student[:room], "logp_sampler": s.logp_sampler[:room]}
