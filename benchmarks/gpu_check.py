@@ -17,7 +17,10 @@ reported as such and the next one runs):
 5. **rollout tokens/s** and step times of sft and kd (``benchmarks/throughput.py``);
 6. **where on-policy time goes**: kdexp's sampler against ``model.generate``, and its profile
    (``benchmarks/sampler_profile.py``);
-7. **Liger-Kernel's fused linear JSD** against kdexp's fused jsd at the same shapes, where
+7. **vLLM rollouts against the HF sampler**: tokens/s at batch 1, 8 and 32, and gkd's loss curve
+   with ``rollout.engine=vllm`` against ``hf`` (``benchmarks/vllm_rollouts.py``; "not available"
+   where vLLM is not installed);
+8. **Liger-Kernel's fused linear JSD** against kdexp's fused jsd at the same shapes, where
    ``liger_kernel`` imports (it is not a dependency; nothing is installed here).
 
 ``--smoke`` runs the same steps on CPU with tiny models and sizes. The report names the GPU.
@@ -148,7 +151,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny settings (the test suite)")
     p.add_argument("--budget", type=float, default=520.0, help="seconds for everything")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--skip", nargs="*", default=[], help="steps to leave out: methods, fused, step, trl, distillation, throughput, sampler, liger")
+    p.add_argument("--skip", nargs="*", default=[], help="steps to leave out: methods, fused, step, throughput, sampler, vllm, trl, distillation, liger")
     args = p.parse_args()
     start = time.perf_counter()
     deadline = start + args.budget
@@ -178,6 +181,8 @@ def main() -> None:
             ("where sampling time goes (benchmarks/sampler_profile.py)",
              [py, str(BENCH / "sampler_profile.py"), "--out", str(details),
               *(["--smoke"] if args.smoke else ["--repeat", "3"])], 90),
+            ("vLLM rollouts vs the HF sampler (benchmarks/vllm_rollouts.py)",
+             [py, str(BENCH / "vllm_rollouts.py"), "--out", str(details)], 150),
             ("TRL GKDTrainer vs kdexp (benchmarks/trl_gkd.py)", [py, str(BENCH / "trl_gkd.py"), "--out", str(details),
              *(["--steps", "10", "--warmup", "2", "--rounds", "1", "--batch", "4", "--new-tokens", "8"] if args.smoke
                else ["--device", "cuda", "--shape", "gpt2", "--steps", "12", "--rounds", "1"])], 120),
@@ -186,7 +191,7 @@ def main() -> None:
               *(["--steps", "6", "--warmup", "2", "--rounds", "1", "--batch", "4", "--new-tokens", "8"] if args.smoke
                 else ["--device", "cuda", "--shape", "gpt2", "--steps", "8", "--rounds", "1"])], 100),
         ]
-        keys = ["fused", "step", "throughput", "sampler", "trl", "distillation"]
+        keys = ["fused", "step", "throughput", "sampler", "vllm", "trl", "distillation"]
         for key, (name, cmd, limit) in zip(keys, benches, strict=True):
             if key in args.skip:
                 continue
@@ -194,6 +199,9 @@ def main() -> None:
             row = run(name, cmd, min(limit, left), ROOT) if left > 10 else {"step": name, "seconds": 0, "tail": []}
             if left <= 10 or (row["status"] == "timeout" and left < limit):  # the budget ran out, not the step
                 row["status"] = "skipped (time)"
+            report = details / "vllm_rollouts.json"
+            if key == "vllm" and row["status"] == 0 and report.exists():  # "not available: ..." without vLLM
+                row["status"] = json.loads(report.read_text())["status"]
             rows.append(row)
             write(rows, args, start, details)
         if "liger" not in args.skip:
