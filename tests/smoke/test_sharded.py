@@ -20,9 +20,14 @@ from tests.smoke.test_distributed import QUICK, steps
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("teacher_available")]
 
 # DeepSpeed clips over all parameters at once, where the plain loop clips the student and
-# OKD's teacher module each on its own: compare without clipping.
+# OKD's teacher module each on its own: the methods with two groups compare without clipping,
+# kd (one group, gradient norms ~3) with it.
 ARGS = [*QUICK, "train.batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=0",
         "train.max_grad_norm=0", "train.save_every=3", "train.eval_every=3", "train.eval_samples=4"]
+
+
+def method_args(method: str) -> list[str]:
+    return [*ARGS, f"method={method}", *(["train.max_grad_norm=1.0"] if method == "kd" else [])]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def plain(tmp_path_factory):
     def get(method: str):
         if method not in runs:
             root = tmp_path_factory.mktemp(f"plain-{method}")
-            kdexp("train", *ARGS, f"method={method}", f"hydra.run.dir={root / 'run'}", cwd=root,
+            kdexp("train", *method_args(method), f"hydra.run.dir={root / 'run'}", cwd=root,
                   nproc=1 if method == "kd" else 2, timeout=600)
             runs[method] = root / "run"
         return runs[method]
@@ -50,6 +55,8 @@ def assert_same_run(run, reference) -> None:
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 7))
     for x, y in zip(a, b, strict=True):
         assert y["train/loss"] == pytest.approx(x["train/loss"], rel=1e-4)
+        if "train/grad_norm" in x and "train/grad_norm" in y:  # over every shard (before clipping)
+            assert y["train/grad_norm"] == pytest.approx(x["train/grad_norm"], rel=1e-3)
     files = ["final/model.safetensors"]
     if (reference / "final_teacher_adapter").is_dir():
         files.append("final_teacher_adapter/adapter_model.safetensors")
@@ -69,7 +76,7 @@ def test_zero_on_two_processes_matches_the_plain_run(tmp_path, plain, method, st
     gkd samples from the student and seqkd from the teacher with their parameters gathered."""
     run = tmp_path / "run"
     extra = ["eval.teacher=true"] if (method, stage) == ("kd", 3) else []  # the partitioned teacher generates
-    kdexp("train", *ARGS, f"method={method}", f"deepspeed=zero{stage}", f"hydra.run.dir={run}", *extra,
+    kdexp("train", *method_args(method), f"deepspeed=zero{stage}", f"hydra.run.dir={run}", *extra,
           cwd=tmp_path, nproc=2, timeout=600)
     assert_same_run(run, plain(method))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
@@ -88,7 +95,7 @@ def test_zero_on_two_processes_matches_the_plain_run(tmp_path, plain, method, st
 def test_zero_in_one_process_without_a_launcher(tmp_path, plain):
     """`kdexp train deepspeed=zero1` with no torchrun: DeepSpeed gets a one-process group."""
     run = tmp_path / "run"
-    kdexp("train", *ARGS, "method=kd", "deepspeed=zero1", f"hydra.run.dir={run}", cwd=tmp_path,
+    kdexp("train", *method_args("kd"), "deepspeed=zero1", f"hydra.run.dir={run}", cwd=tmp_path,
           own_process=True)  # DeepSpeed's process-wide state outlives a run
     assert_same_run(run, plain("kd"))
 
@@ -121,7 +128,7 @@ def fsdp_run(tmp_path_factory):
         if method not in runs:
             root = tmp_path_factory.mktemp(f"fsdp-{method}")
             extra = ["eval.teacher=true"] if method == "kd" else []  # the sharded teacher generates
-            kdexp("train", *ARGS, f"method={method}", "fsdp=full_shard", f"hydra.run.dir={root / 'run'}", *extra,
+            kdexp("train", *method_args(method), "fsdp=full_shard", f"hydra.run.dir={root / 'run'}", *extra,
                   cwd=root, nproc=2, timeout=600)
             runs[method] = root / "run"
         return runs[method]
@@ -170,7 +177,7 @@ def test_fsdp2_in_one_process_in_bf16(tmp_path, plain):
     process gets a group of its own; layers gathered in bfloat16 (gradients reduced in float32)
     train as the float32 plain run does, up to bfloat16's rounding."""
     run = tmp_path / "run"
-    kdexp("train", *ARGS, "method=kd", "fsdp=shard_grad_op", "train.mixed_precision=bf16", f"hydra.run.dir={run}",
+    kdexp("train", *method_args("kd"), "fsdp=shard_grad_op", "train.mixed_precision=bf16", f"hydra.run.dir={run}",
           cwd=tmp_path, own_process=True)
     assert "training on 1 process (cpu, FSDP2 (shard_grad_op) over gloo)" in (run / "train.log").read_text()
     a, b = steps(plain("kd")), steps(run)
