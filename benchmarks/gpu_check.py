@@ -6,7 +6,7 @@
 Steps, each a subprocess with its own time limit (a step that fails or runs out of time is
 reported as such and the next one runs):
 
-1. **every method** for three bf16 optimizer steps on GPT-2 shapes (124M student, 355M
+1. **every method** (and kd, gkd, okd under FSDP2) for three bf16 optimizer steps on GPT-2 shapes (124M student, 355M
    teacher; ``benchmarks/trl_gkd.py``'s models), all at once (start-up is their cost, and the
    first H200 run fitted two of them one after the other), with the loss path each took;
 2. **the loss side** at GPT-2 and Qwen2.5-0.5B shapes, 8,192 positions: plain, chunked and
@@ -42,7 +42,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
-METHODS = ["sft", "kd", "seqkd", "gkd", "imitkd", "distillm", "sgo", "minillm", "distillm2", "taid", "gkd_rl", "okd"]
+METHODS = ["sft", "kd", "seqkd", "gkd", "imitkd", "distillm", "sgo", "minillm", "distillm2", "taid", "gkd_rl", "okd",
+           # FSDP2 on one GPU (NCCL): sharding, gathered generation and the gathered checkpoint
+           "kd fsdp=full_shard", "gkd fsdp=full_shard", "okd fsdp=shard_grad_op"]
 
 
 def device_name() -> str:
@@ -94,7 +96,8 @@ def method_runs(args: argparse.Namespace, work: Path, deadline: float) -> list[d
         limit = min(150, left)
 
         def one(m: str, limit: float = limit) -> dict:
-            return run(f"method={m}", [sys.executable, "-m", "kdexp", "train", f"method={m}", *common,
+            method, *engine = m.split()
+            return run(f"method={m}", [sys.executable, "-m", "kdexp", "train", f"method={method}", *engine, *common,
                                        f"hydra.run.dir={work / f'run-{m}'}"], limit, work)
 
         with ThreadPoolExecutor(len(batch)) as pool:
