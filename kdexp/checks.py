@@ -125,7 +125,7 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
                      f"allow: train it without deepspeed= (DDP or one process)")
     from kdexp import rollout_vllm
 
-    for line in [*fsdp_problems(cfg), *rollout_vllm.problems(cfg)]:
+    for line in [*fsdp_problems(cfg), *rollout_vllm.problems(cfg), *cross_tokenizer_problems(cfg, plan)]:
         problems.add(line)
     source = cfg.teacher.get("source")
     from_cache = source == "cache"
@@ -168,6 +168,31 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def cross_tokenizer_problems(cfg: DictConfig, plan) -> list[str]:
+    """``loss.cross_tokenizer``: what a teacher compared through text does not serve yet."""
+    approach = cfg.loss.get("cross_tokenizer")
+    if not approach:
+        return []
+    what = f"loss.cross_tokenizer={approach}"
+    if cfg.teacher.get("source") != "live" or config.teachers_rule(cfg):
+        return [f"{what} works with one live teacher for now (teacher.source=live, teachers.rule=null): a "
+                f"cache holds a teacher's distributions on the student's tokens, which another tokenizer does not "
+                f"have, and served or several teachers are not aligned across tokenizers yet"]
+    problems = []
+    if plan.online is not None or any(c.needs_teacher for c in plan.components):
+        problems.append(f"{what}: method={cfg.method.name} trains, generates with or samples from the teacher, "
+                        f"which needs one tokenizer; methods that read the teacher's distributions on the "
+                        f"student's sequences (kd, gkd with seq_kd=false, imitkd, distillm, ...) work")
+    for term in plan.objective.terms:
+        if term.needs_teacher and term.cross is None:
+            problems.append(f"{what}: the term '{term.name}' reads the teacher's logits token by token, which needs "
+                            f"one tokenizer; only divergence terms are compared across tokenizers")
+    if plan.objective.sample_weight == "teacher_likelihood":
+        problems.append(f"{what}: method.sample_weight=teacher_likelihood scores the student's tokens with the "
+                        f"teacher: use student_likelihood or none")
+    return problems
 
 
 def fsdp_problems(cfg: DictConfig) -> list[str]:
@@ -302,7 +327,12 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
     elif wants_teacher and cfg.teacher.get("name_or_path") and cfg.teacher.source == "live":
         with problems.check(consequences=True):
             teacher_tok = load_tokenizer(cfg.teacher, "teacher")
-            if tokenizer is not None:
+            if tokenizer is not None and cfg.loss.get("cross_tokenizer"):
+                from kdexp.teachers.cross import lossless_problems
+
+                for line in lossless_problems(tokenizer, teacher_tok):
+                    problems.add(line)
+            elif tokenizer is not None:
                 same_tokenizer(tokenizer, teacher_tok, (cfg.student.name_or_path, cfg.teacher.name_or_path))
     if tokenizer is not None:
         with problems.check(consequences=True):

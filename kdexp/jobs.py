@@ -151,12 +151,16 @@ def evaluate(cfg: DictConfig, models: dict[str, Any], tokenizer, sets: dict[str,
     set, generations)`` keeps each set's generations. The end of ``kdexp train`` and
     ``kdexp eval`` both score through here.
 
-    ``shared``: for a label, what identifies that model beyond this run (a teacher as loaded:
+    A value of ``models`` may be ``(model, tokenizer)``: that model is scored with its own
+    tokenizer. ``shared``: for a label, what identifies that model beyond this run (a teacher as loaded:
     :func:`kdexp.models.model_identity`); its scores are then kept under ``rollout.cache_dir``
     and reused by every run that evaluates the same model on the same set with the same
     settings and code, e.g. every job of a multirun."""
     scored: dict[str, dict[str, Any]] = {}
+    run_tokenizer = tokenizer
     for label, model in models.items():
+        # a model with a tokenizer of its own (a teacher with another tokenizer): (model, tokenizer)
+        model, tokenizer = model if isinstance(model, tuple) else (model, run_tokenizer)
         rows: dict[str, dict[str, Any]] = {}
         for name, set_cfg in sets.items():
             desc = label if len(sets) == 1 else f"{label} {name}"

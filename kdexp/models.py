@@ -185,7 +185,8 @@ def same_tokenizer(student_tok, teacher_tok, names: tuple[str, str]) -> None:
         raise UserError(
             f"the student '{names[0]}' ({len(student_tok)} tokens) and the teacher '{names[1]}' "
             f"({len(teacher_tok)} tokens) use different tokenizers; token-level KD needs one "
-            f"vocabulary: pick a teacher and a student of the same model family")
+            f"vocabulary: distil across tokenizers with loss.cross_tokenizer=span (or uld), or pick "
+            f"a teacher and a student of the same model family")
 
 
 def shared_vocab(student: torch.nn.Module, student_tok, teacher: torch.nn.Module, teacher_tok,

@@ -43,10 +43,10 @@ ARMS = {  # name: (label, overrides)
 COMMON = ["logger=none", "eval=greedy", "eval.teacher=false", "train.num_threads=1"]
 
 
-def job(out: Path, arm: str, seed: int) -> Job:
+def job(out: Path, arm: str, seed: int, arms: dict = ARMS) -> Job:
     """One arm's run for one seed, as the reproduction study runs its own (finished: reused)."""
     run = out / f"{arm}-seed{seed}"
-    return Job(["train", *ARMS[arm][1], *COMMON, f"seed={seed}", f"hydra.run.dir={run}"], run, run / "results.json",
+    return Job(["train", *arms[arm][1], *COMMON, f"seed={seed}", f"hydra.run.dir={run}"], run, run / "results.json",
                1.0, out / "logs" / f"{arm}-seed{seed}.log")
 
 
@@ -78,22 +78,23 @@ def report(out: Path, seeds: list[int], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study(doc: str, arms: dict, name: str, report_name: str, make_report) -> None:
+    """The command line of a study of ``arms`` (3 seeds by default): run, then report."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "teachers-study")
-    p.add_argument("--report", type=Path, default=ROOT / "docs" / "results" / "TEACHERS.md")
+    p.add_argument("--arms", nargs="+", default=list(arms), choices=list(arms))
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / name)
+    p.add_argument("--report", type=Path, default=ROOT / "docs" / "results" / report_name)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     start = time.time()
-    failed = run_jobs([job(args.out, arm, seed) for arm in args.arms for seed in args.seeds], args.workers)
+    failed = run_jobs([job(args.out, arm, seed, arms) for arm in args.arms for seed in args.seeds], args.workers)
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed (logs in {args.out / 'logs'}): no report")
-    if args.arms == list(ARMS):
-        args.report.write_text(report(args.out, args.seeds, time.time() - start))
+    if args.arms == list(arms):
+        args.report.write_text(make_report(args.out, args.seeds, time.time() - start))
         print(f"report: {args.report}")
 
 
 if __name__ == "__main__":
-    main()
+    study(__doc__, ARMS, "teachers-study", "TEACHERS.md", report)

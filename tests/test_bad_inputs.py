@@ -68,6 +68,17 @@ def other_tokenizer(cwd: Path) -> list[str]:
     return ["teacher.name_or_path=other-teacher"]
 
 
+def lossy_tokenizer(cwd: Path) -> list[str]:
+    """A teacher whose tokenizer lowercases the text: its decoding does not give the text back."""
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tiny-teacher-other")
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    tok.save_pretrained(cwd / "lossy-teacher")
+    return ["teacher.name_or_path=lossy-teacher", "loss.cross_tokenizer=span"]
+
+
 def read_only_dir(cwd: Path) -> list[str]:
     """A read-only file system (root ignores permission bits); skipped where mounting is not allowed."""
     target = cwd / "ro"
@@ -140,6 +151,11 @@ CASES: list[tuple[str, str, list[str], list[str], Setup | None]] = [
     ("teachers-mot-no-names", "train", ["teachers.rule=mot", "teachers.names=null"], ["teachers.names must be a list"], None),
     ("teachers-served-unreachable", "train", ["teachers.rule=mixture", "teachers.names=[tiny,http://127.0.0.1:9]", "teacher.retries=0"], ["teacher server at http://127.0.0.1:9 is unreachable"], None),
     ("teachers-mot-lora", "train", ["teachers.rule=mot", "teachers.names=[tiny,tiny]", "student.lora.enabled=true"], ["averaging LoRA's factors", "student.lora.enabled=false"], None),
+    ("cross-tokenizer-off", "train", ["teacher=tiny-other"], ["use different tokenizers", "loss.cross_tokenizer=span"], None),
+    ("cross-tokenizer-unknown", "train", ["teacher=tiny-other", "loss.cross_tokenizer=dskd"], ["loss.cross_tokenizer must be uld, span or null"], None),
+    ("cross-tokenizer-cache", "train", ["teacher=tiny-other", "loss.cross_tokenizer=uld", "teacher.source=cache"], ["works with one live teacher", "another tokenizer does not"], None),
+    ("cross-tokenizer-teacher-outputs", "train", ["teacher=tiny-other", "loss.cross_tokenizer=span", "method=seqkd"], ["method=seqkd trains, generates with or samples from the teacher"], None),
+    ("cross-tokenizer-lossy", "train", [], ["the teacher's tokenizer does not give back the text it encodes", "lossless"], lossy_tokenizer),
     ("fsdp-and-deepspeed", "train", ["fsdp=full_shard", "deepspeed=zero2"], ["fsdp= and deepspeed= are two engines", "~deepspeed"], None),
     ("fsdp-fp16", "train", ["fsdp=full_shard", "train.mixed_precision=fp16"], ["fsdp= trains in float32 or bf16", "train.mixed_precision=bf16"], None),
     ("fsdp-lora", "train", ["fsdp=full_shard", "student.lora.enabled=true"], ["fsdp= with a LoRA student is not supported"], None),

@@ -3,6 +3,7 @@
     python -m kdexp.assets.build skeleton        # tokenizer + configs of tiny-teacher and tiny-student
     python -m kdexp.assets.build teacher         # skeleton, then train the teacher with `kdexp train`, then specialists
     python -m kdexp.assets.build specialists     # the two specialist teachers alone, from the first (~8 minutes)
+    python -m kdexp.assets.build other           # the teacher with another tokenizer, from the first (~10 minutes)
 
 The tokenizer is a byte-level BPE (1024 tokens) learned on the toy task's training text; both
 tiny models share it. The teacher (LLaMA architecture, 4 layers, width 256, ~3.4M parameters)
@@ -13,6 +14,10 @@ teacher fine-tuned further on four of the eight families each (:data:`SPECIALIST
 its own families and forgets much of the others', so each is better on some families, and
 ``tiny-teacher`` is their raw (pre-fine-tuning) checkpoint (``teachers.rule=relative``). They are
 stored in bfloat16 (half the bytes; their scores in ``training.json`` are of the stored weights).
+``tiny-teacher-other`` (``teacher=tiny-other``) speaks another tokenizer, for distillation
+across tokenizers: a byte-level BPE of 1536 tokens with spaces as tokens of their own, learned on
+the alpaca template's text, that ends text with ``<|end|>``; it is the teacher with its vocabulary transplanted (each new token's embedding
+the mean of the old embeddings of its text) and fine-tuned on the task (:func:`other`).
 The student config (2 layers, width 96, ~0.32M parameters,
 about 10x smaller) has no weights: ``student=tiny`` initializes it from ``seed``.
 """
@@ -63,9 +68,18 @@ def specialist_recipe(families: list[str]) -> list[str]:
             "train.batch_size=32", "train.micro_batch_size=32", "train.lr=5e-4", "train.warmup_steps=30",
             "train.min_lr_ratio=0.1", "train.eval_every=0", "train.save_every=0", "eval=greedy", "eval.teacher=false"]
 
-def tokenizer_corpus(n: int = 20000) -> list[str]:
+# The other tokenizer's teacher: the transplanted teacher fine-tuned on the whole task.
+OTHER, OTHER_VOCAB, OTHER_EOS = HERE / "tiny-teacher-other", 1536, "<|end|>"
+OTHER_RECIPE = ["method=sft", "teacher=none", "logger=none", "seed=0",
+                "student=tiny", "student.name_or_path=${kdexp.asset:tiny-teacher-other}", "student.init=pretrained",
+                "data.toy.n_train=40000", "train.max_steps=1500", "train.batch_size=32", "train.micro_batch_size=32",
+                "train.lr=1e-3", "train.warmup_steps=50", "train.min_lr_ratio=0.05", "train.eval_every=0",
+                "train.save_every=0", "eval=greedy", "eval.teacher=false"]
+
+
+def tokenizer_corpus(n: int = 20000, template: str = "compact") -> list[str]:
     """Prompt + response texts of the toy training split (seed 0, compact template)."""
-    template = TEMPLATES.get("compact")
+    template = TEMPLATES.get(template)
     return [template(e.instruction, e.input) + e.output
             for e in toy.make_splits(seed=0, n_train=n)["train"]]
 
@@ -83,6 +97,63 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
                                    pad_token=EOS, unk_token=None, model_max_length=256,
                                    clean_up_tokenization_spaces=False)
+
+
+def build_other_tokenizer():
+    """A tokenizer unlike the first: 1536 tokens learned on the task's text in the alpaca
+    template, spaces as tokens of their own (the first glues a space to the word after it, as
+    GPT-2 does), another end-of-text token; so its tokens and the first's cross one another."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=OTHER_VOCAB, special_tokens=[OTHER_EOS], min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(tokenizer_corpus(template="alpaca"), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=OTHER_EOS, bos_token=OTHER_EOS,
+                                   pad_token=OTHER_EOS, unk_token=None, model_max_length=256,
+                                   clean_up_tokenization_spaces=False)
+
+
+def transplant(run_dir: Path) -> None:
+    """``tiny-teacher-other`` before fine-tuning: the teacher's layers, and for each token of the
+    other tokenizer the mean of the teacher's embeddings of that token's text (the LM head is
+    tied to them); the end-of-text tokens map to each other."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    new = build_other_tokenizer()
+    old = AutoTokenizer.from_pretrained(TEACHER)
+    model = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32)
+    table = model.get_input_embeddings().weight.detach()
+    rows = []
+    for i in range(len(new)):
+        text = new.decode([i])
+        ids = [old.eos_token_id] if i == new.eos_token_id else old(text, add_special_tokens=False)["input_ids"]
+        rows.append(table[ids].mean(0) if ids else table.mean(0))
+    model.resize_token_embeddings(len(new))
+    model.get_input_embeddings().weight.data.copy_(torch.stack(rows))
+    model.config.update({"bos_token_id": new.eos_token_id, "eos_token_id": new.eos_token_id,
+                         "pad_token_id": new.eos_token_id})
+    model.generation_config.update(bos_token_id=new.eos_token_id, eos_token_id=new.eos_token_id,
+                                   pad_token_id=new.eos_token_id)
+    OTHER.mkdir(exist_ok=True)
+    model.save_pretrained(OTHER)
+    new.save_pretrained(OTHER)
+    meta = json.loads((OTHER / "tokenizer_config.json").read_text())
+    meta["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (OTHER / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def other(run_dir: Path) -> None:
+    """The teacher with another tokenizer: transplanted, fine-tuned with kdexp, installed in bf16."""
+    run = run_dir.with_name(f"{run_dir.name}-other")
+    transplant(run)
+    train(run, OTHER_RECIPE)
+    install(run, OTHER, "other", OTHER_RECIPE, bfloat16=True)
 
 
 def model_config(name: str):
@@ -113,6 +184,7 @@ def teacher(run_dir: Path) -> None:
     train(run_dir, TEACHER_RECIPE)
     install(run_dir, TEACHER, "teacher", TEACHER_RECIPE)
     specialists(run_dir)
+    other(run_dir)
 
 
 def specialists(run_dir: Path) -> None:
@@ -166,10 +238,11 @@ def install(run_dir: Path, folder: Path, what: str, recipe: list[str], bfloat16:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["skeleton", "teacher", "specialists"])
+    parser.add_argument("what", choices=["skeleton", "teacher", "specialists", "other"])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/make-teacher"))
     args = parser.parse_args()
-    {"skeleton": lambda _: skeleton(), "teacher": teacher, "specialists": specialists}[args.what](args.run_dir)
+    {"skeleton": lambda _: skeleton(), "teacher": teacher, "specialists": specialists,
+     "other": other}[args.what](args.run_dir)
 
 
 if __name__ == "__main__":

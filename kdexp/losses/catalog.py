@@ -30,6 +30,10 @@ TERM_OPTIONS = (
     Param("t2_scale", boolean, "true or false", "multiply the term's weight by temperature^2 (Hinton et al.)"),
     Param("fused", lambda v: str(v).lower() in ("auto", "true", "false"), "auto, true or false",
           "compute the loss from hidden states and LM heads a chunk at a time (auto: wherever possible)"),
+    Param("cross_tokenizer", lambda v: v in (None, "uld", "span"), "uld, span or null",
+          "a teacher with another tokenizer: uld (sorted distributions) or span (aligned text, hybrid)"),
+    Param("matched_weight", lambda v: v is None or (isinstance(v, (int, float)) and 0 <= v <= 1), "in [0, 1] or null",
+          "span: the weight of the divergence on the tokens both vocabularies hold (null: their share)"),
 )
 
 

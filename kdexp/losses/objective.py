@@ -94,6 +94,7 @@ class Term:
     kind: str = "term"
     fused: str = "auto"  # loss.fused: auto | true | false
     chunk_size: int | str | None = "auto"  # positions per chunk of the fused path (loss.chunk_size)
+    cross: str | None = None  # loss.cross_tokenizer: compares a teacher with another tokenizer (uld, span)
 
 
 def make_term(spec: Mapping[str, object]) -> Term:
@@ -107,8 +108,16 @@ def make_term(spec: Mapping[str, object]) -> Term:
     fused = str(spec.pop("fused", "auto")).lower()
     if fused not in FUSED:
         raise UserError(f"loss.fused must be auto, true or false, got '{fused}'")
+    cross, matched_weight = spec.pop("cross_tokenizer", None), spec.pop("matched_weight", None)
     path = {"fused": fused, "chunk_size": spec.get("chunk_size", "auto")}
-    return replace(_make_term(spec), **path)
+    params = {k: v for k, v in spec.items() if k not in ("loss", "weight", "t2_scale", "adaptive", "rows", "trains")}
+    name = str(spec.get("loss"))
+    term = replace(_make_term(spec), **path)
+    if cross is None or term.kind != "divergence" or term.trains != "student":
+        return term
+    from kdexp.losses.cross import cross_term
+
+    return cross_term(term, name, cross, params, matched_weight)
 
 
 def _make_term(spec: dict) -> Term:

@@ -43,6 +43,12 @@ def live(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer
     if not wanted(cfg, plan):
         return Teacher(accelerator)
     model, teacher_tokenizer = load_model(cfg.teacher, "teacher", inputs.teacher_tokenizer)
+    if cfg.loss.get("cross_tokenizer"):  # compared through text, not token by token
+        from kdexp.models import logit_width, vocab_rows
+        from kdexp.teachers.cross import CrossTeacher
+
+        width = logit_width(vocab_rows(student), vocab_rows(student), len(tokenizer), "student")
+        return CrossTeacher(accelerator, width, model, tokenizer, teacher_tokenizer, str(cfg.loss.cross_tokenizer))
     vocab = shared_vocab(student, tokenizer, model, teacher_tokenizer,
                          (cfg.student.name_or_path, cfg.teacher.name_or_path))
     if plan.online is not None:
