@@ -164,12 +164,6 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
     return problems, plan
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def cross_tokenizer_problems(cfg: DictConfig, plan) -> list[str]:
     """``loss.cross_tokenizer``: what a teacher compared through text does not serve yet."""
     approach = cfg.loss.get("cross_tokenizer")
@@ -208,11 +202,6 @@ def fsdp_problems(cfg: DictConfig) -> list[str]:
     if cfg.student.get("lora", {}).get("enabled"):
         problems.append("fsdp= with a LoRA student is not supported yet (the final merge needs the whole model): "
                         "train LoRA without fsdp= (DDP or deepspeed=)")
-    if cfg.fsdp.get("offload") not in ("none", "cpu"):
-        problems.append(f"fsdp.offload={cfg.fsdp.get('offload')} is not one of none, cpu")
-    elif cfg.fsdp.offload == "cpu" and (cfg.train.device == "cpu" or not _cuda()):
-        problems.append("fsdp.offload=cpu moves the shards off the GPUs, and this run trains on the CPU: "
-                        "set fsdp.offload=none")
     return problems
 
 

@@ -85,8 +85,7 @@ def is_sharded(model: torch.nn.Module | None) -> bool:
 
 def options(cfg: DictConfig) -> dict:
     """What :func:`shard` reads of the config."""
-    return {"mixed_precision": cfg.train.mixed_precision, "offload": cfg.fsdp.offload,
-            "reshard_after_forward": bool(cfg.fsdp.reshard_after_forward)}
+    return {"mixed_precision": cfg.train.mixed_precision, "reshard_after_forward": bool(cfg.fsdp.reshard_after_forward)}
 
 
 def shard(module: torch.nn.Module, opts: dict, frozen: bool = False) -> torch.nn.Module:
@@ -95,7 +94,7 @@ def shard(module: torch.nn.Module, opts: dict, frozen: bool = False) -> torch.nn
     two roots, each gathered from its forward to its backward, as the fused loss needs.) Mixed
     precision (``train.mixed_precision=bf16``): layers gathered in bfloat16, gradients reduced in
     float32. Call before the optimizer is made: sharding replaces the parameters."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     found = models_in(module)
     if not found or not all(units(m) for m in found):
@@ -104,8 +103,6 @@ def shard(module: torch.nn.Module, opts: dict, frozen: bool = False) -> torch.nn
     kwargs = {}
     if opts["mixed_precision"] == "bf16":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if opts["offload"] == "cpu":
-        kwargs["offload_policy"] = CPUOffloadPolicy()
     after = opts["reshard_after_forward"] or frozen  # a frozen model has no backward to wait for
     for model in found:
         for layer in units(model):

@@ -60,7 +60,7 @@ class NonFinite:
     @staticmethod
     def check_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
         """Never checkpoint non-finite weights (a finite step with a huge lr can make them)."""
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.numel()):
+        if not _all_finite(model):
             raise TrainingAborted(f"the weights are not finite after step {step}; nothing was saved, the "
                                   f"checkpoints in {checkpoint.checkpoint_dir(run_dir)} are the last good "
                                   f"ones: lower train.lr or raise train.warmup_steps")
@@ -122,3 +122,17 @@ def fault_injection(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _all_finite(model: torch.nn.Module) -> bool:
+    """Whether every weight is finite; over FSDP2's shards, the same verdict on every process."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.numel()]
+    sharded = any(isinstance(p, DTensor) for p in params)
+    ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()) for p in params)
+    if sharded:
+        import torch.distributed as dist
+
+        flag = torch.tensor(float(ok), device=next(p.to_local() for p in params if isinstance(p, DTensor)).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok

@@ -266,7 +266,8 @@ def score(student: torch.nn.Module, prompts: Sequence[list[int]], responses: Seq
         mask[b, width - len(row):] = 1
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits = student(input_ids=ids, attention_mask=mask, position_ids=position).logits.float()
+    keep = max(len(r) for r in cut) + 1  # the rows are right-aligned: the responses are in the last positions
+    logits = student(input_ids=ids, attention_mask=mask, position_ids=position, logits_to_keep=keep).logits
     if vocab is not None:
         logits = logits[..., :vocab]
     out = []
@@ -276,7 +277,7 @@ def score(student: torch.nn.Module, prompts: Sequence[list[int]], responses: Seq
             continue
         # the logits at position t predict token t + 1: the response's tokens are predicted
         # from the last prompt token on
-        at = logits[b, width - len(response) - 1:width - 1]  # [n, V]
+        at = logits[b, keep - len(response) - 1:keep - 1].float()  # [n, V]
         token = torch.tensor(response, device=device)[:, None]
         out.append(Sampled(response, _policy(at, spec).gather(1, token).squeeze(1).tolist(),
                            at.log_softmax(-1).gather(1, token).squeeze(1).tolist()))

@@ -60,6 +60,9 @@ def problems(cfg: DictConfig) -> list[str]:
                    "(kdexp's own sampler)")
     elif importlib.util.find_spec("vllm") is None:
         out.append("rollout.engine=vllm needs vLLM: pip install 'kdexp[vllm]', or use rollout.engine=hf")
+    if cfg.get("fsdp") is not None:
+        out.append("rollout.engine=vllm with fsdp= is not supported yet (the engine needs the student's whole "
+                   "weights on every process): use DDP, deepspeed=, or rollout.engine=hf")
     if cfg.student.get("lora", {}).get("enabled"):
         out.append("rollout.engine=vllm loads whole weights into the engine, not LoRA adapters: "
                    "use rollout.engine=hf with student.lora.enabled=true")
@@ -93,20 +96,30 @@ class VllmRollouts:
 
     def _start(self, student: torch.nn.Module) -> None:
         """The engine, made from the student as it is now (written to a temporary directory)."""
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights load in place
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: weights load in place
+        import random
+
+        import numpy as np
         from vllm import LLM
 
         options = dict(self.cfg.rollout.vllm)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        with tempfile.TemporaryDirectory(prefix="kdexp-vllm-") as path:
+        states = random.getstate(), np.random.get_state()
+        # vLLM seeds every generator of the process when its worker starts: the run's are kept
+        with tempfile.TemporaryDirectory(prefix="kdexp-vllm-") as path, torch.random.fork_rng(
+                devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             student.save_pretrained(path, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
             self.llm = LLM(model=path, seed=int(self.cfg.seed), dtype=options.get("dtype", "auto"),
                            gpu_memory_utilization=float(options.get("gpu_memory_utilization", 0.3)),
                            enforce_eager=bool(options.get("enforce_eager", False)),
                            max_model_len=int(self.cfg.data.max_length),
+                           # the stop tokens are the rollout's, not generation_config.json's
+                           generation_config="vllm",
                            # several training processes: one engine each, on its own GPU
                            distributed_executor_backend="external_launcher" if world > 1 else None)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
 
     def due(self, step: int) -> bool:
         """Whether the engine's weights are older than ``rollout.sync_every`` steps at ``step``."""
@@ -118,7 +131,11 @@ class VllmRollouts:
         if self.llm is None:
             self._start(student)
         elif self.due(step):
-            weights = [(k, v.detach()) for k, v in student.state_dict().items()]
+            from transformers.modeling_utils import revert_weight_conversion
+
+            # the checkpoint's names (models that fuse weights when loaded name them otherwise in memory)
+            state = revert_weight_conversion(student, {k: v.detach() for k, v in student.state_dict().items()})
+            weights = list(state.items())
             self.llm.apply_model(lambda model: model.load_weights(weights=weights))  # in this process: no copy
             self.llm.reset_prefix_cache()  # cached prompts were computed with the old weights
             self.syncs += 1

@@ -159,7 +159,6 @@ CASES: list[tuple[str, str, list[str], list[str], Setup | None]] = [
     ("fsdp-and-deepspeed", "train", ["fsdp=full_shard", "deepspeed=zero2"], ["fsdp= and deepspeed= are two engines", "~deepspeed"], None),
     ("fsdp-fp16", "train", ["fsdp=full_shard", "train.mixed_precision=fp16"], ["fsdp= trains in float32 or bf16", "train.mixed_precision=bf16"], None),
     ("fsdp-lora", "train", ["fsdp=full_shard", "student.lora.enabled=true"], ["fsdp= with a LoRA student is not supported"], None),
-    ("fsdp-offload-on-cpu", "train", ["fsdp=full_shard", "fsdp.offload=cpu"], ["fsdp.offload=cpu moves the shards off the GPUs", "fsdp.offload=none"], None),
     ("rollout-vllm-without-gpu", "train", ["method=gkd", "rollout.engine=vllm"], ["rollout.engine=vllm generates on GPUs", "rollout.engine=hf"], None),
     ("rollout-engine-unknown", "train", ["method=gkd", "rollout.engine=sglang"], ["rollout.engine=sglang is not one of hf, vllm"], None),
     ("rollout-sync-every", "train", ["method=gkd", "rollout.sync_every=0"], ["rollout.sync_every must be an integer >= 1"], None),

@@ -124,6 +124,9 @@ def names_list(v: Any) -> bool:
 def loss_term(cfg: DictConfig, weight: float, **extra: Any) -> TermSpec:
     """The ``loss=`` group as a term: its name plus its hyper-parameters."""
     params = OmegaConf.to_container(cfg.loss, resolve=True)
+    for option in ("cross_tokenizer", "matched_weight"):  # off: not part of the term
+        if params.get(option) is None:
+            params.pop(option, None)
     return {"loss": params.pop("name"), "weight": weight, **params, **extra}
 
 
