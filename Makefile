@@ -50,7 +50,7 @@ readme-check: ## run `kdexp train` and check that the README quotes the table it
 known: ## the known-answer study: claims checked where the truth is known, 3 seeds (docs/results/KNOWN_ANSWERS.md; QUICK=1: 1 seed)
 	$(PYTHON) -m kdexp.known.study $(if $(QUICK),--quick,)
 
-teacher: ## rebuild the bundled tokenizer, the tiny teacher and its two specialists from their seed (about 70 minutes on 2 cores)
+teacher: ## rebuild the bundled tokenizers, the tiny teacher, its two specialists and the other-tokenizer teacher from their seed (about 95 minutes on 2 cores)
 	$(PYTHON) -m kdexp.assets.build teacher
 
 teachers-study: ## several teachers on the embedded task: each teacher, route, mixture, relative, mot, 3 seeds (docs/results/TEACHERS.md, about 35 minutes)

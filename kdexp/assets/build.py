@@ -3,7 +3,7 @@
     python -m kdexp.assets.build skeleton        # tokenizer + configs of tiny-teacher and tiny-student
     python -m kdexp.assets.build teacher         # skeleton, then train the teacher with `kdexp train`, then specialists
     python -m kdexp.assets.build specialists     # the two specialist teachers alone, from the first (~8 minutes)
-    python -m kdexp.assets.build other           # the teacher with another tokenizer, from the first (~10 minutes)
+    python -m kdexp.assets.build other           # the teacher with another tokenizer, from the first (~25 minutes)
 
 The tokenizer is a byte-level BPE (1024 tokens) learned on the toy task's training text; both
 tiny models share it. The teacher (LLaMA architecture, 4 layers, width 256, ~3.4M parameters)
@@ -72,7 +72,7 @@ def specialist_recipe(families: list[str]) -> list[str]:
 OTHER, OTHER_VOCAB, OTHER_EOS = HERE / "tiny-teacher-other", 1536, "<|end|>"
 OTHER_RECIPE = ["method=sft", "teacher=none", "logger=none", "seed=0",
                 "student=tiny", "student.name_or_path=${kdexp.asset:tiny-teacher-other}", "student.init=pretrained",
-                "data.toy.n_train=40000", "train.max_steps=1500", "train.batch_size=32", "train.micro_batch_size=32",
+                "data.toy.n_train=40000", "train.max_steps=4000", "train.batch_size=32", "train.micro_batch_size=32",
                 "train.lr=1e-3", "train.warmup_steps=50", "train.min_lr_ratio=0.05", "train.eval_every=0",
                 "train.save_every=0", "eval=greedy", "eval.teacher=false"]
 

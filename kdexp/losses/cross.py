@@ -20,9 +20,10 @@ distribution predicting its last token, times the probability of its earlier tok
 (``merged_rows``; GOLD's "bayesian" merge). Rows are compared by a hybrid: on the tokens whose
 string is the same in both vocabularies ("matched"), a generalized Jensen-Shannon divergence; on
 the rest, ULD's sorted comparison. One departure from GOLD, on purpose: the matched part compares
-*distributions*, the matched tokens' probabilities plus one bucket for all the others, each row
-normalized (GOLD compares the raw sub-vectors, on which its JSD is not a divergence: it can be
-negative and is not least where the rows agree).
+*distributions* over the span's outcomes, "its earlier tokens then matched token i" for each
+matched token plus one bucket for everything else, which sums to 1 and keeps the probability of
+the earlier tokens (GOLD compares the raw sub-vectors, on which its JSD is not a divergence: it can
+be negative and is not least where the rows agree).
 """
 
 from __future__ import annotations
@@ -76,35 +77,53 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _coarse(log_rows: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
-    """Each row as a normalized log-distribution over the matched tokens and one bucket for the rest."""
-    total = log_rows.logsumexp(-1, keepdim=True)
-    inside = log_rows[:, matched]
-    rest = torch.log1p(-(inside - total).exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)) + total
-    return torch.cat([inside, rest], -1) - total
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``; ``-inf`` at 0 with a finite (zero) gradient."""
+    inside = x < -1e-12
+    safe = torch.where(inside, x, torch.full_like(x, -1.0))
+    return torch.where(inside, torch.log(-torch.expm1(safe)), torch.full_like(x, float("-inf")))
+
+
+def _coarse(last: torch.Tensor, prefix: torch.Tensor, matched: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The span's outcomes as a log-distribution: "its earlier tokens, then matched token i" for
+    each matched token (``prefix + last[i]``), and one bucket for everything else (the earlier
+    tokens then an unmatched token, or other earlier tokens: ``1 - P(prefix) + P(prefix) P(unmatched)``),
+    each computed exactly. ``last``: normalized log-rows ``[K, V]``; ``prefix`` ``[K]`` (<= 0)."""
+    prefix = prefix.clamp(max=0.0)[:, None]
+    inside = last[:, matched] + prefix
+    unmatched = last[:, keep].logsumexp(-1, keepdim=True) + prefix if keep.any() else torch.full_like(prefix, float("-inf"))
+    rest = torch.logaddexp(_log1mexp(prefix), unmatched)
+    return torch.cat([inside, rest], -1)
 
 
 def hybrid(rows_s: torch.Tensor, rows_t: torch.Tensor, matched_s: Sequence[int], matched_t: Sequence[int],
-           beta: float = 0.5, matched_weight: float | None = None, divergence: Callable | None = None) -> torch.Tensor:
-    """The span rows compared: ``w JSD_beta`` (kdexp's ``loss=jsd``: beta 0 is forward KL, 1 reverse
-    KL; or ``divergence(student_logits, teacher_logits)``, any of kdexp's) on the matched tokens (plus one bucket for the rest)
-    ``+ (1 - w) sorted-L1`` on the unmatched tokens' probabilities. ``w``: ``matched_weight``, or
-    the matched share of the teacher's vocabulary (GOLD's default). ``[K, Vs]`` x ``[K, Vt]`` -> ``[K]``."""
+           beta: float = 0.5, matched_weight: float | None = None, divergence: Callable | None = None,
+           prefix_s: torch.Tensor | None = None, prefix_t: torch.Tensor | None = None) -> torch.Tensor:
+    """Span rows compared. ``rows_*``: each span's last-token log-distribution (normalized, ``[K, V]``),
+    ``prefix_*``: the log-probability of its earlier tokens (``[K]``, default 0: one-token spans).
+    ``w`` times ``divergence(student, teacher)`` (any of kdexp's, given log-distributions; default
+    JSD(beta), kdexp's ``loss=jsd``: beta 0 is forward KL, 1 reverse KL) on the span's outcomes
+    through matched tokens plus one bucket for the rest (:func:`_coarse`), ``+ (1 - w)`` ULD's sorted
+    L1 on the chain-rule probabilities of the unmatched tokens. ``w``: ``matched_weight``, or the
+    matched share of the teacher's vocabulary (GOLD's default). ``[K, Vs]`` x ``[K, Vt]`` -> ``[K]``."""
     ms = torch.as_tensor(list(matched_s), dtype=torch.long, device=rows_s.device)
     mt = torch.as_tensor(list(matched_t), dtype=torch.long, device=rows_t.device)
     w = len(ms) / rows_t.shape[-1] if matched_weight is None else float(matched_weight)
     rows_s, rows_t = _at_least_float32(rows_s), _at_least_float32(rows_t)
-    out = rows_s.new_zeros(rows_s.shape[0])
-    if len(ms):
-        # normalized log-distributions are their own logits
-        coarse_s, coarse_t = _coarse(rows_s, ms), _coarse(rows_t, mt)
-        out = out + w * (generalized_jsd(coarse_s, coarse_t, beta=beta) if divergence is None
-                         else divergence(coarse_s, coarse_t))
+    prefix_s = rows_s.new_zeros(rows_s.shape[0]) if prefix_s is None else _at_least_float32(prefix_s)
+    prefix_t = rows_t.new_zeros(rows_t.shape[0]) if prefix_t is None else _at_least_float32(prefix_t)
     keep_s = torch.ones(rows_s.shape[-1], dtype=torch.bool, device=rows_s.device)
     keep_t = torch.ones(rows_t.shape[-1], dtype=torch.bool, device=rows_t.device)
     keep_s[ms], keep_t[mt] = False, False
+    out = rows_s.new_zeros(rows_s.shape[0])
+    if len(ms):
+        # normalized log-distributions are their own logits
+        coarse_s, coarse_t = _coarse(rows_s, prefix_s, ms, keep_s), _coarse(rows_t, prefix_t, mt, keep_t)
+        out = out + w * (generalized_jsd(coarse_s, coarse_t, beta=beta) if divergence is None
+                         else divergence(coarse_s, coarse_t))
     if keep_s.any() and keep_t.any():
-        out = out + (1 - w) * sorted_l1(rows_s[:, keep_s].exp(), rows_t[:, keep_t].exp())
+        out = out + (1 - w) * sorted_l1((rows_s[:, keep_s] + prefix_s[:, None]).exp(),
+                                        (rows_t[:, keep_t] + prefix_t[:, None]).exp())
     return out
 
 
@@ -144,11 +163,11 @@ def span_positions(student_logits: torch.Tensor, teacher_logits: torch.Tensor, b
     before_s = _chosen_before(log_s, batch["targets"])
     before_t = _chosen_before(log_t, batch["x_targets"])
     b, p, tp = _gather_rows(student_logits, batch["x_pos"])
-    rows_s = log_s[b, p] + (before_s[b, p] - before_s[b, batch["x_first_s"][b, p]])[:, None]
-    rows_t = log_t[b, tp] + (before_t[b, tp] - before_t[b, batch["x_first_t"][b, p]])[:, None]
+    prefix_s = before_s[b, p] - before_s[b, batch["x_first_s"][b, p]]
+    prefix_t = before_t[b, tp] - before_t[b, batch["x_first_t"][b, p]]
     out = log_s.new_zeros(log_s.shape[:2])
-    out[b, p] = hybrid(rows_s, rows_t, batch["x_matched_s"].tolist(), batch["x_matched_t"].tolist(),
-                       matched_weight=matched_weight, divergence=divergence)
+    out[b, p] = hybrid(log_s[b, p], log_t[b, tp], batch["x_matched_s"].tolist(), batch["x_matched_t"].tolist(),
+                       matched_weight=matched_weight, divergence=divergence, prefix_s=prefix_s, prefix_t=prefix_t)
     return out
 
 

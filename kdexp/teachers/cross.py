@@ -39,15 +39,27 @@ PROBE = "Hello,  world 12.5% x\ty\né € 日本 Ünïcode"
 
 
 def lossless_problems(student_tok, teacher_tok) -> list[str]:
-    """The tokenizers that do not give back the text they encode (alignment needs both to)."""
+    """The tokenizers that do not give back the text they encode, or that put a space in front of
+    a text encoded alone (SentencePiece's dummy prefix: a response encoded apart from its prompt
+    would not follow it as in the text). Alignment needs neither to happen."""
     out = []
+    head, tail = PROBE[:7], PROBE[7:]  # "Hello, " + " world ...": the tail starts with a space
     for who, tok in (("student", student_tok), ("teacher", teacher_tok)):
-        back = tok.decode(tok(PROBE, add_special_tokens=False)["input_ids"], skip_special_tokens=True,
-                          clean_up_tokenization_spaces=False)
+        def decode(ids: list[int], tok=tok) -> str:
+            return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        def encode(text: str, tok=tok) -> list[int]:
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        back, joined = decode(encode(PROBE)), decode(encode(head) + encode(tail))
         if back != PROBE:
             out.append(f"loss.cross_tokenizer aligns the two tokenizations on their text, and the {who}'s tokenizer "
                        f"does not give back the text it encodes ({PROBE!r} comes back as {back!r}): use a "
                        f"tokenizer whose decoding is lossless (byte-level BPE, ...)")
+        elif joined != PROBE:
+            out.append(f"loss.cross_tokenizer encodes a prompt and its response apart, and the {who}'s tokenizer "
+                       f"changes a text encoded in two parts ({PROBE!r} comes back as {joined!r}: a space put in "
+                       f"front of each part, as SentencePiece's dummy prefix does): use a byte-level BPE tokenizer")
     return out
 
 
@@ -57,12 +69,15 @@ def teacher_tokens(student_tok, teacher_tok, prompt_ids: Sequence[int], response
     and whether the student's response ended with its end of text."""
     ended = bool(response_ids) and response_ids[-1] == student_tok.eos_token_id
     body = list(response_ids[:-1] if ended else response_ids)
-    prompt_text = student_tok.decode(list(prompt_ids), skip_special_tokens=True)
+    prompt_text = student_tok.decode(list(prompt_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
     response_text = student_tok.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     prompt = teacher_tok(prompt_text, add_special_tokens=True)["input_ids"]
     if prompt and prompt[-1] == teacher_tok.eos_token_id and teacher_tok.eos_token_id != teacher_tok.bos_token_id:
         prompt = prompt[:-1]  # a tokenizer that ends every text with EOS: not inside a sequence
     response = teacher_tok(response_text, add_special_tokens=False)["input_ids"]
+    if not prompt:
+        raise UserError(f"a prompt is empty in the teacher's tokens ({prompt_text!r}), and the teacher adds no "
+                        f"BOS: its first response token would have no position to be predicted from")
     return prompt, response, ended
 
 
@@ -86,6 +101,18 @@ def alignment(approach: str, student_tok, teacher_tok, body_s: Sequence[int], bo
     return pairs
 
 
+def matched_tokens(student_tok, teacher_tok) -> tuple[list[int], list[int]]:
+    """The token pairs the span loss compares directly: the ordinary tokens whose string is the same
+    in both vocabularies (special and added tokens are not text: a padding token of one side may
+    share a string with the other's end of text), and the two ends of text with each other."""
+    specials_s = set(student_tok.all_special_ids) | {student_tok.eos_token_id}
+    specials_t = set(teacher_tok.all_special_ids) | {teacher_tok.eos_token_id}
+    vocab_s = {k: v for k, v in student_tok.get_vocab().items() if v not in specials_s and v < len(student_tok)}
+    vocab_t = {k: v for k, v in teacher_tok.get_vocab().items() if v not in specials_t and v < len(teacher_tok)}
+    ms, mt = matched_ids(vocab_s, vocab_t)
+    return [*ms, student_tok.eos_token_id], [*mt, teacher_tok.eos_token_id]
+
+
 class CrossTeacher(LiveTeacher):
     """A frozen teacher whose tokenizer is not the student's."""
 
@@ -95,15 +122,14 @@ class CrossTeacher(LiveTeacher):
                  approach: str):
         super().__init__(accelerator, vocab, model)  # vocab: the student's width (its padded rows cut)
         self.student_tok, self.teacher_tok, self.approach = student_tok, teacher_tok, approach
-        matched_s, matched_t = matched_ids(student_tok.get_vocab(), teacher_tok.get_vocab())
-        self.matched = torch.tensor(matched_s), torch.tensor(matched_t)
+        self.matched = tuple(torch.tensor(ids) for ids in matched_tokens(student_tok, teacher_tok))
         self.width = len(teacher_tok)  # padded embedding rows are not tokens
         for line in lossless_problems(student_tok, teacher_tok):
             raise UserError(line)
         self._aligned: dict[tuple, tuple] = {}  # per sequence: the dataset's are seen every epoch
         if accelerator.is_main_process:
             log.info("teacher with another tokenizer (%d tokens, %d of them also the student's): loss.cross_tokenizer=%s",
-                     len(teacher_tok), len(matched_s), approach)
+                     len(teacher_tok), len(self.matched[0]), approach)
 
     def _sequence(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> tuple:
         key = (tuple(prompt_ids), tuple(response_ids))

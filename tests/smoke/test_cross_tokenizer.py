@@ -27,9 +27,10 @@ def test_with_one_tokenizer_span_is_the_ordinary_divergence(tmp_path):
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("extra", [["loss.cross_tokenizer=span"], ["loss.cross_tokenizer=uld"],
+# span on kd's dataset text is the identical-tokenizer test's path; here span takes gkd's samples
+@pytest.mark.parametrize("extra", [["loss.cross_tokenizer=uld"],
                                    ["loss.cross_tokenizer=span", "method=gkd", "rollout.max_new_tokens=12"]],
-                         ids=["span", "uld", "gkd-span"])
+                         ids=["uld", "gkd-span"])
 def test_the_other_tokenizer_teacher_trains_the_student(tmp_path, extra):
     """teacher=tiny-other (another vocabulary and merges): the run trains (the term is logged,
     finite), and the teacher is evaluated in its own tokens."""

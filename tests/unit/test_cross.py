@@ -95,3 +95,29 @@ def test_hybrid_gradients_by_gradcheck():
     for beta, w in itertools.product((0.0, 0.5), (0.4,)):
         assert torch.autograd.gradcheck(
             lambda x, beta=beta, w=w: hybrid(x.log_softmax(-1), t, [0, 2], [1, 3], beta=beta, matched_weight=w), (s,))
+
+
+def test_the_earlier_tokens_of_a_span_count_in_the_matched_part():
+    """Same last-token distributions, different probabilities of the span's earlier tokens: the
+    matched part sees them (outcomes "earlier tokens, then token i" plus a rest bucket), and the
+    student's earlier tokens get a gradient from it."""
+    last = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    prefix_s = torch.tensor([0.5]).log().requires_grad_()
+    prefix_t = torch.tensor([0.9]).log()
+    got = hybrid(last, last, [0, 1], [0, 1], beta=0.0, matched_weight=1.0, prefix_s=prefix_s, prefix_t=prefix_t)
+    # by hand: outcomes (x, y, rest) = (P a, P b, 1 - P (a + b)) on each side; beta 0 is KL(teacher || student)
+    s = torch.tensor([0.5 * 0.5, 0.5 * 0.3, 1 - 0.5 * 0.8])
+    t = torch.tensor([0.9 * 0.5, 0.9 * 0.3, 1 - 0.9 * 0.8])
+    assert got.item() == pytest.approx((t * (t / s).log()).sum().item(), rel=1e-5)
+    got.sum().backward()
+    assert prefix_s.grad.abs().item() > 0.1
+
+
+def test_the_rest_bucket_is_exact_when_it_is_tiny():
+    from kdexp.losses.cross import _coarse
+
+    for rest in (1e-5, 1e-9, 1e-20):
+        last = torch.tensor([[0.6 - rest, 0.4, rest]], dtype=torch.float64).log().float()
+        out = _coarse(last, torch.zeros(1), torch.tensor([0, 1]), torch.tensor([False, False, True]))
+        assert out[0, 2].exp().item() == pytest.approx(rest, rel=1e-4)
+        assert out.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
