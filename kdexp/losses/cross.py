@@ -98,14 +98,18 @@ def _coarse(last: torch.Tensor, prefix: torch.Tensor, matched: torch.Tensor, kee
 
 def hybrid(rows_s: torch.Tensor, rows_t: torch.Tensor, matched_s: Sequence[int], matched_t: Sequence[int],
            beta: float = 0.5, matched_weight: float | None = None, divergence: Callable | None = None,
-           prefix_s: torch.Tensor | None = None, prefix_t: torch.Tensor | None = None) -> torch.Tensor:
+           prefix_s: torch.Tensor | None = None, prefix_t: torch.Tensor | None = None,
+           direct: torch.Tensor | None = None) -> torch.Tensor:
     """Span rows compared. ``rows_*``: each span's last-token log-distribution (normalized, ``[K, V]``),
     ``prefix_*``: the log-probability of its earlier tokens (``[K]``, default 0: one-token spans).
     ``w`` times ``divergence(student, teacher)`` (any of kdexp's, given log-distributions; default
     JSD(beta), kdexp's ``loss=jsd``: beta 0 is forward KL, 1 reverse KL) on the span's outcomes
     through matched tokens plus one bucket for the rest (:func:`_coarse`), ``+ (1 - w)`` ULD's sorted
     L1 on the chain-rule probabilities of the unmatched tokens. ``w``: ``matched_weight``, or the
-    matched share of the teacher's vocabulary (GOLD's default). ``[K, Vs]`` x ``[K, Vt]`` -> ``[K]``."""
+    matched share of the teacher's vocabulary (GOLD's default). ``direct`` ``[K]`` (default all 1):
+    where 0, the two last tokens do not continue the same text (the earlier tokens cover different
+    text: ``" word"`` against ``" ", "word"``), so matched strings are not the same outcome and the
+    row takes the sorted comparison alone. ``[K, Vs]`` x ``[K, Vt]`` -> ``[K]``."""
     ms = torch.as_tensor(list(matched_s), dtype=torch.long, device=rows_s.device)
     mt = torch.as_tensor(list(matched_t), dtype=torch.long, device=rows_t.device)
     w = len(ms) / rows_t.shape[-1] if matched_weight is None else float(matched_weight)
@@ -115,15 +119,20 @@ def hybrid(rows_s: torch.Tensor, rows_t: torch.Tensor, matched_s: Sequence[int],
     keep_s = torch.ones(rows_s.shape[-1], dtype=torch.bool, device=rows_s.device)
     keep_t = torch.ones(rows_t.shape[-1], dtype=torch.bool, device=rows_t.device)
     keep_s[ms], keep_t[mt] = False, False
+    w = rows_s.new_full((rows_s.shape[0],), w) * (1.0 if direct is None else direct.to(rows_s))
     out = rows_s.new_zeros(rows_s.shape[0])
     if len(ms):
         # normalized log-distributions are their own logits
         coarse_s, coarse_t = _coarse(rows_s, prefix_s, ms, keep_s), _coarse(rows_t, prefix_t, mt, keep_t)
         out = out + w * (generalized_jsd(coarse_s, coarse_t, beta=beta) if divergence is None
                          else divergence(coarse_s, coarse_t))
-    if keep_s.any() and keep_t.any():
-        out = out + (1 - w) * sorted_l1((rows_s[:, keep_s] + prefix_s[:, None]).exp(),
-                                        (rows_t[:, keep_t] + prefix_t[:, None]).exp())
+    indirect = w < 1  # the rows the sorted comparison weighs
+    if indirect.any():
+        # where the last tokens continue different text, every token is compared sorted
+        other = (~direct.bool() if direct is not None else torch.zeros_like(w, dtype=torch.bool))[:, None]
+        ks, kt = keep_s[None] | other, keep_t[None] | other
+        ps, pt = (rows_s + prefix_s[:, None]).exp() * ks, (rows_t + prefix_t[:, None]).exp() * kt
+        out = out + (1 - w) * sorted_l1(ps, pt)
     return out
 
 
@@ -167,7 +176,8 @@ def span_positions(student_logits: torch.Tensor, teacher_logits: torch.Tensor, b
     prefix_t = before_t[b, tp] - before_t[b, batch["x_first_t"][b, p]]
     out = log_s.new_zeros(log_s.shape[:2])
     out[b, p] = hybrid(log_s[b, p], log_t[b, tp], batch["x_matched_s"].tolist(), batch["x_matched_t"].tolist(),
-                       matched_weight=matched_weight, divergence=divergence, prefix_s=prefix_s, prefix_t=prefix_t)
+                       matched_weight=matched_weight, divergence=divergence, prefix_s=prefix_s, prefix_t=prefix_t,
+                       direct=batch["x_direct"][b, p])
     return out
 
 

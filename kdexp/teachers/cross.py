@@ -83,21 +83,27 @@ def teacher_tokens(student_tok, teacher_tok, prompt_ids: Sequence[int], response
 
 def alignment(approach: str, student_tok, teacher_tok, body_s: Sequence[int], body_t: Sequence[int],
               ended: bool) -> list[tuple[list[int], list[int]]]:
-    """Pairs of response token indices (student's, teacher's) the loss compares, in order: for
-    ``uld`` single positions paired from the first; for ``span`` the aligned spans (the end of
-    text, if any, one more span of one token each), a span whose tokens are the same strings on
-    both sides (the bytes of one character, split alike) taken token by token."""
+    """Pairs of response token indices (student's, teacher's) the loss compares, in order, and
+    whether their last tokens continue the same text (``direct``): for ``uld`` single positions
+    paired from the first; for ``span`` the aligned spans (the end of text, if any, one more span
+    of one token each), a span whose tokens are the same strings on both sides (the bytes of one
+    character, split alike) taken token by token."""
     n_s, n_t = len(body_s) + ended, len(body_t) + ended
     if approach == "uld":
-        return [([i], [i]) for i in range(min(n_s, n_t))]
+        return [([i], [i], True) for i in range(min(n_s, n_t))]
     pairs = []
     for a, b in spans(char_ends(student_tok, body_s), char_ends(teacher_tok, body_t)):
         same = len(a) == len(b) and student_tok.convert_ids_to_tokens([body_s[i] for i in a]) == \
             teacher_tok.convert_ids_to_tokens([body_t[j] for j in b])
-        # the same tokens on both sides (pieces of one character): compared one by one
-        pairs += [([i], [j]) for i, j in zip(a, b, strict=True)] if same and len(a) > 1 else [(list(a), list(b))]
+        if same and len(a) > 1:  # the same tokens on both sides (pieces of one character): one by one
+            pairs += [([i], [j], True) for i, j in zip(a, b, strict=True)]
+            continue
+        # the last tokens continue the same text only if the earlier ones cover the same text
+        # (" word" as one token against " ", "word": the teacher's "word" is not the student's)
+        direct = student_tok.decode([body_s[i] for i in a[:-1]]) == teacher_tok.decode([body_t[j] for j in b[:-1]])
+        pairs.append((list(a), list(b), direct))
     if ended:
-        pairs.append(([len(body_s)], [len(body_t)]))
+        pairs.append(([len(body_s)], [len(body_t)], True))
     return pairs
 
 
@@ -146,7 +152,8 @@ class CrossTeacher(LiveTeacher):
     def inputs(self, examples: Sequence) -> dict[str, torch.Tensor]:
         """The teacher's sequences (``x_input_ids``, ``x_attention_mask``, ``x_targets``, right-padded)
         and, in the student's positions [B, Ts], where each compared teacher row is (``x_pos``, -1
-        elsewhere) and where each span starts on both sides (``x_first_s``, ``x_first_t``)."""
+        elsewhere), where each span starts on both sides (``x_first_s``, ``x_first_t``), and whether
+        its last tokens continue the same text (``x_direct``: else only the sorted comparison applies)."""
         rows = [self._sequence(e.prompt_ids, e.response_ids) for e in examples]
         t_len = max(len(p) + len(r) for p, r, _ in rows)
         s_len = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
@@ -155,18 +162,20 @@ class CrossTeacher(LiveTeacher):
         mask = torch.zeros((len(rows), t_len), dtype=torch.long)
         targets = torch.full((len(rows), t_len), IGNORE_INDEX, dtype=torch.long)
         pos, first_s, first_t = (torch.full((len(rows), s_len), -1, dtype=torch.long) for _ in range(3))
+        direct = torch.zeros((len(rows), s_len))
         for b, ((prompt, response, pairs), e) in enumerate(zip(rows, examples, strict=True)):
             seq = prompt + response
             ids[b, :len(seq)] = torch.tensor(seq)
             mask[b, :len(seq)] = 1
             targets[b, len(prompt) - 1:len(seq) - 1] = torch.tensor(response, dtype=torch.long)
             ps, pt = len(e.prompt_ids) - 1, len(prompt) - 1  # the positions that predict response token 0
-            for a, c in pairs:
+            for a, c, same_text in pairs:
+                direct[b, ps + a[-1]] = float(same_text)
                 pos[b, ps + a[-1]] = pt + c[-1]
                 first_s[b, ps + a[-1]] = ps + a[0]
                 first_t[b, ps + a[-1]] = pt + c[0]
         return {"x_input_ids": ids, "x_attention_mask": mask, "x_targets": targets, "x_pos": pos,
-                "x_first_s": first_s.clamp_min(0), "x_first_t": first_t.clamp_min(0),
+                "x_first_s": first_s.clamp_min(0), "x_first_t": first_t.clamp_min(0), "x_direct": direct,
                 "x_matched_s": self.matched[0], "x_matched_t": self.matched[1]}
 
     def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:

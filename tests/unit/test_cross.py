@@ -121,3 +121,16 @@ def test_the_rest_bucket_is_exact_when_it_is_tiny():
         out = _coarse(last, torch.zeros(1), torch.tensor([0, 1]), torch.tensor([False, False, True]))
         assert out[0, 2].exp().item() == pytest.approx(rest, rel=1e-4)
         assert out.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_spans_whose_last_tokens_continue_other_text_are_compared_sorted_only():
+    """" word" as one student token against " ", "word": the teacher's "word" is not the student's
+    "word" (which has no space before it), so a row marked not direct takes the sorted comparison
+    of every token's chain-rule probability, whatever the matched weight."""
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]).log()
+    q = torch.tensor([[0.1, 0.3, 0.6], [0.1, 0.3, 0.6]]).log()
+    got = hybrid(p, q, [0, 1], [2, 1], beta=0.0, matched_weight=0.25, direct=torch.tensor([1.0, 0.0]),
+                 prefix_t=torch.tensor([1.0, 0.5]).log())
+    assert got[1].item() == pytest.approx(sorted_l1(p[1].exp(), 0.5 * q[1].exp()).item(), rel=1e-5)
+    alone = hybrid(p[:1], q[:1], [0, 1], [2, 1], beta=0.0, matched_weight=0.25)
+    assert got[0].item() == pytest.approx(alone.item(), rel=1e-6)
