@@ -36,7 +36,7 @@ def test_the_other_tokenizer_teacher_trains_the_student(tmp_path, extra):
     finite), and the teacher is evaluated in its own tokens."""
     run = tmp_path / "run"
     kdexp("train", *ARGS, "teacher=tiny-other", "eval.teacher=true", *extra, f"hydra.run.dir={run}", cwd=tmp_path)
-    term = "train/fkl_span" if "loss.cross_tokenizer=span" in extra else "train/uld"
+    term = "train/jsd_span" if "loss.cross_tokenizer=span" in extra else "train/uld"  # gkd's loss is jsd
     values = [r[term] for r in steps_with(run, term)]
     assert len(values) == 6 and all(v == v and v >= 0 for v in values)
     results = read_json(run / "results.json")
