@@ -9,7 +9,10 @@ RNG states in checkpoints). Each decoder layer (the classes a Hugging Face model
 ``_no_split_modules``) is one FSDP unit, and the rest (embeddings, final norm, LM head) is the
 root's: the root's parameters stay gathered from the forward to the end of the backward, which
 is where the fused loss reads the LM heads. The frozen teacher is sharded the same way, without
-an optimizer; the trained pair of online KD is one root over both models.
+an optimizer (its root stays gathered all run: it has no backward); the trained pair of online
+KD is two roots, one per model. Gradients are reduce-scattered after every micro-batch (no
+``no_sync``: the accumulated gradients stay sharded, at the cost of one reduce-scatter per
+micro-batch).
 
 Generation (validation, rollouts, teacher outputs, the final evaluation) runs on whole
 parameters: every process gathers every unit (:func:`full_parameters`, collective), then the
