@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from kdexp.data.encode import Example, collate_prompts
+from kdexp.data.encode import Example, collate_prompts, left_padded
 
 
 @dataclass(frozen=True)
@@ -187,13 +187,7 @@ def sample(student: torch.nn.Module, prompts: Sequence[list[int]], spec: Rollout
     stop token (``eos_id`` or ``spec.stop_ids``); the batch stops when every row has.
     """
     device = next(student.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p)
-        mask[b, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in left_padded(prompts, pad_id))
     decoders = [_Decoder(student, ids, mask, vocab)]
     if teacher is not None and (teacher_mix > 0 or score_teacher):
         decoders.append(_Decoder(teacher, ids, mask, vocab))
@@ -226,6 +220,11 @@ def sample(student: torch.nn.Module, prompts: Sequence[list[int]], spec: Rollout
     return _unpack(tokens, logp_sampler, logp_student, stops, logp_teacher)
 
 
+def _through_stop(row: Sequence[int], stops: set[int]) -> int:
+    """The length of ``row`` up to and including its first stop token (all of it without one)."""
+    return next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+
+
 def _policy(logits: torch.Tensor, spec: RolloutSpec) -> torch.Tensor:
     """Log-probabilities of sampling each token: temperature, then top-k / top-p cuts."""
     return filter_logits((logits / spec.temperature).log_softmax(-1), spec.top_k, spec.top_p).log_softmax(-1)
@@ -241,7 +240,7 @@ def _unpack(tokens: list[torch.Tensor], logp_sampler: list[torch.Tensor],
     stop_set = set(stops.tolist())
     out = []
     for row, a, b, c in zip(toks, ls, lq, lp, strict=True):
-        n = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+        n = _through_stop(row, stop_set)
         out.append(Sampled(row[:n], a[:n], b[:n], None if c is None else c[:n]))
     return out
 
@@ -255,16 +254,9 @@ def score(student: torch.nn.Module, prompts: Sequence[list[int]], responses: Seq
     forward of ``student`` over the left-padded batch. The log-probabilities are the trained
     model's, not the engine's (whose kernels and precision differ)."""
     stops = {eos_id, *spec.stop_ids}
-    cut = [list(r[:next((i + 1 for i, t in enumerate(r) if t in stops), len(r))]) for r in responses]
+    cut = [list(r[:_through_stop(r, stops)]) for r in responses]
     device = next(student.parameters()).device
-    rows = [p + r for p, r in zip(prompts, cut, strict=True)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row):] = torch.tensor(row)
-        mask[b, width - len(row):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in left_padded([list(p) + r for p, r in zip(prompts, cut, strict=True)], pad_id))
     position = (mask.cumsum(-1) - 1).clamp_min(0)
     keep = max(len(r) for r in cut) + 1  # the rows are right-aligned: the responses are in the last positions
     logits = student(input_ids=ids, attention_mask=mask, position_ids=position, logits_to_keep=keep).logits

@@ -13,12 +13,11 @@ spaces as tokens of their own, another end of text; fine-tuned from ``tiny``). R
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from reproduce import Stat
-from teachers_study import study
+from teachers_study import family_rows, load, study
 
 ARMS = {  # name: (label, overrides)
     "sft": ("sft (no teacher)", ["method=sft", "teacher=none"]),
@@ -30,7 +29,7 @@ ARMS = {  # name: (label, overrides)
 
 
 def report(out: Path, seeds: list[int], seconds: float) -> str:
-    results = {arm: [json.loads((out / f"{arm}-seed{s}" / "results.json").read_text()) for s in seeds] for arm in ARMS}
+    results = load(out, ARMS, seeds)
     step = {arm: Stat.of([r["train"]["time_s"] / r["train"]["steps"] for r in rs]).mean for arm, rs in results.items()}
     lines = ["# Distillation across tokenizers on the embedded task", "",
              f"`python scripts/cross_study.py` ({len(seeds)} training seeds: {', '.join(map(str, seeds))}; "
@@ -45,10 +44,8 @@ def report(out: Path, seeds: list[int], seconds: float) -> str:
                      f"{Stat.of([r['exact_match'] for r in rs]).fmt(1)} | {step[arm]:.3f} | "
                      f"{step[arm] / step['kd-same-plain']:.2f} |")
     families = list(results["sft"][0]["student"]["by_family"])
-    lines += ["", "ROUGE-L by family:", "", "| arm | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
-    for arm in ARMS:
-        cells = [Stat.of([r["student"]["by_family"][f]["rougeL"] for r in results[arm]]).fmt(1) for f in families]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "ROUGE-L by family:", "", "| arm | " + " | ".join(families) + " |", "|---|" + "---|" * len(families),
+              *family_rows(results, families, "rougeL")]
     return "\n".join(lines) + "\n"
 
 

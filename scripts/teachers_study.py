@@ -54,8 +54,19 @@ def mean_std(values: list[float]) -> str:
     return Stat.of(values).fmt(1)
 
 
+def load(out: Path, arms: dict, seeds: list[int]) -> dict[str, list[dict]]:
+    """Each arm's results.json, one per seed."""
+    return {arm: [json.loads((out / f"{arm}-seed{s}" / "results.json").read_text()) for s in seeds] for arm in arms}
+
+
+def family_rows(results: dict[str, list[dict]], families: list[str], metric: str) -> list[str]:
+    """One table row per arm: ``metric``'s mean ± std over the seeds in each family."""
+    return [f"| {arm} | " + " | ".join(mean_std([r["student"]["by_family"][f][metric] for r in rs]) for f in families)
+            + " |" for arm, rs in results.items()]
+
+
 def report(out: Path, seeds: list[int], seconds: float) -> str:
-    results = {arm: [json.loads((out / f"{arm}-seed{s}" / "results.json").read_text()) for s in seeds] for arm in ARMS}
+    results = load(out, ARMS, seeds)
     families = list(next(iter(results.values()))[0]["student"]["by_family"])
     lines = ["# Several teachers on the embedded task", "",
              f"`python scripts/teachers_study.py` ({len(seeds)} training seeds: {', '.join(map(str, seeds))}; "
@@ -71,10 +82,7 @@ def report(out: Path, seeds: list[int], seconds: float) -> str:
     for metric, title in (("rougeL", "ROUGE-L"), ("exact_match", "exact match")):
         lines += ["", f"{title} by family (b: a family of tiny-b's fine-tuning, c: of tiny-c's):", "",
                   "| arm | " + " | ".join(f"{f} ({'b' if f in B_FAMILIES else 'c'})" for f in families) + " |",
-                  "|---|" + "---|" * len(families)]
-        for arm in ARMS:
-            cells = [mean_std([r["student"]["by_family"][f][metric] for r in results[arm]]) for f in families]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+                  "|---|" + "---|" * len(families), *family_rows(results, families, metric)]
     return "\n".join(lines) + "\n"
 
 

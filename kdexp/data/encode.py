@@ -138,12 +138,18 @@ def collate_train(examples: Sequence[Example], pad_id: int) -> dict[str, torch.T
     return batch
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-aligned: ``(ids, attention_mask)`` [B, max length], padded on the left."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row):] = torch.tensor(list(row), dtype=torch.long)
+        mask[b, length - len(row):] = 1
+    return ids, mask
+
+
 def collate_prompts(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts for generation: ``input_ids`` / ``attention_mask`` [B, P]."""
-    length = max(len(e.prompt_ids) for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for b, e in enumerate(examples):
-        ids[b, length - len(e.prompt_ids):] = torch.tensor(e.prompt_ids)
-        mask[b, length - len(e.prompt_ids):] = 1
+    ids, mask = left_padded([e.prompt_ids for e in examples], pad_id)
     return {"input_ids": ids, "attention_mask": mask}

@@ -30,20 +30,26 @@ def method_args(method: str) -> list[str]:
     return [*ARGS, f"method={method}", *(["train.max_grad_norm=1.0"] if method == "kd" else [])]
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    """method -> the run directory of the plain reference run (computed once per method)."""
+def run_once(tmp_path_factory, name: str, args, nproc):
+    """method -> the run directory of ``kdexp train *args(method)`` on ``nproc(method)``
+    processes, computed once per method (a module fixture's)."""
     runs = {}
 
     def get(method: str):
         if method not in runs:
-            root = tmp_path_factory.mktemp(f"plain-{method}")
-            kdexp("train", *method_args(method), f"hydra.run.dir={root / 'run'}", cwd=root,
-                  nproc=1 if method == "kd" else 2, timeout=600)
+            root = tmp_path_factory.mktemp(f"{name}-{method}")
+            kdexp("train", *args(method), f"hydra.run.dir={root / 'run'}", cwd=root, nproc=nproc(method),
+                  timeout=600)
             runs[method] = root / "run"
         return runs[method]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """method -> the run directory of the plain reference run (one process for kd, two DDP else)."""
+    return run_once(tmp_path_factory, "plain", method_args, lambda m: 1 if m == "kd" else 2)
 
 
 def weights(run, name: str = "final/model.safetensors") -> dict[str, torch.Tensor]:
@@ -121,19 +127,9 @@ def test_zero2_killed_and_resumed_is_the_same_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    """method -> the run directory of its FSDP2 run on 2 processes (computed once per method)."""
-    runs = {}
-
-    def get(method: str):
-        if method not in runs:
-            root = tmp_path_factory.mktemp(f"fsdp-{method}")
-            extra = ["eval.teacher=true"] if method == "kd" else []  # the sharded teacher generates
-            kdexp("train", *method_args(method), "fsdp=full_shard", f"hydra.run.dir={root / 'run'}", *extra,
-                  cwd=root, nproc=2, timeout=600)
-            runs[method] = root / "run"
-        return runs[method]
-
-    return get
+    """method -> the run directory of its FSDP2 run on 2 processes (kd: the sharded teacher generates)."""
+    return run_once(tmp_path_factory, "fsdp", lambda m: [*method_args(m), "fsdp=full_shard",
+                                                          *(["eval.teacher=true"] if m == "kd" else [])], lambda m: 2)
 
 
 @pytest.mark.parametrize("method", ["kd", "gkd", "okd"])
