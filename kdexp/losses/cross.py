@@ -1,9 +1,10 @@
 """Divergences between models with different tokenizers (``loss.cross_tokenizer``).
 
     per_position = uld(student_logits, teacher_logits)                   # [N, Vs] x [N, Vt] -> [N]
-    rows_s = merged_rows(student_logp, student_ids, student_spans)        # [K, Vs], one per span
-    rows_t = merged_rows(teacher_logp, teacher_ids, teacher_spans)        # [K, Vt]
-    per_span = hybrid(rows_s, rows_t, matched_s, matched_t, beta=0.5)     # [K]
+    # per span: the last token's log-distribution and the log-probability of the earlier tokens
+    per_span = hybrid(last_s, last_t, matched_s, matched_t, beta=0.5,     # [K, Vs] x [K, Vt] -> [K]
+                      prefix_s=prefix_s, prefix_t=prefix_t, direct=direct)
+    rows = merged_rows(log_probs, ids, spans)    # last + prefix, the chain-rule row (the reference)
 
 **ULD** (Boizard, El Haddad, Hudelot and Colombo, "Towards Cross-Tokenizer Distillation: the
 Universal Logit Distillation Loss for LLMs", arXiv 2402.12030, 2024): the two next-token
