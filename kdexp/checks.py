@@ -125,7 +125,8 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
                      f"allow: train it without deepspeed= (DDP or one process)")
     from kdexp import rollout_vllm
 
-    for line in [*fsdp_problems(cfg), *rollout_vllm.problems(cfg), *cross_tokenizer_problems(cfg, plan)]:
+    for line in [*fsdp_problems(cfg), *rollout_vllm.problems(cfg), *cross_tokenizer_problems(cfg, plan),
+                 *sampled_problems(cfg, plan)]:
         problems.add(line)
     source = cfg.teacher.get("source")
     from_cache = source == "cache"
@@ -162,6 +163,23 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
     elif plan.needs_teacher and source == "live" and not several and not cfg.teacher.get("name_or_path"):
         problems.add(f"method={cfg.method.name} needs a teacher; choose one with teacher=NAME")
     return problems, plan
+
+
+def sampled_problems(cfg: DictConfig, plan) -> list[str]:
+    """``teacher.sparse=sampled``: read from a cache, by divergences it estimates without bias."""
+    if cfg.teacher.get("sparse", "topk") != "sampled":
+        return []
+    if cfg.teacher.get("source") != "cache" or config.teachers_rule(cfg):
+        return ["teacher.sparse=sampled is read from a cache of draws (teacher.source=cache, built by kdexp "
+                "cache-teacher teacher.sparse=sampled) for one teacher (teachers.rule=null); a live teacher gives "
+                "its whole distribution and a server its top-k"]
+    from kdexp.losses import sampled
+
+    lines = sampled.problems([t.name for t in plan.objective.terms if t.kind == "divergence"])
+    if plan.objective.sample_weight == "teacher_likelihood":
+        lines.append("method.sample_weight=teacher_likelihood needs the teacher's probability of every target "
+                     "token, which draws do not hold: use teacher.sparse=topk or student_likelihood")
+    return lines
 
 
 def cross_tokenizer_problems(cfg: DictConfig, plan) -> list[str]:

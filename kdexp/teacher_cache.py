@@ -25,6 +25,15 @@ T > 1, understates it at T < 1), so a cache records its T and serves that T only
 objective reads the teacher at another temperature (or at two) is refused.
 ``benchmarks/teacher_cache.py`` measures the effect on the final metric for k = 16, 64, 256.
 
+**Sampled targets** (``teacher.sparse=sampled teacher.samples=n``): instead of the top k, n
+tokens drawn with replacement from the teacher's distribution at the loss temperature T, stored
+as the distinct tokens (ids), how often each was drawn (uint8 counts) and the log-probability
+at T of each (float16), in ``min(n, V)`` slots: ``n * 5`` bytes per token (uint16 ids; 60 at
+n = 12). The loss is then the unbiased estimate of :mod:`kdexp.losses.sampled` (fkl and skl),
+not a divergence of a rebuilt distribution. The draws are seeded per sequence (from
+``teacher.sample_seed`` and the sequence's tokens), so a cache does not depend on the batch
+size it was built with.
+
 Where the cache lives: ``teacher.cache`` (a directory), or by default
 ``${rollout.cache_dir}/teacher-logits-KEY`` with KEY a hash of the teacher (name, revision,
 dtype, and for a local directory its files' sizes and times), the tokenized training sequences,
@@ -55,11 +64,14 @@ from kdexp.data.encode import Example
 from kdexp.errors import UserError
 from kdexp.losses.fused import Sparse
 from kdexp.losses.objective import IGNORE_INDEX
+from kdexp.losses.sampled import Sampled, draw
 
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: the tail at the recorded temperature (1: at T = 1 only)
-ARRAYS = ("ids", "logprobs", "log_rest", "offsets", "keys")
+ARRAYS = {"topk": ("ids", "logprobs", "log_rest", "offsets", "keys"),  # by teacher.sparse
+          "sampled": ("ids", "counts", "logprobs", "offsets", "keys")}
+MAX_SAMPLES = 255  # counts are uint8
 # The log of the tail mass never goes below this (a tail of exactly 0, or k >= V): e^-69 ~ 1e-30,
 # finite in every divergence, and nothing next to the top k.
 MIN_LOG_REST = -69.0
@@ -76,8 +88,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
-def bytes_per_token(top_k: int, vocab: int) -> int:
-    """Ids, float16 log-probabilities and the float32 tail of one position."""
+def bytes_per_token(top_k: int, vocab: int, sparse: str = "topk") -> int:
+    """One position's bytes: top-k ids, float16 log-probabilities and the float32 tail; or
+    (``sampled``, ``top_k`` the number of draws) ids, uint8 counts and float16 log-probabilities
+    of ``min(n, V)`` slots."""
+    if sparse == "sampled":
+        return min(top_k, vocab) * (_id_dtype(vocab).itemsize + 1 + 2)
     return top_k * (_id_dtype(vocab).itemsize + 2) + 4
 
 
@@ -102,8 +118,12 @@ def default_dir(cfg: DictConfig, train: Sequence[Example], temperature: float) -
     if root.is_dir():  # a local directory: its files' sizes and times stand for its weights
         weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in root.iterdir() if p.is_file())
     sequences = hashlib.sha256(json.dumps([sequence_key(e) for e in train]).encode()).hexdigest()
+    sparse, size = check_sparse(cfg)
+    # a top-k cache keeps the key it always had; a sampled one names its draws
+    what = ({"top_k": size} if sparse == "topk" else
+            {"sparse": sparse, "samples": size, "sample_seed": int(teacher.get("sample_seed", 0))})
     blob = json.dumps({"teacher": str(teacher.name_or_path), "revision": teacher.revision, "dtype": teacher.dtype,
-                       "weights": weights, "sequences": sequences, "top_k": int(teacher.top_k),
+                       "weights": weights, "sequences": sequences, **what,
                        "temperature": float(temperature)}, sort_keys=True)
     return Path(str(cfg.rollout.cache_dir)) / f"teacher-logits-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
@@ -121,6 +141,27 @@ def check_top_k(cfg: DictConfig) -> int:
     return k
 
 
+def check_sparse(cfg: DictConfig) -> tuple[str, int]:
+    """``("topk", teacher.top_k)`` or ``("sampled", teacher.samples)``: what a cache stores."""
+    sparse = cfg.teacher.get("sparse", "topk")
+    if sparse not in ARRAYS:
+        raise UserError(f"teacher.sparse must be topk or sampled, got {sparse!r}")
+    if sparse == "topk":
+        return sparse, check_top_k(cfg)
+    n = cfg.teacher.get("samples")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SAMPLES:
+        raise UserError(f"teacher.samples must be an integer from 1 to {MAX_SAMPLES} (draws per position), got {n!r}")
+    return sparse, n
+
+
+def describe(sparse: str, size: int) -> str:
+    return f"top-{size}" if sparse == "topk" else f"{size} draws"
+
+
+def overrides(sparse: str, size: int) -> str:
+    return f"teacher.top_k={size}" if sparse == "topk" else f"teacher.sparse=sampled teacher.samples={size}"
+
+
 class TeacherCache:
     """A cache directory opened for reading: rows are read per micro-batch, memory-mapped."""
 
@@ -132,17 +173,24 @@ class TeacherCache:
         if self.meta.get("format") != FORMAT:
             raise UserError(f"{path} has cache format {self.meta.get('format')}, this kdexp reads {FORMAT}; "
                             f"rebuild it with kdexp cache-teacher")
+        self.kind = str(self.meta.get("sparse", "topk"))
+        if self.kind not in ARRAYS:
+            raise UserError(f"{path} holds teacher targets of an unknown kind {self.kind!r}; rebuild it with "
+                            f"kdexp cache-teacher")
         arrays = {}
-        for name in ARRAYS:
+        for name in ARRAYS[self.kind]:
             try:
                 arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r")
             except (OSError, ValueError) as err:
                 raise UserError(f"the teacher cache {path} is damaged ({name}.npy: {err}); "
                                 f"delete it and run kdexp cache-teacher again") from None
-        self.ids, self.logprobs, self.log_rest = arrays["ids"], arrays["logprobs"], arrays["log_rest"]
+        self.ids, self.logprobs = arrays["ids"], arrays["logprobs"]
+        self.log_rest, self.counts = arrays.get("log_rest"), arrays.get("counts")
         self.offsets = np.asarray(arrays["offsets"])  # one int64 per sequence: small
         self.rows = {int(k): i for i, k in enumerate(arrays["keys"])}
-        self.top_k, self.vocab = int(self.meta["top_k"]), int(self.meta["vocab"])
+        self.vocab = int(self.meta["vocab"])
+        self.top_k = int(self.meta.get("top_k", 0))  # a top-k cache's k (0: a sampled cache)
+        self.size = self.top_k if self.kind == "topk" else int(self.meta["samples"])  # k, or the draws
         self.temperature = float(self.meta["temperature"])
 
     def __len__(self) -> int:
@@ -175,18 +223,30 @@ class TeacherCache:
         elsewhere). At T = 1 they are its log-probabilities."""
         return self.sparse(rows, targets, width).logits()
 
-    def sparse(self, rows: torch.Tensor, targets: torch.Tensor, width: int) -> Sparse:
-        """The same teacher at the response positions only, as top-k ids and logits and the
-        logit of every other entry, densified a chunk at a time by the fused path."""
+    def _read(self, rows: torch.Tensor, targets: torch.Tensor, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """The rows of ``arrays`` for the response positions of the examples ``rows``."""
         mask = targets != IGNORE_INDEX
         spans = [(int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows.tolist()]
         for b, (start, end) in enumerate(spans):
             if end - start != int(mask[b].sum()):
                 raise RuntimeError(f"the teacher cache holds {end - start} positions for a sequence with "
                                    f"{int(mask[b].sum())} response tokens; the cache is damaged")
-        ids = torch.from_numpy(np.concatenate([self.ids[s:e] for s, e in spans]).astype(np.int64))
-        values = torch.from_numpy(np.concatenate([self.logprobs[s:e] for s, e in spans]).astype(np.float32))
-        rest = torch.from_numpy(np.concatenate([self.log_rest[s:e] for s, e in spans]).astype(np.float32))
+        return [torch.from_numpy(np.concatenate([a[s:e] for s, e in spans])) for a in arrays]
+
+    def sampled(self, rows: torch.Tensor, targets: torch.Tensor) -> Sampled:
+        """A sampled cache's draws at the response positions (in position order): ids, each
+        one's share of the draws, and the teacher's log-probability at the cache's T."""
+        ids, counts, log_p = self._read(rows, targets, self.ids, self.counts, self.logprobs)
+        device = targets.device
+        return Sampled(ids.long().to(device), (counts.float() / self.size).to(device), log_p.float().to(device),
+                       targets != IGNORE_INDEX)
+
+    def sparse(self, rows: torch.Tensor, targets: torch.Tensor, width: int) -> Sparse:
+        """The same teacher at the response positions only, as top-k ids and logits and the
+        logit of every other entry, densified a chunk at a time by the fused path."""
+        mask = targets != IGNORE_INDEX
+        ids, values, rest = self._read(rows, targets, self.ids, self.logprobs, self.log_rest)
+        ids, values, rest = ids.long(), values.float(), rest.float()
         # Top-k logits are the log-probabilities at 1, log p_v: divided by T they are log p_v^(1/T).
         # The tail's share sum p^(1/T), spread over the tokens outside the top k (none when
         # k >= width), is log(share / (V - k)) per token at T, that is T times it as a logit.
@@ -206,24 +266,25 @@ def tail_logit(log_rest: torch.Tensor, width: int, k: int) -> torch.Tensor:
 def open_cache(cfg: DictConfig, train: Sequence[Example], tokenizer, temperature: float) -> TeacherCache:
     """The cache ``teacher.source=cache`` trains from, checked against this run's data and the
     temperature its objective reads the teacher at."""
-    check_top_k(cfg)
+    sparse, size = check_sparse(cfg)
     path = cache_dir(cfg, train, temperature)
     if not (path / "meta.json").is_file():
-        raise UserError(f"no teacher cache at {path} (top-{cfg.teacher.top_k}, temperature {temperature:g}): "
+        raise UserError(f"no teacher cache at {path} ({describe(sparse, size)}, temperature {temperature:g}): "
                         f"build it first with the same teacher, data, method and loss overrides: kdexp "
                         f"cache-teacher teacher=... data=... loss.temperature={temperature:g} "
-                        f"teacher.top_k={cfg.teacher.top_k}")
+                        f"{overrides(sparse, size)}")
     cache = TeacherCache(path)
-    if cache.top_k != int(cfg.teacher.top_k):
-        raise UserError(f"the teacher cache {path} holds top-{cache.top_k}, but teacher.top_k="
-                        f"{cfg.teacher.top_k}; set teacher.top_k={cache.top_k} or build another cache")
+    if (cache.kind, cache.size) != (sparse, size):
+        raise UserError(f"the teacher cache {path} holds {describe(cache.kind, cache.size)}, but the run asks for "
+                        f"{describe(sparse, size)}; set {overrides(cache.kind, cache.size)} or build another cache")
     if cache.temperature != temperature:
         raise UserError(f"the teacher cache {path} is exact at temperature {cache.temperature:g}, but the loss "
                         f"reads the teacher at {temperature:g}; build a cache for it (kdexp cache-teacher "
                         f"loss.temperature={temperature:g} ...) or set loss.temperature={cache.temperature:g}")
     cache.check(train, tokenizer)
-    log.info("teacher: top-%d log-probabilities of %d training sequences (%d distinct: duplicates share one "
-             "entry) at temperature %g from the cache %s (%d bytes/token)", cache.top_k, len(cache.offsets) - 1,
+    log.info("teacher: %s of %d training sequences (%d distinct: duplicates share one "
+             "entry) at temperature %g from the cache %s (%d bytes/token)", describe(cache.kind, cache.size),
+             len(cache.offsets) - 1,
              len(cache), cache.temperature, path, cache.meta["bytes_per_token"])
     return cache
 
@@ -249,6 +310,26 @@ def top_k_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], k: int,
     return torch.cat(ids), torch.cat(values), torch.cat(rest)
 
 
+@torch.inference_mode()
+def sampled_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], n: int, temperature: float,
+                 seeds: Sequence[int], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n draws from the teacher's distribution at ``temperature`` at the response positions of
+    ``batch`` (in batch order, position order): the distinct tokens, their counts and their
+    log-probabilities at T, [N, S] each (:func:`kdexp.losses.sampled.draw`). Sequence b's draws
+    come from a generator seeded with ``seeds[b]``, on the CPU, so that they do not depend on
+    the batch or the device."""
+    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["targets"] != IGNORE_INDEX
+    ids, counts, values = [], [], []
+    for b, seed in enumerate(seeds):
+        logp = torch.log_softmax(logits[b][mask[b]][:, :width].float() / temperature, dim=-1).cpu()
+        picked, count = draw(logp, n, torch.Generator().manual_seed(seed))
+        ids.append(picked)
+        counts.append(count)
+        values.append(logp.gather(1, picked))
+    return torch.cat(ids), torch.cat(counts), torch.cat(values)
+
+
 def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[Example], path: Path,
           batch_size: int, device: torch.device, temperature: float = 1.0) -> dict[str, Any]:
     """Write the cache of ``train`` at ``temperature`` into ``path`` (via a temporary
@@ -256,9 +337,10 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
     from kdexp.data.encode import collate_train
     from kdexp.models import vocab_rows
 
-    k = check_top_k(cfg)
+    sparse, size = check_sparse(cfg)
     vocab = min(vocab_rows(teacher), len(tokenizer))  # padded embedding rows are not tokens
-    k = min(k, vocab)
+    slots = min(size, vocab)
+    seed = int(cfg.teacher.get("sample_seed", 0))
     lengths = np.array([len(e.response_ids) for e in train], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     n = int(offsets[-1])
@@ -266,28 +348,36 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        arrays = {"ids": np.lib.format.open_memmap(tmp / "ids.npy", "w+", _id_dtype(vocab), (n, k)),
-                  "logprobs": np.lib.format.open_memmap(tmp / "logprobs.npy", "w+", np.float16, (n, k)),
-                  "log_rest": np.lib.format.open_memmap(tmp / "log_rest.npy", "w+", np.float32, (n,))}
+        shapes = {"ids": (_id_dtype(vocab), (n, slots)), "logprobs": (np.float16, (n, slots)),
+                  **({"log_rest": (np.float32, (n,))} if sparse == "topk" else {"counts": (np.uint8, (n, slots))})}
+        arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype, shape)
+                  for name, (dtype, shape) in shapes.items()}
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "keys.npy", np.array([sequence_key(e) for e in train], dtype=np.int64))
         started = time.time()
         for start in tqdm(range(0, len(train), batch_size), desc="teacher cache", unit="batch", leave=False):
             chunk = train[start:start + batch_size]
             batch = {key: v.to(device) for key, v in collate_train(chunk, tokenizer.pad_token_id).items()}
-            ids, values, rest = top_k_rows(teacher, batch, k, temperature, vocab)
+            if sparse == "topk":
+                got = dict(zip(("ids", "logprobs", "log_rest"), top_k_rows(teacher, batch, slots, temperature, vocab),
+                               strict=True))
+            else:
+                seeds = [draw_seed(seed, e) for e in chunk]
+                got = dict(zip(("ids", "counts", "logprobs"), sampled_rows(teacher, batch, size, temperature, seeds,
+                                                                           vocab), strict=True))
             lo, hi = int(offsets[start]), int(offsets[start + len(chunk)])
-            arrays["ids"][lo:hi] = ids.cpu().numpy()
-            arrays["logprobs"][lo:hi] = values.cpu().numpy()
-            arrays["log_rest"][lo:hi] = rest.cpu().numpy()
+            for name, values in got.items():
+                arrays[name][lo:hi] = values.cpu().numpy()
         for array in arrays.values():
             array.flush()
         del arrays
+        what = ({"top_k": slots} if sparse == "topk" else
+                {"sparse": sparse, "samples": size, "slots": slots, "sample_seed": seed})
         meta = {"format": FORMAT, "teacher": str(cfg.teacher.name_or_path), "revision": cfg.teacher.revision,
-                "dtype": str(cfg.teacher.dtype), "data": str(cfg.data.name), "top_k": k, "vocab": vocab,
+                "dtype": str(cfg.teacher.dtype), "data": str(cfg.data.name), **what, "vocab": vocab,
                 "temperature": float(temperature),
                 "tokenizer": tokenizer_fingerprint(tokenizer), "sequences": len(train), "positions": n,
-                "bytes_per_token": bytes_per_token(k, vocab), "seconds": round(time.time() - started, 2)}
+                "bytes_per_token": bytes_per_token(slots, vocab, sparse), "seconds": round(time.time() - started, 2)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
@@ -296,6 +386,11 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def draw_seed(seed: int, example: Example) -> int:
+    """The seed of a sequence's draws: ``teacher.sample_seed`` and the sequence's tokens."""
+    return (seed * 0x9E3779B97F4A7C15 + sequence_key(example)) % 2**63
 
 
 def run_cache(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -309,7 +404,7 @@ def run_cache(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError("; ".join(issues))
     if not cfg.teacher.name_or_path:
         raise UserError("which teacher? kdexp cache-teacher teacher=NAME (teacher=none has nothing to cache)")
-    check_top_k(cfg)
+    sparse, size = check_sparse(cfg)
     from kdexp.methods import build_objective
 
     temperature = temperature_of(build_objective(cfg).teacher_temperatures)
@@ -318,8 +413,8 @@ def run_cache(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     path = cache_dir(cfg, train, temperature)
     if (path / "meta.json").is_file() and not cfg.teacher.get("rebuild_cache"):
         meta = json.loads((path / "meta.json").read_text())
-        log.info("the teacher cache %s exists (top-%s, %s positions); teacher.rebuild_cache=true rebuilds it",
-                 path, meta.get("top_k"), meta.get("positions"))
+        log.info("the teacher cache %s exists (%s, %s positions); teacher.rebuild_cache=true rebuilds it",
+                 path, describe(sparse, size), meta.get("positions"))
         print(path)
         return meta
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
@@ -327,12 +422,12 @@ def run_cache(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.num_threads)
     teacher, _ = load_model(cfg.teacher, "teacher", tokenizer)
     teacher.requires_grad_(False).eval().to(device)
-    log.info("caching the teacher's top-%d log-probabilities on %d sequences at temperature %g into %s",
-             cfg.teacher.top_k, len(train), temperature, path)
+    log.info("caching the teacher's %s on %d sequences at temperature %g into %s",
+             describe(sparse, size), len(train), temperature, path)
     meta = build(cfg, teacher, tokenizer, train, path, int(cfg.train.micro_batch_size), device, temperature)
     (run_dir / "cache.json").write_text(json.dumps({"path": str(path), **meta}, indent=2) + "\n")
-    log.info("teacher cache: %d positions x top-%d, %d bytes/token, %.1f MB, %.1f s", meta["positions"],
-             meta["top_k"], meta["bytes_per_token"], meta["positions"] * meta["bytes_per_token"] / 1e6,
+    log.info("teacher cache: %d positions x %s, %d bytes/token, %.1f MB, %.1f s", meta["positions"],
+             describe(sparse, size), meta["bytes_per_token"], meta["positions"] * meta["bytes_per_token"] / 1e6,
              meta["seconds"])
     print(path)
     return meta

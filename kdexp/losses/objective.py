@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from kdexp import losses
 from kdexp.errors import UserError
 from kdexp.losses import fused
+from kdexp.losses.sampled import Sampled, estimator
+from kdexp.losses.sampled import problems as sampled_problems
 from kdexp.registry import Registry
 
 IGNORE_INDEX = -100
@@ -95,6 +97,9 @@ class Term:
     fused: str = "auto"  # loss.fused: auto | true | false
     chunk_size: int | str | None = "auto"  # positions per chunk of the fused path (loss.chunk_size)
     cross: str | None = None  # loss.cross_tokenizer: compares a teacher with another tokenizer (uld, span)
+    # A divergence's unbiased estimate from a teacher given by draws (kdexp.losses.sampled),
+    # (student_logits, Sampled) -> [B, T]; None where it has none.
+    sampled: Callable | None = None
 
 
 def make_term(spec: Mapping[str, object]) -> Term:
@@ -152,7 +157,8 @@ def _make_term(spec: dict) -> Term:
     if t2_scale:
         weight *= temperature ** 2
     return Term(name, weight, lambda s, t, b: div(s, t, b["targets"] != IGNORE_INDEX), needs_teacher=True,
-                adaptive=adaptive, rows=rows, temperature=temperature, kind="divergence")
+                adaptive=adaptive, rows=rows, temperature=temperature, kind="divergence",
+                sampled=estimator(name, spec))
 
 
 def _teacher_term(name: str, weight: float, spec: dict, t2_scale: bool, rows) -> Term:
@@ -336,7 +342,12 @@ class Objective:
             # statistic it computes over its valid positions (means, whitening, ...) is over
             # its own rows only, not just its final sum (and a divergence skips those rows).
             own = batch if term.rows is None else {**batch, "targets": torch.where(mask, targets, IGNORE_INDEX)}
-            per_position = term.fn(student_logits, teacher, own)  # [B, T]
+            if isinstance(teacher, Sampled) and term.needs_teacher:  # a teacher given by draws: the estimate
+                if term.sampled is None:
+                    raise UserError(sampled_problems([term.name])[0])
+                per_position = term.sampled(student_logits, teacher)
+            else:
+                per_position = term.fn(student_logits, teacher, own)  # [B, T]
             if seq_w is not None:
                 per_position = per_position * seq_w
             value = torch.where(mask, per_position, 0.0).sum() / max(count, 1)

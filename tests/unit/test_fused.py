@@ -271,6 +271,7 @@ def test_a_head_under_the_engines_bf16_autocast_is_still_linear():
     from kdexp.teachers.base import linear_head
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test's state would refuse bf16
     try:
         Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
         head, why = linear_head(model)

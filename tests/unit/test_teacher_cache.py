@@ -176,7 +176,7 @@ def test_open_cache_checks_the_run_against_the_cache(tmp_path):
     with pytest.raises(UserError, match="lacks 1 of the 8 training sequences"):
         open_cache(cfg, other, Tok(), 1.0)
     cfg.teacher.top_k = 8
-    with pytest.raises(UserError, match="holds top-4, but teacher.top_k=8"):
+    with pytest.raises(UserError, match="holds top-4, but the run asks for top-8; set teacher.top_k=4"):
         open_cache(cfg, train, Tok(), 1.0)
     cfg.teacher.cache = None  # the default directory of this teacher / data / k: not built
     with pytest.raises(UserError, match="no teacher cache at .*kdexp cache-teacher"):
