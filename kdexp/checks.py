@@ -166,16 +166,20 @@ def check_config(cfg: DictConfig, world: int = 1) -> tuple[Problems, methods.Pla
 
 
 def sampled_problems(cfg: DictConfig, plan) -> list[str]:
-    """``teacher.sparse=sampled``: read from a cache, by divergences it estimates without bias."""
+    """``teacher.sparse=sampled``: read from a cache or a server, by divergences it estimates
+    without bias, at one temperature."""
     if cfg.teacher.get("sparse", "topk") != "sampled":
         return []
-    if cfg.teacher.get("source") != "cache" or config.teachers_rule(cfg):
-        return ["teacher.sparse=sampled is read from a cache of draws (teacher.source=cache, built by kdexp "
-                "cache-teacher teacher.sparse=sampled) for one teacher (teachers.rule=null); a live teacher gives "
-                "its whole distribution and a server its top-k"]
+    if cfg.teacher.get("source") not in ("cache", "server") or config.teachers_rule(cfg):
+        return ["teacher.sparse=sampled reads draws from one teacher's cache (teacher.source=cache, built by kdexp "
+                "cache-teacher teacher.sparse=sampled) or server (teacher.source=server, kdexp serve-teacher), "
+                "teachers.rule=null; a live teacher gives its whole distribution"]
     from kdexp.losses import sampled
 
     lines = sampled.problems([t.name for t in plan.objective.terms if t.kind == "divergence"])
+    if len(plan.objective.teacher_temperatures) > 1:
+        lines.append("teacher.sparse=sampled draws from the teacher at one temperature, but the objective reads it "
+                     f"at {sorted(plan.objective.teacher_temperatures)}: use one temperature for every term")
     if plan.objective.sample_weight == "teacher_likelihood":
         lines.append("method.sample_weight=teacher_likelihood needs the teacher's probability of every target "
                      "token, which draws do not hold: use teacher.sparse=topk or student_likelihood")

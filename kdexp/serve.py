@@ -16,6 +16,12 @@ sweep on one node:
   continuation of up to ``max_tokens`` tokens as ``token_ids`` (greedy at ``temperature: 0``,
   else sampled with ``temperature``, ``top_p``, ``top_k`` and ``seed``; ending at EOS or one of
   ``stop_token_ids``, kept);
+- kdexp's own extension: ``kdexp_draws: {n, temperature, seed}`` on the same request gives, per
+  prompt, ``kdexp_draws``: ``null`` for the first token and, for token ``i``, n tokens drawn
+  with replacement from the distribution at ``temperature`` given tokens ``< i``, as
+  ``[ids, counts, logprobs]`` (the distinct tokens, how often each was drawn, each one's
+  log-probability at that temperature), the draws seeded from ``seed`` and the prompt's tokens
+  (``teacher.sparse=sampled``, :mod:`kdexp.losses.sampled`; vLLM has no such request);
 - ``POST /tokenize`` (``prompt``, ``add_special_tokens``) and ``POST /detokenize`` (``tokens``);
 - ``GET /v1/models`` and ``GET /health``.
 
@@ -154,6 +160,26 @@ class Scorer:
         return result
 
     @torch.inference_mode()
+    def draws(self, prompts: list[list[int]], n: int, temperature: float, seed: int) -> list[list | None]:
+        """n draws at each position of each prompt (``kdexp_draws``), one prompt at a time: the
+        draws of a prompt depend on its tokens and ``seed`` alone, not on the requests it came
+        with."""
+        from kdexp.losses.sampled import draw
+        from kdexp.teacher_cache import draw_seed
+
+        out = []
+        for p in prompts:
+            ids = torch.tensor([p], device=self.device)
+            with self.lock:
+                logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1, :self.vocab]
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1).cpu()
+            picked, counts = draw(logp, n, torch.Generator().manual_seed(draw_seed(seed, p)))
+            values = logp.gather(1, picked).clamp_min(-9999.0)
+            out.append([None, *([a, b, c] for a, b, c in zip(picked.tolist(), counts.tolist(), values.tolist(),
+                                                               strict=True))])
+        return out
+
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float,
                  seed: int | None, top_k: int = -1, stop_ids: list[int] | None = None) -> list[list[int]]:
         """Continuations of up to ``max_tokens`` tokens, each ending at its first stop token
@@ -269,6 +295,7 @@ def handler(scorer: Scorer, name: str, max_len: int, api_key: str | None) -> typ
             if max_tokens < 1:
                 raise BadRequest("max_tokens must be >= 1")
             temperature = float(body.get("temperature", 1.0))
+            drawn = self._draws(body.get("kdexp_draws"), prompts)
             scored = scorer.score(prompts, max(k, 1)) if k is not None else None
             if scored is not None and max_tokens == 1 and temperature == 0:  # scoring: the pass gave it
                 gen = [[nxt] for _, nxt in scored]
@@ -283,7 +310,8 @@ def handler(scorer: Scorer, name: str, max_len: int, api_key: str | None) -> typ
             choices = [{"index": i, "text": scorer.tokenizer.decode(g), "token_ids": g, "logprobs": None,
                         "finish_reason": "stop" if g and g[-1] in stops else "length",
                         "stop_reason": g[-1] if g and g[-1] in stops and g[-1] != scorer.tokenizer.eos_token_id
-                        else None, "prompt_logprobs": s, "prompt_token_ids": p}
+                        else None, "prompt_logprobs": s, "prompt_token_ids": p,
+                        **({} if drawn is None else {"kdexp_draws": drawn[i]})}
                        for i, (p, g, s) in enumerate(zip(prompts, gen, scored, strict=True))]
             tokens = sum(len(p) for p in prompts)
             generated = sum(len(g) for g in gen)
@@ -291,6 +319,15 @@ def handler(scorer: Scorer, name: str, max_len: int, api_key: str | None) -> typ
                     "model": name, "choices": choices,
                     "usage": {"prompt_tokens": tokens, "completion_tokens": generated,
                               "total_tokens": tokens + generated}}
+
+        def _draws(self, spec: Any, prompts: list[list[int]]) -> list | None:
+            if spec is None:
+                return None
+            n, temperature, seed = (spec.get(k) if isinstance(spec, dict) else None for k in ("n", "temperature", "seed"))
+            if not (isinstance(n, int) and 1 <= n <= 255 and isinstance(temperature, (int, float)) and temperature > 0
+                    and isinstance(seed, int) and seed >= 0):
+                raise BadRequest("kdexp_draws must be {n: 1..255, temperature: > 0, seed: >= 0}")
+            return scorer.draws(prompts, n, float(temperature), seed)
 
         def _tokenize(self, body: dict) -> dict:
             text = body.get("prompt")

@@ -32,7 +32,7 @@ at T of each (float16), in ``min(n, V)`` slots: ``n * 5`` bytes per token (uint1
 n = 12). The loss is then the unbiased estimate of :mod:`kdexp.losses.sampled` (fkl and skl),
 not a divergence of a rebuilt distribution. The draws are seeded per sequence (from
 ``teacher.sample_seed`` and the sequence's tokens), so a cache does not depend on the batch
-size it was built with.
+size it was built with, and ``kdexp serve-teacher`` draws the same tokens for the same sequence.
 
 Where the cache lives: ``teacher.cache`` (a directory), or by default
 ``${rollout.cache_dir}/teacher-logits-KEY`` with KEY a hash of the teacher (name, revision,
@@ -316,17 +316,21 @@ def sampled_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], n: in
     """n draws from the teacher's distribution at ``temperature`` at the response positions of
     ``batch`` (in batch order, position order): the distinct tokens, their counts and their
     log-probabilities at T, [N, S] each (:func:`kdexp.losses.sampled.draw`). Sequence b's draws
-    come from a generator seeded with ``seeds[b]``, on the CPU, so that they do not depend on
-    the batch or the device."""
+    come from a generator seeded with ``seeds[b]``, on the CPU, over every position that has a
+    next token, prompt included (the response's are kept), as ``kdexp serve-teacher`` draws for
+    a whole sequence: the same draws whatever the batch, the device or the way they are served."""
     logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = batch["targets"] != IGNORE_INDEX
+    lengths = batch["attention_mask"].sum(-1).tolist()
     ids, counts, values = [], [], []
     for b, seed in enumerate(seeds):
-        logp = torch.log_softmax(logits[b][mask[b]][:, :width].float() / temperature, dim=-1).cpu()
+        last = int(lengths[b]) - 1  # positions 0 .. last - 1 predict a token of the sequence
+        logp = torch.log_softmax(logits[b, :last, :width].float() / temperature, dim=-1).cpu()
         picked, count = draw(logp, n, torch.Generator().manual_seed(seed))
-        ids.append(picked)
-        counts.append(count)
-        values.append(logp.gather(1, picked))
+        keep = mask[b, :last].cpu()
+        ids.append(picked[keep])
+        counts.append(count[keep])
+        values.append(logp.gather(1, picked)[keep])
     return torch.cat(ids), torch.cat(counts), torch.cat(values)
 
 
@@ -362,7 +366,7 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
                 got = dict(zip(("ids", "logprobs", "log_rest"), top_k_rows(teacher, batch, slots, temperature, vocab),
                                strict=True))
             else:
-                seeds = [draw_seed(seed, e) for e in chunk]
+                seeds = [draw_seed(seed, e.prompt_ids + e.response_ids) for e in chunk]
                 got = dict(zip(("ids", "counts", "logprobs"), sampled_rows(teacher, batch, size, temperature, seeds,
                                                                            vocab), strict=True))
             lo, hi = int(offsets[start]), int(offsets[start + len(chunk)])
@@ -388,9 +392,11 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
     return meta
 
 
-def draw_seed(seed: int, example: Example) -> int:
-    """The seed of a sequence's draws: ``teacher.sample_seed`` and the sequence's tokens."""
-    return (seed * 0x9E3779B97F4A7C15 + sequence_key(example)) % 2**63
+def draw_seed(seed: int, tokens: Sequence[int]) -> int:
+    """The seed of a sequence's draws: ``teacher.sample_seed`` and the sequence's tokens (its
+    prompt and response together, as a served teacher receives them)."""
+    key = int.from_bytes(hashlib.sha256(json.dumps([int(t) for t in tokens]).encode()).digest()[:8], "little") >> 1
+    return (seed * 0x9E3779B97F4A7C15 + key) % 2**63
 
 
 def run_cache(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -66,8 +66,14 @@ def cache(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenize
 def server(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
     """A teacher behind an inference server (vLLM, kdexp serve-teacher), connected and checked
     by the run's input checks."""
+    draws = None
+    if cfg.teacher.get("sparse", "topk") == "sampled":  # n draws at the loss temperature, seeded
+        from kdexp.teacher_cache import temperature_of
+
+        draws = {"n": int(cfg.teacher.samples), "temperature": temperature_of(plan.objective.teacher_temperatures),
+                 "seed": int(cfg.teacher.sample_seed)}
     return ServerTeacher(accelerator, inputs.server, int(cfg.teacher.top_k), student, tokenizer,
-                         int(cfg.teacher.concurrency))
+                         int(cfg.teacher.concurrency), draws)
 
 
 # A named teacher's spec starts from these, not from the run's teacher= (whose revision, dtype or

@@ -125,6 +125,39 @@ def test_kd_from_the_server_matches_a_top_k_cache_of_the_same_k(server):
         "train.log").read_text()
 
 
+def test_kd_from_served_draws_matches_a_cache_of_draws(server):
+    """teacher.sparse=sampled from the server: the draws are seeded by the sequence's tokens as
+    the cache's are, so the served draws are the cache's (the same losses, up to the cache's
+    float16 log-probabilities); a server without draws (vLLM's protocol) is refused in one line."""
+    root, url = server
+    sampled = ["teacher.sparse=sampled", "teacher.samples=6"]
+    args = [*FAST, *DATA, "train.max_steps=3", "train.log_every=1", "eval.max_samples=2", "eval.seeds=[10]"]
+    kdexp("cache-teacher", *DATA, *sampled, "logger=none", f"hydra.run.dir={root / 'draws6'}", cwd=root)
+    kdexp("train", *args, *sampled, "teacher.source=cache", f"hydra.run.dir={root / 'drawn_cache'}", cwd=root)
+    proc = kdexp("train", *args, *sampled, "teacher.source=server", f"teacher.url={url}",
+                 f"hydra.run.dir={root / 'drawn_server'}", cwd=root, env={"KDEXP_TEACHER_API_KEY": KEY})
+    assert "6 draws per position from the server" in proc.stdout + proc.stderr
+
+    def rows(run):
+        return [json.loads(line) for line in (root / run / "metrics.jsonl").read_text().splitlines()]
+
+    for a, b in zip(rows("drawn_cache"), rows("drawn_server"), strict=True):
+        assert b["train/fkl"] == pytest.approx(a["train/fkl"], rel=2e-3, abs=1e-4)
+    status, body = post(url, "/v1/completions", {"model": "x", "prompt": [5, 17, 301], "max_tokens": 1,
+                                                 "temperature": 0, "kdexp_draws": {"n": 300, "temperature": 1,
+                                                                                   "seed": 0}})
+    assert status == 400 and "kdexp_draws must be" in body["message"]
+    vllm_like = Gateway(url, 10**9, strip=("kdexp_draws",))
+    try:
+        refused = kdexp("train", *args, *sampled, "teacher.source=server", f"teacher.url={vllm_like.url}",
+                        f"hydra.run.dir={root / 'no_draws'}", cwd=root, env={"KDEXP_TEACHER_API_KEY": KEY},
+                        check=False)
+    finally:
+        vllm_like.close()
+    assert refused.returncode != 0 and "does not draw from the teacher (kdexp_draws; vLLM has no such request)" in (
+        refused.stderr)
+
+
 def test_served_teachers_among_several(server, tmp_path):
     """teachers.names may hold a server's address: a mixture of a served teacher with itself is
     that served teacher (the same losses as teacher.source=server), and route sends each family's
@@ -165,9 +198,10 @@ def test_a_wrong_key_an_unreachable_server_and_an_unfit_method_are_one_line_each
 
 class Gateway:
     """A real HTTP front of the server on its own port that goes down (503, as a gateway
-    whose backend died) after ``fail_after`` scoring requests, until ``back()``."""
+    whose backend died) after ``fail_after`` scoring requests, until ``back()``; it drops the
+    request fields ``strip`` (as a server that does not know them ignores them)."""
 
-    def __init__(self, target: str, fail_after: int):
+    def __init__(self, target: str, fail_after: int, strip: tuple[str, ...] = ()):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -187,7 +221,10 @@ class Gateway:
                 if gateway.down:
                     status, body = 503, b'{"message": "backend down"}'
                 else:
-                    request = urllib.request.Request(target + self.path, data, dict(self.headers),
+                    if data and strip:
+                        data = json.dumps({k: v for k, v in json.loads(data).items() if k not in strip}).encode()
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "content-length"}
+                    request = urllib.request.Request(target + self.path, data, headers,
                                                      method=self.command)
                     try:
                         with urllib.request.urlopen(request, timeout=60) as response:

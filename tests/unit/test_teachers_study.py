@@ -46,3 +46,31 @@ def test_the_cross_tokenizer_report_reads_scores_and_step_times(tmp_path):
     assert f"| {cross_study.ARMS['span'][0]} | {41 + span:.1f} ± 1.4 | " in text
     assert f"| {0.1 * (span + 1):.3f} | {ratio:.2f} |" in text
     assert "| sft | 41.0 ± 1.4 |" in text
+
+
+def test_the_sparse_targets_report_reads_scores_calibration_and_cache_sizes(tmp_path):
+    import sparse_study
+
+    arms = list(sparse_study.TARGETS)
+    for seed in (0, 1):
+        summary = {"teacher": {"ece": 0.5, "mce": 1.0, "accuracy": 97.0}}
+        for i, arm in enumerate(arms):
+            run = tmp_path / f"{arm}-seed{seed}"
+            run.mkdir()
+            (run / "results.json").write_text(json.dumps({"rougeL": 60.0 + i + 2 * seed, "exact_match": 20.0 + i}))
+            summary[arm] = {"ece": 1.0 + i + seed, "mce": 5.0 + i}
+        (tmp_path / f"calibration-seed{seed}").mkdir()
+        (tmp_path / f"calibration-seed{seed}" / "calibration.json").write_text(json.dumps({"summary": summary}))
+    for arm in arms[1:]:
+        (tmp_path / "build" / arm).mkdir(parents=True)
+        (tmp_path / "build" / arm / "cache.json").write_text(json.dumps(
+            {"bytes_per_token": 60, "positions": 100000, "seconds": 12.3}))
+    text = sparse_study.report(tmp_path, [0, 1], 60.0)
+    i = arms.index("sampled12")
+    assert (f"| {sparse_study.TARGETS['sampled12'][0]} | {61 + i:.1f} ± 1.4 | {20 + i:.1f} ± 0.0 | "
+            f"{1.5 + i:.2f} ± 0.71 | {5 + i:.2f} ± 0.00 | 60 | 6.0 | 12 |") in text
+    assert "| dense (live teacher) | 61.0 ± 1.4 |" in text and "(the live teacher) | - | - |" in text
+    assert "ECE 0.50, MCE 1.00" in text
+    builds, runs, analyses = sparse_study.jobs(tmp_path, [0])
+    assert len(builds) == 5 and len(runs) == 6 and len(analyses) == 1
+    assert all(r.after == (b.done,) for r, b in zip(runs[1:], builds, strict=True)) and runs[0].after == ()
