@@ -192,10 +192,13 @@ def cross_tokenizer_problems(cfg: DictConfig, plan) -> list[str]:
     if not approach:
         return []
     what = f"loss.cross_tokenizer={approach}"
-    if cfg.teacher.get("source") != "live" or config.teachers_rule(cfg):
-        return [f"{what} works with one live teacher for now (teacher.source=live, teachers.rule=null): a "
-                f"cache holds a teacher's distributions on the student's tokens, which another tokenizer does not "
-                f"have, and served or several teachers are not aligned across tokenizers yet"]
+    if cfg.teacher.get("source") not in ("live", "server") or config.teachers_rule(cfg):
+        return [f"{what} works with one live or served teacher (teacher.source=live or server, teachers.rule=null): "
+                f"a cache holds a teacher's distributions on the student's tokens, which another tokenizer does not "
+                f"have, and several teachers are not aligned across tokenizers yet"]
+    if cfg.teacher.get("source") == "server" and cfg.teacher.get("sparse", "topk") != "topk":
+        return [f"{what} with a served teacher reads its top-k log-probabilities: teacher.sparse=sampled is not "
+                f"aligned across tokenizers"]
     problems = []
     if plan.online is not None or any(c.needs_teacher for c in plan.components):
         problems.append(f"{what}: method={cfg.method.name} trains, generates with or samples from the teacher, "
@@ -335,7 +338,9 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
                 if tokenizer is not None:
                     same_tokenizer(tokenizer, named_tokenizers[name],
                                    (cfg.student.name_or_path, f"{spec.name_or_path} ({what})"))
-    elif wants_teacher and cfg.teacher.get("name_or_path") and cfg.teacher.source == "live":
+    elif wants_teacher and cfg.teacher.get("name_or_path") and (
+            cfg.teacher.source == "live" or (cfg.teacher.source == "server" and cfg.loss.get("cross_tokenizer"))):
+        # a served teacher with another tokenizer: teacher= names its tokenizer (the server's model's)
         with problems.check(consequences=True):
             teacher_tok = load_tokenizer(cfg.teacher, "teacher")
             if tokenizer is not None and cfg.loss.get("cross_tokenizer"):
@@ -367,7 +372,8 @@ def prepare_inputs(cfg: DictConfig, run_dir: Path, world: int) -> Inputs:
         from kdexp.teachers.server import connect
 
         with problems.check():
-            server = connect(cfg, tokenizer)
+            # across tokenizers the server's model tokenizes as the teacher's tokenizer, not the student's
+            server = connect(cfg, teacher_tok if cfg.loss.get("cross_tokenizer") and teacher_tok is not None else tokenizer)
     problems.raise_if_any()
     return Inputs(plan, tokenizer, data, teacher_tok, cache, server, named_tokenizers, named_servers, named_caches)
 

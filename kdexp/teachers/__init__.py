@@ -66,6 +66,13 @@ def cache(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenize
 def server(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
     """A teacher behind an inference server (vLLM, kdexp serve-teacher), connected and checked
     by the run's input checks."""
+    if cfg.loss.get("cross_tokenizer"):  # another tokenizer: teacher= names it, the server scores its tokens
+        from kdexp.models import logit_width, vocab_rows
+        from kdexp.teachers.cross import ServedCrossTeacher
+
+        width = logit_width(vocab_rows(student), vocab_rows(student), len(tokenizer), "student")
+        return ServedCrossTeacher(accelerator, width, inputs.server, int(cfg.teacher.top_k), tokenizer,
+                                  inputs.teacher_tokenizer, str(cfg.loss.cross_tokenizer), int(cfg.teacher.concurrency))
     draws = None
     if cfg.teacher.get("sparse", "topk") == "sampled":  # n draws at the loss temperature, seeded
         from kdexp.teacher_cache import temperature_of

@@ -28,9 +28,12 @@ import torch
 from kdexp.errors import UserError
 from kdexp.losses.align import char_ends, spans
 from kdexp.losses.cross import matched_ids
+from kdexp.losses.fused import Sparse
 from kdexp.losses.objective import IGNORE_INDEX
+from kdexp.teacher_cache import tail_logit
 from kdexp.teachers.base import Logits, logits_of
 from kdexp.teachers.live import LiveTeacher
+from kdexp.teachers.server import ServerTeacher
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +122,11 @@ def matched_tokens(student_tok, teacher_tok) -> tuple[list[int], list[int]]:
     return [*ms, student_tok.eos_token_id], [*mt, teacher_tok.eos_token_id]
 
 
-class CrossTeacher(LiveTeacher):
-    """A frozen teacher whose tokenizer is not the student's."""
+class Aligned:
+    """What a teacher with another tokenizer adds, live or served: the teacher's sequences and
+    the alignment tensors of every micro-batch (:meth:`inputs`)."""
 
-    kind = "cross"
-
-    def __init__(self, accelerator, vocab: int | None, model: torch.nn.Module, student_tok, teacher_tok,
-                 approach: str):
-        super().__init__(accelerator, vocab, model)  # vocab: the student's width (its padded rows cut)
+    def _align(self, accelerator, student_tok, teacher_tok, approach: str) -> None:
         self.student_tok, self.teacher_tok, self.approach = student_tok, teacher_tok, approach
         self.matched = tuple(torch.tensor(ids) for ids in matched_tokens(student_tok, teacher_tok))
         self.width = len(teacher_tok)  # padded embedding rows are not tokens
@@ -178,16 +178,58 @@ class CrossTeacher(LiveTeacher):
                 "x_first_s": first_s.clamp_min(0), "x_first_t": first_t.clamp_min(0), "x_direct": direct,
                 "x_matched_s": self.matched[0], "x_matched_t": self.matched[1]}
 
+    def fusable(self, engine: torch.nn.Module) -> str:
+        return "a teacher with another tokenizer (loss.cross_tokenizer)"
+
+
+class CrossTeacher(Aligned, LiveTeacher):
+    """A frozen teacher in this process whose tokenizer is not the student's."""
+
+    kind = "cross"
+
+    def __init__(self, accelerator, vocab: int | None, model: torch.nn.Module, student_tok, teacher_tok,
+                 approach: str):
+        super().__init__(accelerator, vocab, model)  # vocab: the student's width (its padded rows cut)
+        self._align(accelerator, student_tok, teacher_tok, approach)
+
     def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
         """The teacher's logits on its own sequences: ``[B, Tt, Vt]``."""
         with torch.no_grad(), self.accelerator.autocast() if autocast else nullcontext():
             return logits_of(self.module, {"input_ids": batch["x_input_ids"],
                                            "attention_mask": batch["x_attention_mask"]}, self.width)
 
-    def fusable(self, engine: torch.nn.Module) -> str:
-        return "a teacher with another tokenizer (loss.cross_tokenizer)"
-
     def evaluated(self):
         """The teacher and its own tokenizer: it answers the test prompts in its tokens."""
         model = super().evaluated()
         return None if model is None else (model, self.teacher_tok)
+
+
+class ServedCrossTeacher(Aligned, ServerTeacher):
+    """A teacher with another tokenizer behind an inference server (``teacher.source=server``,
+    ``teacher=`` naming its tokenizer): each micro-batch's teacher sequences are scored by the
+    server (``prompt_logprobs``), and their top-k log-probabilities plus the rest of the mass
+    spread evenly (:class:`kdexp.losses.fused.Sparse`) stand for the teacher's distributions at
+    the response positions, where the cross-tokenizer losses read them."""
+
+    kind = "server-cross"
+
+    def __init__(self, accelerator, vocab: int | None, client, top_k: int, student_tok, teacher_tok, approach: str,
+                 concurrency: int):
+        super().__init__(accelerator, client, top_k, None, teacher_tok, concurrency)
+        self._align(accelerator, student_tok, teacher_tok, approach)
+        self.vocab = vocab  # the student's width (its padded rows cut); the teacher's rows are its own
+
+    def inputs(self, examples: Sequence) -> dict[str, torch.Tensor]:
+        batch = Aligned.inputs(self, examples)
+        rows = [self._sequence(e.prompt_ids, e.response_ids) for e in examples]
+        ids, values, rest = self.score([p + r for p, r, _ in rows], [len(p) for p, _, _ in rows])
+        return {**batch, "server_ids": ids, "server_logprobs": values, "server_rest": rest}
+
+    def distributions(self, batch: dict[str, torch.Tensor], autocast: bool = True) -> Logits:
+        """The teacher's logits on its own sequences, ``[B, Tt, Vt]``, at its response positions."""
+        mask = batch["x_targets"] != IGNORE_INDEX
+        fill = tail_logit(batch["server_rest"], self.width, self.top_k)
+        return Sparse(batch["server_ids"], batch["server_logprobs"], fill, self.width, mask).logits()
+
+    def fused_distributions(self, batch: dict[str, torch.Tensor]):
+        raise RuntimeError("a teacher with another tokenizer takes the plain path")

@@ -189,11 +189,13 @@ class ServerTeacher(Teacher):
     kind = "server"
     remote = True
 
-    def __init__(self, accelerator, client: ServerClient, top_k: int, student: torch.nn.Module, tokenizer,
+    def __init__(self, accelerator, client: ServerClient, top_k: int, student: torch.nn.Module | None, tokenizer,
                  concurrency: int = 1, draws: dict | None = None):
+        """``student``: the model whose logits the distributions are compared with (None: a
+        teacher with another tokenizer, whose distributions are over ``tokenizer``'s tokens)."""
         from kdexp.models import logit_width, vocab_rows
 
-        rows = vocab_rows(student)
+        rows = vocab_rows(student) if student is not None else len(tokenizer)
         vocab = logit_width(rows, rows, len(tokenizer), "served teacher")  # the tokenizer's tokens only
         super().__init__(accelerator, vocab)
         self.client, self.top_k, self.width = client, top_k, vocab or rows

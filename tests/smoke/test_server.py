@@ -158,6 +158,32 @@ def test_kd_from_served_draws_matches_a_cache_of_draws(server):
         refused.stderr)
 
 
+def test_a_served_teacher_with_another_tokenizer_is_the_live_one(tmp_path):
+    """teacher=tiny-other behind kdexp serve-teacher with loss.cross_tokenizer=span: the server
+    scores the teacher's own tokens; with all of its 1532 log-probabilities (top_k = V) the
+    distributions are the live teacher's, and so are the losses."""
+    proc, url = serve(tmp_path, "teacher=tiny-other", "serve.max_logprobs=1532", key=None)
+    try:
+        args = [*FAST, *DATA, "teacher=tiny-other", "loss.cross_tokenizer=span", "train.max_steps=2",
+                "train.log_every=1", "eval.max_samples=2", "eval.seeds=[10]"]
+        kdexp("train", *args, f"hydra.run.dir={tmp_path / 'live'}", cwd=tmp_path)
+        kdexp("train", *args, "teacher.source=server", f"teacher.url={url}", "teacher.top_k=1532",
+              f"hydra.run.dir={tmp_path / 'served'}", cwd=tmp_path, env={"KDEXP_TEACHER_API_KEY": None})
+        wrong = kdexp("train", *args, "teacher=tiny", "teacher.source=server", f"teacher.url={url}",
+                      f"hydra.run.dir={tmp_path / 'wrong'}", cwd=tmp_path, env={"KDEXP_TEACHER_API_KEY": None},
+                      check=False)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    def rows(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    for a, b in zip(rows("live"), rows("served"), strict=True):
+        assert b["train/fkl_span"] == pytest.approx(a["train/fkl_span"], rel=1e-4)
+    assert wrong.returncode != 0 and "tokenizes differently" in wrong.stderr  # teacher= must name its tokenizer
+
+
 def test_served_teachers_among_several(server, tmp_path):
     """teachers.names may hold a server's address: a mixture of a served teacher with itself is
     that served teacher (the same losses as teacher.source=server), and route sends each family's
