@@ -176,7 +176,7 @@ def sampled_problems(cfg: DictConfig, plan) -> list[str]:
                 "teachers.rule=null; a live teacher gives its whole distribution"]
     from kdexp.losses import sampled
 
-    lines = sampled.problems([t.name for t in plan.objective.terms if t.kind == "divergence"])
+    lines = sampled.problems([t.name for t in plan.objective.terms if t.needs_teacher])
     if len(plan.objective.teacher_temperatures) > 1:
         lines.append("teacher.sparse=sampled draws from the teacher at one temperature, but the objective reads it "
                      f"at {sorted(plan.objective.teacher_temperatures)}: use one temperature for every term")

@@ -29,10 +29,11 @@ objective reads the teacher at another temperature (or at two) is refused.
 tokens drawn with replacement from the teacher's distribution at the loss temperature T, stored
 as the distinct tokens (ids), how often each was drawn (uint8 counts) and the log-probability
 at T of each (float16), in ``min(n, V)`` slots: ``n * 5`` bytes per token (uint16 ids; 60 at
-n = 12). The loss is then the unbiased estimate of :mod:`kdexp.losses.sampled` (fkl and skl),
+n = 12). The loss is then the unbiased estimate of :mod:`kdexp.losses.sampled` (fkl, skl, tvd),
 not a divergence of a rebuilt distribution. The draws are seeded per sequence (from
 ``teacher.sample_seed`` and the sequence's tokens), so a cache does not depend on the batch
-size it was built with, and ``kdexp serve-teacher`` draws the same tokens for the same sequence.
+size it was built with, and ``kdexp serve-teacher`` draws the same tokens for the same sequence
+(up to floating-point differences in the teacher's logits).
 
 Where the cache lives: ``teacher.cache`` (a directory), or by default
 ``${rollout.cache_dir}/teacher-logits-KEY`` with KEY a hash of the teacher (name, revision,
@@ -277,6 +278,11 @@ def open_cache(cfg: DictConfig, train: Sequence[Example], tokenizer, temperature
     if (cache.kind, cache.size) != (sparse, size):
         raise UserError(f"the teacher cache {path} holds {describe(cache.kind, cache.size)}, but the run asks for "
                         f"{describe(sparse, size)}; set {overrides(cache.kind, cache.size)} or build another cache")
+    seed = int(cfg.teacher.get("sample_seed", 0))
+    if sparse == "sampled" and int(cache.meta.get("sample_seed", 0)) != seed:
+        raise UserError(f"the teacher cache {path} holds the draws of teacher.sample_seed={cache.meta['sample_seed']}, "
+                        f"but the run asks for {seed}; set teacher.sample_seed={cache.meta['sample_seed']} or build "
+                        f"another cache")
     if cache.temperature != temperature:
         raise UserError(f"the teacher cache {path} is exact at temperature {cache.temperature:g}, but the loss "
                         f"reads the teacher at {temperature:g}; build a cache for it (kdexp cache-teacher "
@@ -318,7 +324,8 @@ def sampled_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], n: in
     log-probabilities at T, [N, S] each (:func:`kdexp.losses.sampled.draw`). Sequence b's draws
     come from a generator seeded with ``seeds[b]``, on the CPU, over every position that has a
     next token, prompt included (the response's are kept), as ``kdexp serve-teacher`` draws for
-    a whole sequence: the same draws whatever the batch, the device or the way they are served."""
+    a whole sequence: the same draws whatever the batch or the way they are served, up to
+    floating-point differences in the teacher's logits (which can move a draw across a boundary)."""
     logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = batch["targets"] != IGNORE_INDEX
     lengths = batch["attention_mask"].sum(-1).tolist()

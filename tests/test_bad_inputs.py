@@ -155,7 +155,7 @@ CASES: list[tuple[str, str, list[str], list[str], Setup | None]] = [
     ("cross-tokenizer-unknown", "train", ["teacher=tiny-other", "loss.cross_tokenizer=dskd"], ["loss.cross_tokenizer must be uld, span or null"], None),
     ("cross-tokenizer-cache", "train", ["teacher=tiny-other", "loss.cross_tokenizer=uld", "teacher.source=cache"], ["works with one live or served teacher", "another tokenizer does not"], None),
     ("sampled-live", "train", ["teacher.sparse=sampled"], ["teacher.sparse=sampled reads draws from one teacher's cache", "teacher.source=cache"], None),
-    ("sampled-rkl", "train", ["teacher.sparse=sampled", "teacher.source=cache", "loss=rkl"], ["teacher.sparse=sampled estimates fkl and skl without bias; loss=rkl", "teacher.sparse=topk"], None),
+    ("sampled-rkl", "train", ["teacher.sparse=sampled", "teacher.source=cache", "loss=rkl"], ["teacher.sparse=sampled estimates fkl, skl, tvd without bias; loss=rkl", "teacher.sparse=topk"], None),
     ("sampled-teacher-likelihood", "train", ["teacher.sparse=sampled", "teacher.source=cache", "method.sample_weight=teacher_likelihood"], ["sample_weight=teacher_likelihood needs the teacher's probability of every target token"], None),
     ("sampled-samples", "cache-teacher", ["teacher.sparse=sampled", "teacher.samples=0"], ["teacher.samples must be an integer from 1 to 255"], None),
     ("sampled-unknown", "train", ["teacher.sparse=random"], ["teacher.sparse must be topk or sampled", "random"], None),

@@ -21,31 +21,33 @@ importance weight ``p(x) / p(x)`` is 1 and a token's weight is its share of the 
 than the target, e.g. the paper's tempered ``p^t``, needs weights ``count / n * p / q``: unbiased
 but not summing to 1, or normalized to sum to 1, which is biased at finite n. kdexp draws from
 the target, where the two coincide.) ``p`` is drawn at the loss temperature because that is the
-distribution the loss compares: a draw at 1 could not be reweighted to T without ``p`` at
-every token.
+distribution the loss compares: draws at 1 could be reweighted to T (weights ``p^(1/T - 1) / Z_T``,
+one more number per position), but for T > 1 those weights grow without bound in the tail.
 
 **The estimators.** A divergence that is an expectation under p of a function of the two
 probabilities at one token, ``D = sum_v p_v g(p_v, q_v) = E_{x ~ p}[g(p_x, q_x)]``, is estimated
 without bias by ``D_hat = sum_j w_j g(p_{x_j}, q_{x_j})``, and, since p does not depend on the
-student, ``grad D_hat`` estimates ``grad D`` without bias too. Two of the library's divergences
-have that form with a g that stays bounded where p is small:
+student, ``grad D_hat`` estimates ``grad D`` without bias too. Three of the library's divergences
+are estimated so, each with a gradient of bounded variance:
 
 * ``fkl``: ``g = log p - log q``. Its gradient in the student's logits at T is ``(q - w) / T``
   (with ``w`` the weights spread over the vocabulary): CE against the empirical distribution of
   the draws, the paper's estimator (Sec. 3.2). Its covariance is the multinomial one,
   ``(diag(p) - p p^T) / (n T^2)``, whatever the student.
 * ``skl`` (DistiLLM's skew KL, ``KL(p || a p + (1 - a) q)``): ``g = log p - log(a p + (1 - a) q)``.
+* ``tvd``: ``0.5 sum |p - q| = sum (p - q)^+``, so ``g = (1 - q / p)^+``, in [0, 1] at every draw.
 
-Both variances are ``Var_{x ~ p}[g(p_x, q_x)] / n``, finite because ``g`` grows only like a
-logarithm. The value of one draw can be below 0 (it is an estimate of a number >= 0, not a
-divergence of two distributions), so, unlike :class:`kdexp.losses.bound.Bound`, it is not
-clamped: clamping would bias it.
+The value's variance is ``Var_{x ~ p}[g(p_x, q_x)] / n``: finite (fkl's and skl's g grow like a
+logarithm where p is small), though not bounded over all students. The value of one draw can be
+below 0 for fkl and skl (an estimate of a number >= 0, not a divergence of two distributions),
+so, unlike :class:`kdexp.losses.bound.Bound`, it is not clamped: clamping would bias it. The
+cache stores log p in float16, so "unbiased" holds up to that rounding (about 1e-3 on a value).
 
-The other divergences are refused (:func:`problems`): the ones that weigh tokens by the student
-(rkl, srkl, jsd, tvd, ab, alpha) can be written as an expectation under p only with the weight
-``q / p``, unbounded where the student puts mass the teacher does not (the variance
-``sum_v q_v^2 / p_v`` has no bound), and the rest (akl, taid, amid) depend on the whole
-distribution (a sort, a normalization) in a way no per-token sum reproduces.
+The other divergences are refused (:func:`problems`). rkl and srkl weigh tokens by the student:
+as an expectation under p they need the weight ``q / p``, whose variance ``sum_v q_v^2 / p_v``
+has no bound. jsd, alpha and ab have sound forms for some of their parameters (jsd once the
+student-only constant is split off, alpha for alpha in [1/2, 1]) that are not implemented; akl,
+taid and amid depend on the whole distribution (a sort, a normalization).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import torch
 
 from kdexp.losses.divergences import log_mix, log_probs
 
-SUPPORTED = ("fkl", "skl")  # divergences with an unbiased, bounded-variance estimator
+SUPPORTED = ("fkl", "skl", "tvd")  # divergences with an unbiased estimator of bounded gradient variance
 
 
 @dataclass
@@ -119,17 +121,29 @@ def _gathered(student_logits: torch.Tensor, target: Sampled, temperature: float)
     return log_probs(student_logits, temperature).gather(-1, target.ids.to(student_logits.device))
 
 
+def _slots(student_logits: torch.Tensor, target: Sampled, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p, log q)`` at the slots, log p set to 0 in unused slots (weight 0, whatever their
+    token: its log p may be -inf, which would make a NaN of the weight 0 or of a gradient)."""
+    log_p = torch.where(target.weights > 0, target.log_p, 0.0)
+    return log_p, _gathered(student_logits, target, temperature)
+
+
 def _fkl(student_logits: torch.Tensor, target: Sampled, *, temperature: float) -> torch.Tensor:
-    log_q = _gathered(student_logits, target, temperature)
-    return (target.weights * (target.log_p - log_q)).sum(-1)
+    log_p, log_q = _slots(student_logits, target, temperature)
+    return (target.weights * (log_p - log_q)).sum(-1)
 
 
 def _skl(student_logits: torch.Tensor, target: Sampled, *, temperature: float, alpha: float) -> torch.Tensor:
-    log_q = _gathered(student_logits, target, temperature)
-    return (target.weights * (target.log_p - log_mix(target.log_p, log_q, alpha))).sum(-1)
+    log_p, log_q = _slots(student_logits, target, temperature)
+    return (target.weights * (log_p - log_mix(log_p, log_q, alpha))).sum(-1)
 
 
-ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {"fkl": _fkl, "skl": _skl}
+def _tvd(student_logits: torch.Tensor, target: Sampled, *, temperature: float) -> torch.Tensor:
+    log_p, log_q = _slots(student_logits, target, temperature)
+    return (target.weights * (1 - (log_q - log_p).exp()).clamp_min(0.0)).sum(-1)
+
+
+ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {"fkl": _fkl, "skl": _skl, "tvd": _tvd}
 
 
 def estimator(name: str, params: dict) -> Callable[[torch.Tensor, Sampled], torch.Tensor] | None:
@@ -138,10 +152,10 @@ def estimator(name: str, params: dict) -> Callable[[torch.Tensor, Sampled], torc
     fn = ESTIMATORS.get(name)
     if fn is None:
         return None
-    own = {k: v for k, v in params.items() if k in ("temperature", "alpha")}
-    own.setdefault("temperature", 1.0)
-    if name == "skl":
-        own.setdefault("alpha", 0.1)
+    from kdexp.losses.bound import parameters
+
+    defaults = parameters(name)
+    own = {k: params.get(k, defaults[k]) for k in defaults if k != "chunk_size"}
     return lambda student_logits, target: fn(student_logits, target, **own)
 
 
@@ -150,9 +164,9 @@ def problems(names: list[str]) -> list[str]:
     bad = [n for n in dict.fromkeys(names) if n not in SUPPORTED]
     if not bad:
         return []
-    return [f"teacher.sparse=sampled estimates {' and '.join(SUPPORTED)} without bias; loss={', '.join(bad)} "
-            f"needs the teacher's whole distribution (weights q/p of unbounded variance, or a sort or "
-            f"normalization over the vocabulary): use loss=fkl or loss=skl, or teacher.sparse=topk, or "
+    return [f"teacher.sparse=sampled estimates {', '.join(SUPPORTED)} without bias; loss={', '.join(bad)} "
+            f"has no such estimate here (weights q/p of unbounded variance, a sort or normalization over the "
+            f"vocabulary, or a form not implemented): use loss=fkl, skl or tvd, or teacher.sparse=topk, or "
             f"teacher.source=live"]
 
 

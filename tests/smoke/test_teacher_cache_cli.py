@@ -113,4 +113,4 @@ def test_kd_from_sampled_draws_estimates_the_live_teachers_loss(cached):
     assert drawn_step["train/ce"] == pytest.approx(live["train/ce"], rel=1e-5)
     assert "255 draws" in proc.stdout + proc.stderr
     bad = kdexp("train", *args, *drawn, "loss=rkl", f"hydra.run.dir={cached / 'bad'}", cwd=cached, check=False)
-    assert bad.returncode == 2 and "teacher.sparse=sampled estimates fkl and skl without bias; loss=rkl" in bad.stderr
+    assert bad.returncode == 2 and "teacher.sparse=sampled estimates fkl, skl, tvd without bias; loss=rkl" in bad.stderr

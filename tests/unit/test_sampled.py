@@ -52,7 +52,8 @@ def _value_and_grad(fn, student: torch.Tensor, reps: int = 1) -> tuple[torch.Ten
     return values.sum(-1).detach(), s.grad
 
 
-@pytest.mark.parametrize(("name", "params"), [("fkl", {"temperature": 2.0}), ("skl", {"temperature": 2.0, "alpha": 0.3})])
+@pytest.mark.parametrize(("name", "params"), [("fkl", {"temperature": 2.0}), ("skl", {"temperature": 2.0, "alpha": 0.3}),
+                                            ("tvd", {"temperature": 1.5})])
 def test_the_sampled_estimate_is_unbiased_and_top_k_is_not(name, params):
     """Over many independent draws the mean estimate of the loss and of its gradient matches the
     dense divergence within a few standard errors; the top-4 cache's residual-mass target
@@ -89,14 +90,24 @@ def test_with_every_draw_on_one_token_the_estimate_is_exact():
     teacher[:, 3] = 0.0
     student = torch.randn(2, 9)
     target = _targets(teacher, 5, 1, 1.0)[0]
-    for name in ("fkl", "skl"):
+    for name in ("fkl", "skl", "tvd"):
         torch.testing.assert_close(estimator(name, {})(student, target), losses.divergence(name)(student, teacher),
                                    atol=1e-5, rtol=1e-5)
+    # a teacher with -inf logits: the unused slots may hold those tokens (log p = -inf, weight 0)
+    teacher = torch.full((2, 9), float("-inf"))
+    teacher[:, :2] = torch.tensor([0.0, -1.0])
+    target = _targets(teacher, 6, 1, 1.0)[0]
+    assert torch.isinf(target.log_p).any()
+    for name in ("fkl", "skl", "tvd"):
+        value = estimator(name, {})(student.requires_grad_(True), target).sum()
+        (grad,) = torch.autograd.grad(value, student)
+        assert torch.isfinite(value) and torch.isfinite(grad).all()
+        student = student.detach()
 
 
 def test_only_the_estimable_divergences_are_served():
     assert estimator("rkl", {}) is None and estimator("jsd", {"beta": 0.5}) is None
-    assert problems(["fkl", "skl"]) == []
+    assert problems(["fkl", "skl", "tvd"]) == []
     (line,) = problems(["fkl", "rkl", "jsd", "rkl"])
     assert "loss=rkl, jsd" in line and "teacher.sparse=topk" in line
 
@@ -184,3 +195,22 @@ def test_a_sampled_cache_is_refused_where_it_does_not_match(tmp_path):
         open_cache(cfg, train, Tok(), 1.0)
     meta = json.loads((tmp_path / "draws5" / "meta.json").read_text())
     assert "top_k" not in meta  # a sampled cache is not mistaken for a top-k one
+
+
+def test_a_sampled_caches_draws_follow_the_teacher_at_the_loss_temperature(tmp_path):
+    """255 draws per position at T = 2: each token's share of the draws is within 5 standard
+    errors of its probability under the tempered teacher (the library's own draws, not the
+    test's; draws at T = 1 would miss by far more)."""
+    train = examples(12, seed=4)
+    cfg = sampled_cfg(tmp_path, 255)
+    build(cfg, TableTeacher(), Tok(), train, tmp_path / "draws255", 5, torch.device("cpu"), 2.0)
+    cache = TeacherCache(tmp_path / "draws255")
+    _, batch = teacher_logprobs(train)
+    target = cache.sampled(cache.row_indices(train), batch["targets"])
+    mask = batch["targets"] != IGNORE_INDEX
+    p_t = torch.softmax(TableTeacher().table[batch["input_ids"]].detach() / 2.0, -1)[mask]  # [N, V]
+    share = torch.zeros_like(p_t).scatter_add_(1, target.ids, target.weights)
+    se = (p_t * (1 - p_t) / 255).sqrt().clamp_min(1e-3)
+    assert float(((share - p_t).abs() / se).max()) < 5
+    p_1 = torch.softmax(TableTeacher().table[batch["input_ids"]].detach(), -1)[mask]
+    assert float(((share - p_1).abs() / se).max()) > 10
