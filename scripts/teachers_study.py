@@ -86,8 +86,9 @@ def report(out: Path, seeds: list[int], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def study(doc: str, arms: dict, name: str, report_name: str, make_report) -> None:
-    """The command line of a study of ``arms`` (3 seeds by default): run, then report."""
+def study(doc: str, arms: dict, name: str, report_name: str, make_report, alone=None) -> None:
+    """The command line of a study of ``arms`` (3 seeds by default): run, then report.
+    ``alone(out)``: more jobs, run one at a time after the others (timings)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=list(arms), choices=list(arms))
@@ -97,6 +98,8 @@ def study(doc: str, arms: dict, name: str, report_name: str, make_report) -> Non
     args = p.parse_args()
     start = time.time()
     failed = run_jobs([job(args.out, arm, seed, arms) for arm in args.arms for seed in args.seeds], args.workers)
+    if alone is not None and not failed:
+        failed = run_jobs(alone(args.out), 1)
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed (logs in {args.out / 'logs'}): no report")
     if args.arms == list(arms):
