@@ -56,7 +56,7 @@ teacher: ## rebuild the bundled tokenizers, the tiny teacher, its two specialist
 teachers-study: ## several teachers on the embedded task: each teacher, route, mixture, relative, mot, 3 seeds (docs/results/TEACHERS.md, about 35 minutes)
 	$(PYTHON) scripts/teachers_study.py
 
-cross-study: ## distillation across tokenizers: uld and span against sft and the same-tokenizer teacher, 3 seeds (docs/results/CROSS_TOKENIZER.md, about 25 minutes)
+cross-study: ## distillation across tokenizers: uld and span against sft and the same-tokenizer teacher, 3 seeds (docs/results/CROSS_TOKENIZER.md, about 37 minutes)
 	$(PYTHON) scripts/cross_study.py
 
 sparse-study: ## sparse teacher targets: dense, top-16/64 caches and sampled caches of 4/12/32 draws, 3 seeds, calibration (docs/results/SPARSE_TEACHER.md, about 35 minutes)

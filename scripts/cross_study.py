@@ -1,7 +1,7 @@
 """Distillation across tokenizers on the embedded task: students of the other-tokenizer teacher
 with each approach, against SFT and against the same-tokenizer teacher, 3 training seeds.
 
-    make cross-study                             # docs/results/CROSS_TOKENIZER.md (about 25 minutes on 2 cores)
+    make cross-study                             # docs/results/CROSS_TOKENIZER.md (about 37 minutes on 2 cores)
     python scripts/cross_study.py --seeds 0 --out runs/cross-quick --report /tmp/C.md
 
 Every arm trains the embedded default's student with the embedded default's recipe (1000 steps;
