@@ -101,19 +101,31 @@ def alignment(approach: str, student_tok, teacher_tok, body_s: Sequence[int], bo
         if same and len(a) > 1:  # the same tokens on both sides (pieces of one character): one by one
             pairs += [([i], [j], True) for i, j in zip(a, b, strict=True)]
             continue
-        # the last tokens continue the same text only if the earlier ones cover the same text
+        # the last tokens continue the same text only if the earlier ones cover the same bytes
         # (" word" as one token against " ", "word": the teacher's "word" is not the student's)
-        direct = student_tok.decode([body_s[i] for i in a[:-1]]) == teacher_tok.decode([body_t[j] for j in b[:-1]])
-        pairs.append((list(a), list(b), direct))
+        before_s, before_t = _known_bytes(student_tok, [body_s[i] for i in a[:-1]]), \
+            _known_bytes(teacher_tok, [body_t[j] for j in b[:-1]])
+        pairs.append((list(a), list(b), before_s is not None and before_s == before_t))
     if ended:
         pairs.append(([len(body_s)], [len(body_t)], True))
     return pairs
+
+
+def _known_bytes(tok, ids: list[int]) -> bytes | None:
+    """The bytes ``ids`` stand for, or None where the text does not tell them: the decoding of a
+    piece of a character is U+FFFD whatever its bytes (E6 and E6 97 both decode to it), so two
+    such prefixes would look alike."""
+    text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return None if "\ufffd" in text else text.encode()
 
 
 def matched_tokens(student_tok, teacher_tok) -> tuple[list[int], list[int]]:
     """The token pairs the span loss compares directly: the ordinary tokens whose string is the same
     in both vocabularies (special and added tokens are not text: a padding token of one side may
     share a string with the other's end of text), and the two ends of text with each other."""
+    if student_tok.get_vocab() == teacher_tok.get_vocab():  # one vocabulary: every token is itself
+        ids = sorted(set(student_tok.get_vocab().values()) & set(range(len(student_tok))))
+        return ids, list(ids)
     specials_s = set(student_tok.all_special_ids) | {student_tok.eos_token_id}
     specials_t = set(teacher_tok.all_special_ids) | {teacher_tok.eos_token_id}
     vocab_s = {k: v for k, v in student_tok.get_vocab().items() if v not in specials_s and v < len(student_tok)}

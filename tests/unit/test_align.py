@@ -96,3 +96,28 @@ def test_bytes_that_are_not_utf8_are_text_like_any_other():
     s2 = Bytes({1: b"\xff", 2: b"x"})  # a byte that starts no character, mid-text
     t2 = Bytes({1: "\ufffd".encode() + b"x"})
     assert pairs(s2, [1, 2], t2, [1]) == [([0, 1], [0])]
+
+
+class Named(Bytes):
+    """Bytes with token names (what alignment compares to find tokens that are the same strings)."""
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.table[i].hex() for i in ids]
+
+
+def test_a_character_split_differently_is_not_compared_token_by_token():
+    """The earlier tokens of a span decide whether its last tokens continue the same text; pieces
+    of a character all decode to U+FFFD, so their bytes, not their decoding, must agree: 日 split
+    E6 | 97 A5 on one side and E6 97 | A5 on the other is compared sorted only (not direct)."""
+    from kdexp.teachers.cross import alignment
+
+    day = "日".encode()
+    s = Named({1: day[:1], 2: day[1:], 3: b" x"})
+    t = Named({1: day[:2], 2: day[2:], 3: b" ", 4: b"x"})
+    got = alignment("span", s, t, [1, 2, 3], [1, 2, 3, 4], ended=False)
+    assert got == [([0, 1], [0, 1], False), ([2], [2, 3], False)]  # " x" against " ", "x": other text too
+    same = Named({1: day[:1], 2: day[1:]})
+    assert alignment("span", s, same, [1, 2], [1, 2], ended=False) == [([0], [0], True), ([1], [1], True)]
+    one = Named({1: b"ab", 2: b"c"})
+    assert alignment("span", one, one, [1, 2], [1, 2], ended=True) == [([0], [0], True), ([1], [1], True),
+                                                                       ([2], [2], True)]

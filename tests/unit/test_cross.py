@@ -134,3 +134,37 @@ def test_spans_whose_last_tokens_continue_other_text_are_compared_sorted_only():
     assert got[1].item() == pytest.approx(sorted_l1(p[1].exp(), 0.5 * q[1].exp()).item(), rel=1e-5)
     alone = hybrid(p[:1], q[:1], [0, 1], [2, 1], beta=0.0, matched_weight=0.25)
     assert got[0].item() == pytest.approx(alone.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("direct_a", [1.0, 0.0])
+def test_span_positions_read_each_spans_rows_and_prefixes_at_their_positions(direct_a):
+    """A hand-built batch: the student's response tokens 0, 1 form one span against the teacher's
+    tokens 0, 1 (token 0 is the span's earlier token on each side), then one token each. The
+    loss sits at the student position predicting each span's last token and equals the hybrid of
+    the rows and prefixes read by hand (each earlier token's log-probability on its side);
+    ``direct`` = 0 leaves the span to the sorted comparison."""
+    from kdexp import losses
+    from kdexp.losses.cross import span_positions
+    from kdexp.losses.objective import IGNORE_INDEX as IGN
+
+    g = torch.Generator().manual_seed(7)
+    s_logits, t_logits = torch.randn(1, 5, 6, generator=g), torch.randn(1, 5, 7, generator=g)
+    resp_s, resp_t = [2, 4, 1], [3, 5, 6]
+    batch = {"targets": torch.tensor([[IGN, *resp_s, IGN]]), "x_targets": torch.tensor([[IGN, *resp_t, IGN]]),
+             "x_pos": torch.tensor([[-1, -1, 2, 3, -1]]), "x_first_s": torch.tensor([[0, 0, 1, 3, 0]]),
+             "x_first_t": torch.tensor([[0, 0, 1, 3, 0]]), "x_direct": torch.tensor([[0.0, 0.0, direct_a, 1.0, 0.0]]),
+             "x_matched_s": torch.tensor([2, 4, 1, 0]), "x_matched_t": torch.tensor([3, 5, 1, 6])}
+    T = 2.0
+    div = losses.divergence("fkl", temperature=1.0)
+    got = span_positions(s_logits, t_logits, batch, div, T, matched_weight=0.6)
+    log_s, log_t = (s_logits[0] / T).log_softmax(-1), (t_logits[0] / T).log_softmax(-1)
+    last_s, last_t = log_s[[2, 3]], log_t[[2, 3]]
+    prefix_s = torch.stack([log_s[1, resp_s[0]], torch.tensor(0.0)])  # span A's earlier token; span B has none
+    prefix_t = torch.stack([log_t[1, resp_t[0]], torch.tensor(0.0)])
+    want = hybrid(last_s, last_t, [2, 4, 1, 0], [3, 5, 1, 6], matched_weight=0.6, divergence=div,
+                  prefix_s=prefix_s, prefix_t=prefix_t, direct=torch.tensor([direct_a, 1.0]))
+    torch.testing.assert_close(got[0, [2, 3]], want)
+    assert torch.all(got[0, [0, 1, 4]] == 0)
+    # the chain rule of merged_rows is the same prefix
+    torch.testing.assert_close(merged_rows(log_s[1:4], resp_s, [range(0, 2), range(2, 3)]),
+                               last_s + prefix_s[:, None])
