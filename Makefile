@@ -59,7 +59,7 @@ teachers-study: ## several teachers on the embedded task: each teacher, route, m
 cross-study: ## distillation across tokenizers: uld and span against sft and the same-tokenizer teacher, 3 seeds (docs/results/CROSS_TOKENIZER.md, about 37 minutes)
 	$(PYTHON) scripts/cross_study.py
 
-sparse-study: ## sparse teacher targets: dense, top-16/64 caches and sampled caches of 4/12/32 draws, 3 seeds, calibration (docs/results/SPARSE_TEACHER.md, about 35 minutes)
+sparse-study: ## sparse teacher targets: dense, top-16/64 caches and sampled caches of 4/12/32 draws, 3 seeds, calibration (docs/results/SPARSE_TEACHER.md, about 15 minutes)
 	$(PYTHON) scripts/sparse_study.py
 
 clean: ## remove run directories and caches

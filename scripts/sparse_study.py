@@ -2,7 +2,7 @@
 caches (k = 16, 64) and of sampled caches (n = 4, 12, 32 draws per position), 3 training seeds:
 ROUGE-L, exact match and calibration, against the bytes each target takes per token.
 
-    make sparse-study                            # docs/results/SPARSE_TEACHER.md (about 30 minutes on 2 cores)
+    make sparse-study                            # docs/results/SPARSE_TEACHER.md (about 15 minutes on 2 cores)
     python scripts/sparse_study.py --seeds 0 --out runs/sparse-quick --report /tmp/S.md
 
 Every arm trains the embedded default's student with the embedded default's recipe (``method=kd``:
