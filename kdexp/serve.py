@@ -160,23 +160,20 @@ class Scorer:
         return result
 
     @torch.inference_mode()
-    def draws(self, prompts: list[list[int]], n: int, temperature: float, seed: int) -> list[list | None]:
-        """n draws at each position of each prompt (``kdexp_draws``), one prompt at a time: the
-        draws of a prompt depend on its tokens and ``seed`` alone, not on the requests it came
-        with."""
-        from kdexp.losses.sampled import draw
-        from kdexp.teacher_cache import draw_seed
+    def draws(self, prompts: list[list[int]], n: int, temperature: float, seed: int) -> list[tuple[list, int]]:
+        """n draws at each position of each prompt (``kdexp_draws``) and its greedy next token,
+        one prompt at a time: the draws of a prompt depend on its tokens and ``seed`` alone, not
+        on the requests it came with (:func:`kdexp.losses.sampled.draw_sequence`, as the cache)."""
+        from kdexp.losses.sampled import draw_sequence
 
         out = []
         for p in prompts:
             ids = torch.tensor([p], device=self.device)
             with self.lock:
-                logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1, :self.vocab]
-            logp = torch.log_softmax(logits.float() / temperature, dim=-1).cpu()
-            picked, counts = draw(logp, n, torch.Generator().manual_seed(draw_seed(seed, p)))
-            values = logp.gather(1, picked).clamp_min(-9999.0)
-            out.append([None, *([a, b, c] for a, b, c in zip(picked.tolist(), counts.tolist(), values.tolist(),
-                                                               strict=True))])
+                logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :, :self.vocab]
+            picked, counts, values = draw_sequence(logits, p, n, temperature, seed)
+            rows = zip(picked.tolist(), counts.tolist(), values.clamp_min(-9999.0).tolist(), strict=True)
+            out.append(([None, *([a, b, c] for a, b, c in rows)], int(logits[-1].argmax())))
         return out
 
     @torch.inference_mode()
@@ -297,8 +294,8 @@ def handler(scorer: Scorer, name: str, max_len: int, api_key: str | None) -> typ
             temperature = float(body.get("temperature", 1.0))
             drawn = self._draws(body.get("kdexp_draws"), prompts)
             scored = scorer.score(prompts, max(k, 1)) if k is not None else None
-            if scored is not None and max_tokens == 1 and temperature == 0:  # scoring: the pass gave it
-                gen = [[nxt] for _, nxt in scored]
+            if (scored or drawn) is not None and max_tokens == 1 and temperature == 0:  # scoring: the pass gave it
+                gen = [[nxt] for _, nxt in (scored or drawn)]
             else:
                 stop_ids = body.get("stop_token_ids") or []
                 if not all(isinstance(t, int) for t in stop_ids):
@@ -311,7 +308,7 @@ def handler(scorer: Scorer, name: str, max_len: int, api_key: str | None) -> typ
                         "finish_reason": "stop" if g and g[-1] in stops else "length",
                         "stop_reason": g[-1] if g and g[-1] in stops and g[-1] != scorer.tokenizer.eos_token_id
                         else None, "prompt_logprobs": s, "prompt_token_ids": p,
-                        **({} if drawn is None else {"kdexp_draws": drawn[i]})}
+                        **({} if drawn is None else {"kdexp_draws": drawn[i][0]})}
                        for i, (p, g, s) in enumerate(zip(prompts, gen, scored, strict=True))]
             tokens = sum(len(p) for p in prompts)
             generated = sum(len(g) for g in gen)

@@ -65,7 +65,7 @@ from kdexp.data.encode import Example
 from kdexp.errors import UserError
 from kdexp.losses.fused import Sparse
 from kdexp.losses.objective import IGNORE_INDEX
-from kdexp.losses.sampled import Sampled, draw
+from kdexp.losses.sampled import Sampled, draw_sequence
 
 log = logging.getLogger(__name__)
 
@@ -318,26 +318,23 @@ def top_k_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], k: int,
 
 @torch.inference_mode()
 def sampled_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], n: int, temperature: float,
-                 seeds: Sequence[int], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 sequences: Sequence[Sequence[int]], seed: int, width: int | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n draws from the teacher's distribution at ``temperature`` at the response positions of
     ``batch`` (in batch order, position order): the distinct tokens, their counts and their
-    log-probabilities at T, [N, S] each (:func:`kdexp.losses.sampled.draw`). Sequence b's draws
-    come from a generator seeded with ``seeds[b]``, on the CPU, over every position that has a
-    next token, prompt included (the response's are kept), as ``kdexp serve-teacher`` draws for
-    a whole sequence: the same draws whatever the batch or the way they are served, up to
-    floating-point differences in the teacher's logits (which can move a draw across a boundary)."""
+    log-probabilities at T, [N, S] each. Each sequence (``sequences[b]``, its prompt and response
+    tokens) is drawn whole, prompt included, and its response's rows kept
+    (:func:`kdexp.losses.sampled.draw_sequence`, as ``kdexp serve-teacher`` draws): the same draws
+    whatever the batch or the way they are served, up to floating-point differences in the
+    teacher's logits (which can move a draw across a boundary)."""
     logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    mask = batch["targets"] != IGNORE_INDEX
-    lengths = batch["attention_mask"].sum(-1).tolist()
+    mask = (batch["targets"] != IGNORE_INDEX).cpu()
     ids, counts, values = [], [], []
-    for b, seed in enumerate(seeds):
-        last = int(lengths[b]) - 1  # positions 0 .. last - 1 predict a token of the sequence
-        logp = torch.log_softmax(logits[b, :last, :width].float() / temperature, dim=-1).cpu()
-        picked, count = draw(logp, n, torch.Generator().manual_seed(seed))
-        keep = mask[b, :last].cpu()
-        ids.append(picked[keep])
-        counts.append(count[keep])
-        values.append(logp.gather(1, picked)[keep])
+    for b, tokens in enumerate(sequences):
+        drawn = draw_sequence(logits[b, :, :width], tokens, n, temperature, seed)
+        keep = mask[b, :len(tokens) - 1]
+        for out, rows in zip((ids, counts, values), drawn, strict=True):
+            out.append(rows[keep])
     return torch.cat(ids), torch.cat(counts), torch.cat(values)
 
 
@@ -373,9 +370,9 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
                 got = dict(zip(("ids", "logprobs", "log_rest"), top_k_rows(teacher, batch, slots, temperature, vocab),
                                strict=True))
             else:
-                seeds = [draw_seed(seed, e.prompt_ids + e.response_ids) for e in chunk]
-                got = dict(zip(("ids", "counts", "logprobs"), sampled_rows(teacher, batch, size, temperature, seeds,
-                                                                           vocab), strict=True))
+                sequences = [e.prompt_ids + e.response_ids for e in chunk]
+                got = dict(zip(("ids", "counts", "logprobs"),
+                               sampled_rows(teacher, batch, size, temperature, sequences, seed, vocab), strict=True))
             lo, hi = int(offsets[start]), int(offsets[start + len(chunk)])
             for name, values in got.items():
                 arrays[name][lo:hi] = values.cpu().numpy()
@@ -397,13 +394,6 @@ def build(cfg: DictConfig, teacher: torch.nn.Module, tokenizer, train: Sequence[
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
-
-
-def draw_seed(seed: int, tokens: Sequence[int]) -> int:
-    """The seed of a sequence's draws: ``teacher.sample_seed`` and the sequence's tokens (its
-    prompt and response together, as a served teacher receives them)."""
-    key = int.from_bytes(hashlib.sha256(json.dumps([int(t) for t in tokens]).encode()).digest()[:8], "little") >> 1
-    return (seed * 0x9E3779B97F4A7C15 + key) % 2**63
 
 
 def run_cache(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

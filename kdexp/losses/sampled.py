@@ -52,7 +52,9 @@ taid and amid depend on the whole distribution (a sort, a normalization).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +117,24 @@ def draw(log_p: torch.Tensor, n: int, generator: torch.Generator | None = None,
     return top.indices, top.values
 
 
+def draw_seed(seed: int, tokens: Sequence[int]) -> int:
+    """The seed of a sequence's draws: ``teacher.sample_seed`` and the sequence's tokens (its
+    prompt and response together, as a served teacher receives them)."""
+    key = int.from_bytes(hashlib.sha256(json.dumps([int(t) for t in tokens]).encode()).digest()[:8], "little") >> 1
+    return (seed * 0x9E3779B97F4A7C15 + key) % 2**63
+
+
+def draw_sequence(logits: torch.Tensor, tokens: Sequence[int], n: int, temperature: float, seed: int,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n draws at T at every position of one sequence that has a next token: ``logits`` [L, V]
+    are the model's on ``tokens`` (L of them; the last position predicts nothing of the
+    sequence). On the CPU, from a generator seeded by :func:`draw_seed`, so that a cache and a
+    server draw the same tokens for the same sequence: ids, counts and log p at T, [L - 1, S]."""
+    log_p = torch.log_softmax(logits[:len(tokens) - 1].float() / temperature, dim=-1).cpu()
+    ids, counts = draw(log_p, n, torch.Generator().manual_seed(draw_seed(seed, tokens)))
+    return ids, counts, log_p.gather(1, ids)
+
+
 def _gathered(student_logits: torch.Tensor, target: Sampled, temperature: float) -> torch.Tensor:
     """The student's log-probabilities at T of the drawn tokens: the softmax over its whole
     vocabulary, read at the slots. [..., V] -> [..., S]"""
@@ -156,7 +176,15 @@ def estimator(name: str, params: dict) -> Callable[[torch.Tensor, Sampled], torc
 
     defaults = parameters(name)
     own = {k: params.get(k, defaults[k]) for k in defaults if k != "chunk_size"}
-    return lambda student_logits, target: fn(student_logits, target, **own)
+
+    def estimate(student_logits: torch.Tensor, target: Sampled) -> torch.Tensor:
+        covered = target.weights.sum(-1) > 0  # prompt and padding positions hold no draws
+        if bool(covered.all()):
+            return fn(student_logits, target, **own)
+        values = fn(student_logits[covered], target[covered], **own)
+        return values.new_zeros(covered.shape).masked_scatter(covered, values)
+
+    return estimate
 
 
 def problems(names: list[str]) -> list[str]:
@@ -170,4 +198,4 @@ def problems(names: list[str]) -> list[str]:
             f"teacher.source=live"]
 
 
-__all__ = ["ESTIMATORS", "SUPPORTED", "Sampled", "draw", "estimator", "problems"]
+__all__ = ["ESTIMATORS", "SUPPORTED", "Sampled", "draw", "draw_seed", "draw_sequence", "estimator", "problems"]

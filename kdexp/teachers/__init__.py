@@ -37,6 +37,14 @@ def wanted(cfg: DictConfig, plan) -> bool:
     return plan.needs_teacher or bool(cfg.eval.teacher and cfg.teacher.get("name_or_path"))
 
 
+def student_width(student: torch.nn.Module, tokenizer) -> int | None:
+    """The student's logits compared with a teacher of another tokenizer: its tokenizer's tokens
+    (padded embedding rows cut)."""
+    from kdexp.models import logit_width, vocab_rows
+
+    return logit_width(vocab_rows(student), vocab_rows(student), len(tokenizer), "student")
+
+
 @SOURCES.register("live")
 def live(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer, inputs: Any) -> Teacher:
     """The teacher model loaded here: frozen, or with the method's online module (OKD)."""
@@ -44,11 +52,10 @@ def live(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokenizer
         return Teacher(accelerator)
     model, teacher_tokenizer = load_model(cfg.teacher, "teacher", inputs.teacher_tokenizer)
     if cfg.loss.get("cross_tokenizer"):  # compared through text, not token by token
-        from kdexp.models import logit_width, vocab_rows
         from kdexp.teachers.cross import CrossTeacher
 
-        width = logit_width(vocab_rows(student), vocab_rows(student), len(tokenizer), "student")
-        return CrossTeacher(accelerator, width, model, tokenizer, teacher_tokenizer, str(cfg.loss.cross_tokenizer))
+        return CrossTeacher(accelerator, student_width(student, tokenizer), model, tokenizer, teacher_tokenizer,
+                            str(cfg.loss.cross_tokenizer))
     vocab = shared_vocab(student, tokenizer, model, teacher_tokenizer,
                          (cfg.student.name_or_path, cfg.teacher.name_or_path))
     if plan.online is not None:
@@ -67,12 +74,11 @@ def server(cfg: DictConfig, plan, accelerator, student: torch.nn.Module, tokeniz
     """A teacher behind an inference server (vLLM, kdexp serve-teacher), connected and checked
     by the run's input checks."""
     if cfg.loss.get("cross_tokenizer"):  # another tokenizer: teacher= names it, the server scores its tokens
-        from kdexp.models import logit_width, vocab_rows
         from kdexp.teachers.cross import ServedCrossTeacher
 
-        width = logit_width(vocab_rows(student), vocab_rows(student), len(tokenizer), "student")
-        return ServedCrossTeacher(accelerator, width, inputs.server, int(cfg.teacher.top_k), tokenizer,
-                                  inputs.teacher_tokenizer, str(cfg.loss.cross_tokenizer), int(cfg.teacher.concurrency))
+        return ServedCrossTeacher(accelerator, student_width(student, tokenizer), inputs.server,
+                                  int(cfg.teacher.top_k), tokenizer, inputs.teacher_tokenizer,
+                                  str(cfg.loss.cross_tokenizer), int(cfg.teacher.concurrency))
     draws = None
     if cfg.teacher.get("sparse", "topk") == "sampled":  # n draws at the loss temperature, seeded
         from kdexp.teacher_cache import temperature_of
