@@ -1,0 +1,136 @@
+"""Speculative sampling: a draft model proposes, the target verifies, and the output is an exact
+sample of the target.
+
+    from kdexp.speculative import speculative_sample
+    out = speculative_sample(draft, target, prompt_ids, gamma=4, max_new_tokens=96, stop_ids=[eos],
+                             generator=torch.Generator().manual_seed(0))
+    out.tokens, out.accepted / out.proposed, len(out.tokens) / out.target_calls
+
+Leviathan, Kalman & Matias, "Fast Inference from Transformers via Speculative Decoding" (ICML
+2023, Algorithm 1) and Chen et al., "Accelerating Large Language Model Decoding with
+Speculative Sampling" (arXiv 2302.01318, 2023, Algorithm 2). Each round the draft q samples up
+to ``gamma`` tokens; one call of the target p scores all of them; the i-th is kept with
+probability ``min(1, p(x)/q(x))``; the first rejected one is replaced by a draw from
+``norm(max(0, p - q))`` and the round ends; if all are kept, the target's distribution after
+them gives one more token. Every token of the output is then distributed as the target's own
+(at the same temperature), whatever the draft, the number of proposals per round, or where
+the output stops.
+
+Models are called on the whole sequence each time (no KV cache): exact and simple, and cheap
+for the tiny models this runs on here. With ``temperature=0`` both sides are greedy (their
+argmax as a one-hot distribution), and the output is the target's greedy output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SpeculativeOutput:
+    """One response decoded speculatively, and what it cost.
+
+    ``tokens``: the response (its stop token included, if it stopped); ``target_calls`` /
+    ``draft_calls``: forward passes of each model; ``proposed`` / ``accepted``: draft tokens
+    verified / kept; ``alpha``: ``sum_x min(p(x), q(x))`` at each verified proposal (the
+    expected acceptance of that proposal: Leviathan et al., Sec. 3); ``rejected``: indices into
+    ``tokens`` of the target's replacements of rejected proposals; ``target_logp``: the target's
+    log-probabilities at temperature 1 where it produced or verified each token ``[len(tokens), V]``
+    (they come free with verification, and are what online distillation learns from).
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    target_calls: int = 0
+    draft_calls: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    alpha: list[float] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    target_logp: torch.Tensor | None = None
+
+
+def policy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probabilities of the sampling distribution: ``log_softmax(logits / T)`` in float32, or
+    the argmax as a one-hot (0 / -inf) when ``T == 0``. [..., V] -> [..., V]"""
+    logits = logits.float()
+    if temperature > 0:
+        return torch.log_softmax(logits / temperature, -1)
+    out = torch.full_like(logits, float("-inf"))
+    return out.scatter(-1, logits.argmax(-1, keepdim=True), 0.0)
+
+
+def residual(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``norm(max(0, p - q))``: what a rejected proposal is replaced with. [V] x2 -> [V] probabilities.
+
+    Where ``p <= q`` everywhere (in float32, only when p and q are equal, and rejection then has
+    probability 0), p itself."""
+    r = (log_p.exp() - log_q.exp()).clamp(min=0)
+    total = r.sum()
+    return r / total if total > 0 else log_p.exp()
+
+
+def _last_logits(model: torch.nn.Module, ids: list[int], n: int, vocab: int | None) -> torch.Tensor:
+    """The logits of ``model`` at the last ``n`` positions of ``ids``. -> [n, V]"""
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -n:]
+    return logits[:, :vocab] if vocab else logits
+
+
+@torch.no_grad()
+def speculative_sample(draft: torch.nn.Module, target: torch.nn.Module, prompt: Sequence[int], gamma: int,
+                       max_new_tokens: int, stop_ids: Sequence[int], generator: torch.Generator,
+                       temperature: float = 1.0, vocab: int | None = None) -> SpeculativeOutput:
+    """One response to ``prompt`` from ``target``, drafted ``gamma`` tokens at a time by ``draft``.
+
+    Both models are plain causal LMs in eval mode sharing a tokenizer; ``vocab``: the leading
+    logit columns both define (``None``: all). The response stops after a token of
+    ``stop_ids`` or at ``max_new_tokens``; a round proposes at most what fits, so no call is
+    wasted past the budget, and the draft stops proposing after a stop token.
+    """
+    if gamma < 0 or max_new_tokens < 0:
+        raise ValueError(f"gamma and max_new_tokens must be >= 0, got {gamma} and {max_new_tokens}")
+    stops, out, rows = set(stop_ids), SpeculativeOutput(), []
+    ids = list(prompt)
+    while len(out.tokens) < max_new_tokens and not (out.tokens and out.tokens[-1] in stops):
+        k = min(gamma, max_new_tokens - len(out.tokens) - 1)
+        drafts: list[int] = []
+        draft_logq = []
+        for _ in range(k):
+            log_q = policy(_last_logits(draft, ids + drafts, 1, vocab)[0], temperature)  # [V]
+            out.draft_calls += 1
+            x = int(torch.multinomial(log_q.exp().cpu(), 1, generator=generator))
+            drafts.append(x)
+            draft_logq.append(log_q)
+            if x in stops:
+                break
+        logits = _last_logits(target, ids + drafts, len(drafts) + 1, vocab)  # [len(drafts) + 1, V]
+        out.target_calls += 1
+        log_p = policy(logits, temperature)
+        raw = torch.log_softmax(logits.float(), -1)
+        new: list[int] = []
+        for i, (x, log_q) in enumerate(zip(drafts, draft_logq, strict=True)):
+            out.proposed += 1
+            out.alpha.append(float(torch.minimum(log_p[i], log_q).exp().sum()))
+            u = float(torch.rand((), generator=generator))
+            if u < float((log_p[i, x] - log_q[x]).exp().clamp(max=1)):
+                out.accepted += 1
+                new.append(x)
+                continue
+            y = int(torch.multinomial(residual(log_p[i], log_q).cpu(), 1, generator=generator))
+            out.rejected.append(len(out.tokens) + len(new))
+            new.append(y)
+            break
+        else:
+            if not (drafts and drafts[-1] in stops):  # every proposal kept: the target's next token
+                new.append(int(torch.multinomial(log_p[len(drafts)].exp().cpu(), 1, generator=generator)))
+        rows.append(raw[: len(new)])
+        out.tokens += new
+        ids += new
+    out.target_logp = torch.cat(rows) if rows else torch.empty(0, 0)
+    return out
+
+
+__all__ = ["SpeculativeOutput", "policy", "residual", "speculative_sample"]
