@@ -4,12 +4,13 @@
     kdexp analyze exposure runs/sft_run runs/kd_run analyze.labels=[sft,kd]   # several on one plot
     kdexp analyze difficulty model=path/to/hf_model teacher=gpt2-xl data=dolly data.path=dolly.jsonl
     kdexp analyze speculative model=tiny                               # the teacher against itself
+    kdexp analyze routing runs/moe_sft runs/moe_kd analyze.labels=[sft,kd]   # MoE students' routing
 
 NAME is one of :data:`ANALYSES`: ``exposure``, ``difficulty``, ``calibration``, ``diversity``,
-``speculative``, ``curves``. Each MODEL is a run directory (its final student; the first run
+``speculative``, ``curves``, ``routing``. Each MODEL is a run directory (its final student; the first run
 also gives the teacher and the data unless ``teacher=`` / ``data=`` are given), a model
-directory, a preset or a hub name. Every model is compared with the same teacher on the same
-prompts (``analyze.split``, the first ``analyze.max_samples``). The job writes ``NAME.json``
+directory, a preset or a hub name. Every model is compared with the same teacher (``routing``:
+no teacher, the models' own routers) on the same prompts (``analyze.split``, the first ``analyze.max_samples``). The job writes ``NAME.json``
 (every number, ``null`` where undefined), ``NAME.png``, ``NAME.md`` (a summary table, also
 printed) and, with ``logger=wandb``, the figure, the table and the curves as W&B panels.
 
@@ -46,7 +47,7 @@ from kdexp.jobs import _overridden, resolve_model
 from kdexp.logging import make_logger
 from kdexp.losses.objective import IGNORE_INDEX
 from kdexp.methods.context import stable_seed
-from kdexp.models import load_model, shared_vocab, vocab_rows
+from kdexp.models import load_model, load_tokenizer, router_shape, shared_vocab, vocab_rows
 from kdexp.rollout import RolloutSpec, sample
 
 log = logging.getLogger(__name__)
@@ -319,6 +320,77 @@ def diversity(texts: Sequence[Sequence[str]], max_n: int = 4) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Mixture-of-experts routing
+# ---------------------------------------------------------------------------------------------
+
+def router_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every layer's router logits on a batch. -> [L, B, T, E]
+
+    Hugging Face MoE models (Mixtral, Qwen-MoE, OLMoE, ...) return them when asked
+    (``output_router_logits``), one ``[B * T, E]`` tensor per MoE layer."""
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device)
+    out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), output_router_logits=True)
+    layers = getattr(out, "router_logits", None)
+    if not layers:
+        raise UserError(f"{type(model).__name__} returned no router logits: kdexp analyze routing needs a "
+                        "mixture-of-experts model (Mixtral, Qwen-MoE, OLMoE, ...)")
+    return torch.stack([r.reshape(*ids.shape, -1) for r in layers]).float()
+
+
+@torch.no_grad()
+def routed(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int) -> list[torch.Tensor]:
+    """Per example, the router logits where each response token is predicted: the positions
+    of prompt + response whose next token is a response token. -> [L, n_i, E] each"""
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate_train(examples[start:start + batch_size], pad_id)
+            logits = router_logits(model, batch).cpu()  # [L, B, T, E]
+            mask = batch["targets"] != IGNORE_INDEX  # [B, T]
+            out += [logits[:, b, mask[b]] for b in range(mask.shape[0])]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def routing(model: torch.nn.Module, references: Sequence[Example], own_reps: Sequence[Sequence[Example]],
+            pad_id: int, batch_size: int, top_k: int, min_count: int = 1) -> dict[str, Any]:
+    """The router along the response: on the references (teacher-forced prefixes, as in
+    training) and on the model's own samples of the same prompts (free-running, as in use).
+
+    ``agreement``: per layer and response step t, ``|topk(ref) ∩ topk(own)| / k`` of the routers
+    where the t-th response token is predicted (the same position under the two prefixes; step
+    1 predicts from the prompt alone, which both share, so it is 1); mean per layer over every
+    step both responses reach, and the per-step curves (stopping where fewer than ``min_count``
+    pairs are left). ``entropy``: the router's mean entropy per layer on each kind of prefix;
+    ``load``: per layer, each expert's share of the top-k assignments on each kind.
+    """
+    ref = routed(model, references, pad_id, batch_size)
+    own = [routed(model, rep, pad_id, batch_size) for rep in own_reps]
+    n_layers = ref[0].shape[0]
+    rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    for rep in own:
+        for r, o in zip(ref, rep, strict=True):
+            m = min(r.shape[1], o.shape[1])
+            agree = est.topk_agreement(r[:, :m], o[:, :m], top_k)  # [L, m]
+            for layer in range(n_layers):
+                rows[layer].append(agree[layer])
+    per_layer = [_pad_rows(r) for r in rows]
+    length = reached(per_layer[0][1], min_count)
+    flat = {"teacher_forced": torch.cat(ref, 1), "free_running": torch.cat([o for rep in own for o in rep], 1)}
+    return {"layers": n_layers, "experts": int(ref[0].shape[-1]), "top_k": top_k,
+            "tokens": int(per_layer[0][1].sum()),
+            "agreement": [v[m].mean().item() for v, m in per_layer],
+            "per_step": [_curve(v[:, :length], m[:, :length]) for v, m in per_layer],
+            "entropy": {k: est.routing_entropy(v).mean(-1).tolist() for k, v in flat.items()},
+            "load": {k: [est.expert_load(v[layer], top_k).tolist() for layer in range(n_layers)]
+                     for k, v in flat.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------
 
@@ -409,6 +481,15 @@ def _speculative(job: Job, model, vocab) -> dict[str, Any]:
                                   config_seed(job.cfg, "accept"), int(job.a.min_count))
 
 
+def _routing(job: Job, model, vocab) -> dict[str, Any]:
+    shape = router_shape(model)
+    if shape is None:
+        raise UserError(f"kdexp analyze routing reads a mixture-of-experts model's router, and "
+                        f"{type(model).__name__} has none (student=tiny-moe is one)")
+    return routing(model, job.examples, job.samples(model, "sample", vocab, "student"), job.pad_id,
+                   int(job.a.batch_size), shape[1], int(job.a.min_count))
+
+
 def _curves(job: Job, model, vocab) -> dict[str, Any]:
     return kl_curves(model, job.teacher, job.examples, job.samples(model, "sample", vocab, "student"),
                      job.pad_id, int(job.a.batch_size), vocab, int(job.a.min_count))
@@ -422,7 +503,9 @@ ANALYSES: dict[str, tuple[Callable[[Job, Any, Any], dict[str, Any]], bool]] = {
     "diversity": (_diversity, True),
     "speculative": (_speculative, False),
     "curves": (_curves, False),
+    "routing": (_routing, False),
 }
+NO_TEACHER = {"routing"}  # analyses of the models alone
 
 
 def _run_config(path: Path) -> DictConfig | None:
@@ -438,9 +521,10 @@ def _default_label(target: str, label: str, run_cfg: DictConfig | None) -> str:
     return method if method in ("sft", "seqkd") else f"{method} ({run_cfg.loss.name})"
 
 
-def resolve_subjects(cfg: DictConfig) -> tuple[list[Subject], Any, str]:
+def resolve_subjects(cfg: DictConfig, need_teacher: bool = True) -> tuple[list[Subject], Any, str]:
     """The models to analyze, the teacher spec and its label. The first run directory (if any)
-    sets ``data`` and the teacher unless the command line sets them."""
+    sets ``data`` and the teacher unless the command line sets them. Without ``need_teacher``
+    the teacher may be unset (None)."""
     a = cfg.analyze
     targets = [str(t) for t in (a.models or ([cfg.model] if cfg.model else []))]
     if not targets:
@@ -470,6 +554,8 @@ def resolve_subjects(cfg: DictConfig) -> tuple[list[Subject], Any, str]:
     if first is not None and not _overridden("teacher") and first.teacher.get("name_or_path"):
         teacher = first.teacher
     if not teacher.get("name_or_path"):
+        if not need_teacher:
+            return subjects, None, teacher_label
         raise UserError("these analyses compare a model with a teacher, and none is set: "
                         "add teacher=PRESET or teacher.name_or_path=PATH")
     return subjects, teacher, teacher_label
@@ -486,28 +572,34 @@ def run_analyze(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise unknown_choice("analyze.decoding entry", d, DECODINGS)
     if name in ("diversity",) and int(cfg.analyze.n_samples) < 2:
         raise UserError("diversity compares samples of the same prompt: set analyze.n_samples >= 2")
-    subjects, teacher_spec, teacher_label = resolve_subjects(cfg)
+    needs_teacher = name not in NO_TEACHER
+    subjects, teacher_spec, teacher_label = resolve_subjects(cfg, needs_teacher)
     issues = config.problems(cfg, keys=["data", "analyze"])
     if issues:
         raise UserError("; ".join(issues))
     torch.manual_seed(int(cfg.seed))
-    teacher, tokenizer = load_model(OmegaConf.merge(teacher_spec, {"lora": {"enabled": False}}), "teacher")
+    teacher, t_vocab = None, None
+    if needs_teacher:
+        teacher, tokenizer = load_model(OmegaConf.merge(teacher_spec, {"lora": {"enabled": False}}), "teacher")
+        t_vocab = min(vocab_rows(teacher), len(tokenizer))
+        t_vocab = t_vocab if t_vocab < vocab_rows(teacher) else None
+    else:  # the prompts in the first model's tokens (every model's routing is its own)
+        tokenizer = load_tokenizer(subjects[0].spec, "model")
     examples = load_examples(cfg.data, tokenizer, [cfg.analyze.split])[cfg.analyze.split]
     examples = examples[: cfg.analyze.max_samples] if cfg.analyze.max_samples else examples
-    t_vocab = min(vocab_rows(teacher), len(tokenizer))
-    job = Job(cfg, teacher, tokenizer, examples, t_vocab if t_vocab < vocab_rows(teacher) else None)
+    job = Job(cfg, teacher, tokenizer, examples, t_vocab)
     results: dict[str, Any] = {}
     if with_teacher:
         results[teacher_label] = compute(job, teacher, job.teacher_vocab)
     for s in subjects:
         torch.manual_seed(int(cfg.seed))
         model, tok = load_model(s.spec, "model")
-        vocab = shared_vocab(model, tok, teacher, tokenizer, (s.label, teacher_label))
+        vocab = shared_vocab(model, tok, teacher, tokenizer, (s.label, teacher_label)) if teacher is not None else None
         log.info("analyze %s: %s", name, s.label)
         results[s.label] = compute(job, model, vocab)
         del model
     record = {"analysis": name, "data": cfg.data.name, "split": cfg.analyze.split, "prompts": len(examples),
-              "teacher": str(teacher_spec.name_or_path), "models": [s.label for s in subjects],
+              "teacher": str(teacher_spec.name_or_path) if needs_teacher else None, "models": [s.label for s in subjects],
               "settings": OmegaConf.to_container(cfg.analyze, resolve=True), "results": results}
     figure = reports.PLOTS[name](results, run_dir / f"{name}.png", cfg)
     rows = reports.SUMMARIES[name](results, cfg)

@@ -37,7 +37,7 @@ RUNNERS: dict[str, str] = {"train": "kdexp.train:run", "eval": "kdexp.jobs:run_e
                            "generate": "kdexp.jobs:run_generate", "analyze": "kdexp.analyze:run_analyze",
                            "compare": "kdexp.compare:run_compare",
                            "cache-teacher": "kdexp.teacher_cache:run_cache",
-                           "serve-teacher": "kdexp.serve:run_serve"}
+                           "serve-teacher": "kdexp.serve:run_serve", "osd": "kdexp.osd:run_osd"}
 
 
 def job(command: str, cfg: Any, run_dir: Path, cwd: Path, existed: bool) -> Any:

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "compare": "one table (md, CSV, HTML) and plots of runs or sweeps, grouped by what was swept",
     "cache-teacher": "store the teacher's top-k log-probabilities on the training split (teacher.source=cache)",
     "serve-teacher": "serve the teacher's log-probabilities over HTTP, vLLM's protocol (teacher.source=server)",
+    "osd": "online speculative decoding: a draft serves a stream for the teacher, distilled as it serves",
 }
 # `kdexp analyze NAME`: the analyses (kdexp.analyze.ANALYSES computes them).
 ANALYSES: dict[str, str] = {
@@ -39,6 +40,7 @@ ANALYSES: dict[str, str] = {
     "diversity": "distinct-1..4 and self-BLEU among several samples per prompt",
     "speculative": "acceptance rate of the student as a speculative-decoding draft for the teacher",
     "curves": "per-position KL along the response: reference vs own prefixes",
+    "routing": "MoE models: expert agreement between reference and own prefixes, router entropy, load",
 }
 def fail(message: str, status: int = 2) -> None:
     """Print each line of ``message`` as ``kdexp: error: LINE`` and exit with ``status``."""
@@ -54,6 +56,7 @@ def top_help() -> str:
              "[Hydra flags]",
              "       kdexp analyze NAME [RUN_DIR_OR_MODEL ...] [KEY=VALUE ...]",
              "       kdexp compare RUN_OR_SWEEP_DIR ... [--wandb-report] [KEY=VALUE ...]",
+             "       kdexp osd [DRAFT_RUN_OR_MODEL ...] [KEY=VALUE ...]",
              "", "Knowledge distillation experiments for autoregressive language models.", "",
              "commands:"]
     lines += [f"  {name:<15}{text}" for name, text in COMMANDS.items()]
@@ -74,6 +77,7 @@ def top_help() -> str:
               "  kdexp cache-teacher teacher.top_k=64 && kdexp train method=kd teacher.source=cache",
               "  kdexp serve-teacher teacher=tiny serve.port=8000 &   # then, from any job on the node:",
               "  kdexp train method=kd teacher.source=server teacher.url=http://127.0.0.1:8000",
+              "  kdexp osd runs/DATE/TIME_train osd.gamma=8 loss=rkl   # online speculative decoding",
               "  kdexp train --help"]
     return "\n".join(lines)
 
@@ -172,6 +176,9 @@ def command_args(command: str, rest: list[str]) -> list[str]:
         import os
 
         os.environ[env] = key  # read by the job; never an override, so never in the saved config
+    if command == "osd":
+        flags, overrides = _positional(rest, "osd.drafts")
+        rest = [*flags, *overrides]
     if command == "compare":
         wants_report = "--wandb-report" in rest
         flags, overrides = _positional([a for a in rest if a != "--wandb-report"], "compare.runs")

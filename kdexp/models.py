@@ -215,3 +215,70 @@ def logit_width(rows_student: int, rows_teacher: int, n_tokens: int, what: str =
     log.info("the student's and the %s's logits (%d and %d rows) are compared on the %d tokens of the "
              "shared tokenizer; the padded rows are not tokens", what, rows_student, rows_teacher, n_tokens)
     return n_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture-of-experts models: the router
+# ---------------------------------------------------------------------------------------------
+
+def router_shape(model: torch.nn.Module) -> tuple[int, int] | None:
+    """``(experts, experts per token)`` of a Hugging Face MoE causal LM (Mixtral, Qwen-MoE,
+    OLMoE, ...: their configs name them ``num_local_experts`` or ``num_experts`` and
+    ``num_experts_per_tok``), or None for a dense model."""
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    return (int(experts), int(top_k)) if experts and top_k else None
+
+
+class RouterLoss:
+    """The load-balancing loss of an MoE student's training forward passes, as a loss term.
+
+    Switch Transformer's auxiliary loss (Fedus, Zoph & Shazeer, JMLR 2022, Eq. 4), as Mixtral
+    and Qwen-MoE compute it over top-k routing: ``E * sum_i f_i * P_i`` with ``f_i`` the share of
+    the token-expert assignments that go to expert ``i`` and ``P_i`` its mean router
+    probability, over the non-padding tokens of the micro-batch and every layer; its value is
+    ``k`` when the load is balanced. The model computes it when asked for its router logits:
+    hooks ask for them in forward passes that build a graph (not in generation, where
+    transformers' MoE models fail to compute it over a KV cache) and keep the value, which the
+    step takes right after its own forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, weight: float):
+        self.weight = weight
+        self.value: torch.Tensor | None = None
+        self.handles = [model.register_forward_pre_hook(self._ask, with_kwargs=True),
+                        model.register_forward_hook(self._keep)]
+
+    @staticmethod
+    def _ask(module, args, kwargs):
+        if torch.is_grad_enabled():
+            kwargs["output_router_logits"] = True
+        return args, kwargs
+
+    def _keep(self, module, args, output) -> None:
+        aux = getattr(output, "aux_loss", None)
+        if aux is not None and torch.is_grad_enabled():
+            self.value = aux
+
+    def take(self) -> torch.Tensor:
+        """The last training forward's loss (an error if the model gave none)."""
+        value, self.value = self.value, None
+        if value is None:
+            raise RuntimeError("the MoE student's forward pass returned no load-balancing loss (aux_loss)")
+        return value
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module, setting: Any) -> RouterLoss | None:
+        """The term for ``train.router_aux_weight``: ``auto`` (the model config's
+        ``router_aux_loss_coef`` for an MoE model, nothing for a dense one), a weight, or 0 (off).
+        A weight for a dense model is an error."""
+        shape = router_shape(model)
+        if setting == "auto":
+            weight = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0) if shape else 0.0
+        else:
+            weight = float(setting)
+            if weight and shape is None:
+                raise UserError(f"train.router_aux_weight={setting}, but the student is not a mixture of experts "
+                                f"({type(model).__name__} has no router): set train.router_aux_weight=auto")
+        return cls(model, weight) if weight > 0 else None

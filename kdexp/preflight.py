@@ -19,7 +19,7 @@ from kdexp.errors import Problems, UserError, did_you_mean, unknown_choice
 CHECKED: dict[str, list[str] | None] = {"train": None, "eval": ["data", "eval"], "generate": ["data", "eval"],
                                         "analyze": ["data", "analyze"], "compare": [],
                                         "cache-teacher": ["teacher", "data", "rollout"],
-                                        "serve-teacher": ["teacher", "serve"]}
+                                        "serve-teacher": ["teacher", "serve"], "osd": ["data", "osd"]}
 # Hydra's own flags that take a value: the value is not an override.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
                      "-cn", "--config-dir", "-cd", "--experimental-rerun", "--shell-completion"}

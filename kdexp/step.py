@@ -116,13 +116,18 @@ class Step:
     the processes, which the factor undoes. After the backward passes: the step's term values
     (token means over all processes), the sample-weight normalization, clipping (one norm per
     parameter group; DeepSpeed clips inside its own step), and the non-finite guard's verdict.
-    The teacher (:class:`kdexp.teachers.Teacher`) gives the logits, whatever its kind.
+    The teacher (:class:`kdexp.teachers.Teacher`) gives the logits, whatever its kind. An MoE
+    student's load-balancing loss (``router``, :class:`kdexp.models.RouterLoss`) is a batch
+    statistic, not a token sum: each micro-batch's value counts equally, so the step's
+    gradient is that of its mean over the micro-batches and the processes (logged as
+    ``router_aux``, unweighted).
     """
 
     def __init__(self, cfg: DictConfig, accelerator, engine: torch.nn.Module, teacher, objective,
-                 groups: list[list[torch.nn.Parameter]], optimizer, guard):
+                 groups: list[list[torch.nn.Parameter]], optimizer, guard, router=None):
         self.t, self.accelerator, self.engine, self.teacher = cfg.train, accelerator, engine, teacher
         self.objective, self.groups, self.optimizer, self.guard = objective, groups, optimizer, guard
+        self.router = router
         self.world = accelerator.num_processes
         self.fused = self.choose_path()
 
@@ -173,6 +178,10 @@ class Step:
                 else:
                     student_logits, teacher_logits = self.teacher.forward(self.engine, batch, objective.needs_teacher)
                     loss, parts = objective(student_logits, teacher_logits, batch, shares)
+                if self.router is not None:
+                    aux = self.router.take()
+                    loss = loss + self.router.weight * aux / len(batches)
+                    parts = {**parts, "router_aux": aux.detach() / len(batches)}
                 loss = self.guard.inject(loss)
                 # The engines divide by the accumulation count; the loss is already a share
                 # of the whole step's token mean.

@@ -39,7 +39,7 @@ from kdexp.errors import Stopped, TrainingAborted, UserError
 from kdexp.finish import final_evaluation, part_of, save_final, validate
 from kdexp.guards import NonFinite, StopSignals, fault_injection
 from kdexp.logging import make_logger
-from kdexp.models import load_model
+from kdexp.models import RouterLoss, load_model
 from kdexp.step import BatchStream, Progress, Step, lr_lambda, schedule
 from kdexp.teachers.merge import MergeOfThought, branch_schedule
 from kdexp.teachers.server import TeacherError
@@ -99,6 +99,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
 
     set_seed(cfg.seed)  # the student is created right after seeding: a random init is reproducible
     student, tokenizer = load_model(cfg.student, "student", inputs.tokenizer)
+    router = RouterLoss.attach(student, t.get("router_aux_weight", "auto"))  # MoE students: load balancing
     teacher = teachers.build(cfg, plan, accelerator, student, tokenizer, inputs)
     module = engines.shard(cfg, teacher.engine_module(student))  # FSDP2: sharded before the optimizer
     groups = [[p for p in student.parameters() if p.requires_grad]]  # one per side, each clipped alone
@@ -123,7 +124,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     ctx = methods.Context(cfg, accelerator, student, teacher, tokenizer, data["train"], t.max_steps,
                           engine=engine, optimizer=optimizer, stream=stream)
     guard = NonFinite(os.environ.get("KDEXP_NAN_AT_ATTEMPT"))
-    step = Step(cfg, accelerator, engine, teacher, plan.objective, groups, optimizer, guard)
+    step = Step(cfg, accelerator, engine, teacher, plan.objective, groups, optimizer, guard, router)
 
     if accelerator.is_main_process and not t.resume:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -268,6 +269,8 @@ class StepLog:
         objective, stream = r.plan.objective, r.stream
         weights = objective.weights()
         total = sum(weights[key] * reduced[key] for key in objective.keys)
+        if r.step.router is not None:
+            total += r.step.router.weight * reduced["router_aux"]
         metrics = {"train/loss": total, **{f"train/{k}": v for k, v in reduced.items()},
                    "train/lr": r.scheduler.get_last_lr()[0],
                    "train/tokens_per_s": (r.progress.tokens - self.tokens_before) / max(time.time() - self.start, 1e-9),

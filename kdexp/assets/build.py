@@ -4,6 +4,7 @@
     python -m kdexp.assets.build teacher         # skeleton, then train the teacher with `kdexp train`, then specialists
     python -m kdexp.assets.build specialists     # the two specialist teachers alone, from the first (~8 minutes)
     python -m kdexp.assets.build other           # the teacher with another tokenizer, from the first (~25 minutes)
+    python -m kdexp.assets.build moe             # the mixture-of-experts student's config (no weights; seconds)
 
 The tokenizer is a byte-level BPE (1024 tokens) learned on the toy task's training text; both
 tiny models share it. The teacher (LLaMA architecture, 4 layers, width 256, ~3.4M parameters)
@@ -19,7 +20,10 @@ across tokenizers: a byte-level BPE of 1536 tokens with spaces as tokens of thei
 the alpaca template's text, that ends text with ``<|end|>``; it is the teacher with its vocabulary transplanted (each new token's embedding
 the mean of the old embeddings of its text) and fine-tuned on the task (:func:`other`).
 The student config (2 layers, width 96, ~0.32M parameters,
-about 10x smaller) has no weights: ``student=tiny`` initializes it from ``seed``.
+about 10x smaller) has no weights: ``student=tiny`` initializes it from ``seed``. Nor has
+``tiny-moe`` (``student=tiny-moe``), the same student as a mixture of experts (Mixtral
+architecture: 4 experts of width 128 per layer, 2 chosen per token; ~0.47M parameters, about as
+many active per token as the dense student's), for MoE students and ``kdexp analyze routing``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from kdexp.data import toy
 from kdexp.data.templates import TEMPLATES
 
 HERE = Path(__file__).parent
-TEACHER, STUDENT = HERE / "tiny-teacher", HERE / "tiny-student"
+TEACHER, STUDENT, MOE = HERE / "tiny-teacher", HERE / "tiny-student", HERE / "tiny-moe"
 EOS = "<|endoftext|>"
 VOCAB = 1024
 
@@ -164,6 +168,29 @@ def model_config(name: str):
                        attention_dropout=0.0, **ARCH[name])
 
 
+def moe_config():
+    """The MoE student: the dense student's attention and width, its MLP split into 4 experts of
+    width 128, 2 per token (Mixtral's router; load-balancing loss weight 0.01 as Mixtral's)."""
+    from transformers import MixtralConfig
+
+    dense = ARCH["tiny-student"]
+    return MixtralConfig(vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                         attention_dropout=0.0, hidden_size=dense["hidden_size"], intermediate_size=128,
+                         num_hidden_layers=dense["num_hidden_layers"], num_attention_heads=dense["num_attention_heads"],
+                         num_key_value_heads=dense["num_key_value_heads"], num_local_experts=4,
+                         num_experts_per_tok=2, router_aux_loss_coef=0.01, sliding_window=None)
+
+
+def moe() -> None:
+    """``tiny-moe``: the MoE student's config and the bundled tokenizer (no weights)."""
+    MOE.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(STUDENT / name, MOE / name)
+    moe_config().save_pretrained(MOE)
+    print(f"MoE student config written to {MOE}")
+
+
 def skeleton() -> None:
     """Tokenizer and config.json of both tiny models (no weights)."""
     tokenizer = build_tokenizer()
@@ -238,11 +265,11 @@ def install(run_dir: Path, folder: Path, what: str, recipe: list[str], bfloat16:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["skeleton", "teacher", "specialists", "other"])
+    parser.add_argument("what", choices=["skeleton", "teacher", "specialists", "other", "moe"])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/make-teacher"))
     args = parser.parse_args()
     {"skeleton": lambda _: skeleton(), "teacher": teacher, "specialists": specialists,
-     "other": other}[args.what](args.run_dir)
+     "other": other, "moe": lambda _: moe()}[args.what](args.run_dir)
 
 
 if __name__ == "__main__":

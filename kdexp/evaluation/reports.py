@@ -194,11 +194,49 @@ def summary_curves(results: Results, cfg: DictConfig) -> Rows:
             for label, r in results.items()}
 
 
+# --- routing ----------------------------------------------------------------------------------
+
+def plot_routing(results: Results, path: Path, cfg: DictConfig) -> Path:
+    fig, axes = plots.figure(1, 3)
+    styles = ["-", "--", ":", "-."]
+    for i, (label, r) in enumerate(results.items()):
+        for layer, s in enumerate(r["per_step"]):
+            plots.curve(axes[0], s["step"], s["mean"], s["se"], f"{label}: layer {layer}", plots.color(i),
+                        styles[layer % len(styles)])
+    axes[0].set_ylim(0, 1.02)
+    plots.finish(axes[0], "top-k agreement: reference vs own prefixes", "response step", "shared experts / k")
+    layers = [f"layer {j}" for j in range(next(iter(results.values()))["layers"])]
+    plots.bars(axes[1], layers, {f"{label}: {kind.replace('_', '-')}": r["entropy"][kind]
+                                 for label, r in results.items() for kind in ("teacher_forced", "free_running")})
+    plots.finish(axes[1], "router entropy", "", "nats")
+    first = next(iter(results.values()))
+    groups = [f"L{j}E{e}" for j in range(first["layers"]) for e in range(first["experts"])]
+    plots.bars(axes[2], groups, {label: [x for layer in r["load"]["free_running"] for x in layer]
+                                 for label, r in results.items()})
+    axes[2].axhline(1 / first["experts"], color="gray", lw=0.8, ls=":")
+    plots.finish(axes[2], "load per expert, own prefixes (dotted: balanced)", "layer, expert", "share of assignments")
+    return plots.save(fig, path, "MoE routing: teacher-forced (reference) vs free-running (own) prefixes")
+
+
+def summary_routing(results: Results, cfg: DictConfig) -> Rows:
+    rows: Rows = {}
+    for label, r in results.items():
+        row = {"agreement": sum(r["agreement"]) / len(r["agreement"]),
+               **{f"agreement_layer{j}": a for j, a in enumerate(r["agreement"])}}
+        for kind, short in (("teacher_forced", "tf"), ("free_running", "fr")):
+            row[f"entropy_{short}"] = sum(r["entropy"][kind]) / len(r["entropy"][kind])
+            # the busiest expert's load relative to a balanced one (1: balanced; E: one expert takes all)
+            row[f"max_load_{short}"] = max(max(layer) for layer in r["load"][kind]) * r["experts"]
+        rows[label] = row
+    return rows
+
+
 PLOTS = {"exposure": plot_exposure, "difficulty": plot_difficulty, "calibration": plot_calibration,
-         "diversity": plot_diversity, "speculative": plot_speculative, "curves": plot_curves}
+         "diversity": plot_diversity, "speculative": plot_speculative, "curves": plot_curves,
+         "routing": plot_routing}
 SUMMARIES = {"exposure": summary_exposure, "difficulty": summary_difficulty,
              "calibration": summary_calibration, "diversity": summary_diversity,
-             "speculative": summary_speculative, "curves": summary_curves}
+             "speculative": summary_speculative, "curves": summary_curves, "routing": summary_routing}
 
 
 def long_tables(name: str, results: Results) -> dict[str, tuple[list[str], list[list[Any]]]]:
@@ -230,6 +268,11 @@ def long_tables(name: str, results: Results) -> dict[str, tuple[list[str], list[
             for prefix in ("teacher_forced", "free_running"):
                 s = r[prefix]
                 rows += [[label, prefix, t, m, n] for t, m, n in zip(s["step"], s["mean"], s["count"], strict=True)]
+    elif name == "routing":
+        columns = ["model", "layer", "step", "agreement", "count"]
+        for label, r in results.items():
+            for layer, s in enumerate(r["per_step"]):
+                rows += [[label, layer, t, m, n] for t, m, n in zip(s["step"], s["mean"], s["count"], strict=True)]
     else:
         return {}
     clean = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in row] for row in rows]

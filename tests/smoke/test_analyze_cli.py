@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kdexp.analyze import NO_TEACHER
 from kdexp.cli import ANALYSES
 from tests.conftest import FAST, kdexp, read_json
 
@@ -23,7 +24,7 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and x == x
 
 
-@pytest.mark.parametrize("name", list(ANALYSES))
+@pytest.mark.parametrize("name", [a for a in ANALYSES if a not in NO_TEACHER])
 def test_every_analysis_compares_a_run_with_the_teacher_itself(run, tmp_path, name):
     """``tiny`` is the teacher preset: analyzed against itself it must show no difference."""
     out = tmp_path / "out"
@@ -82,6 +83,7 @@ def test_a_model_directory_with_wandb_panels(run, tmp_path):
     (["diversity", "tiny", "analyze.n_samples=1"], "set analyze.n_samples >= 2"),
     (["exposure", "tiny", "analyze.decoding=[beam]"], "unknown analyze.decoding entry 'beam'"),
     (["speculative", "tiny", "analyze.n_bucket=3"], "did you mean 'analyze.n_buckets'?"),
+    (["routing", "tiny"], "kdexp analyze routing reads a mixture-of-experts model's router, and LlamaForCausalLM"),
 ])
 def test_bad_analyze_commands_are_one_line_errors(tmp_path, args, message):
     proc = kdexp("analyze", *args, "logger=none", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, check=False)

@@ -187,6 +187,8 @@ def test_summaries_and_tables_of_every_analysis(tmp_path):
     """Each analysis's summary, figure and W&B table from results computed on table models."""
     from omegaconf import OmegaConf
 
+    from tests.unit.test_routing import LAYER0, LAYER1, RouterLM
+
     cfg = OmegaConf.create({"analyze": {"temperature": 1.0, "n_samples": 2, "length": None}})
     teacher, student = TableLM(TEACHER), TableLM(STUDENT)
     reps = draws(teacher, 10, 2, 4, 1, "teacher")
@@ -199,6 +201,7 @@ def test_summaries_and_tables_of_every_analysis(tmp_path):
         "diversity": an.diversity([["a b", "a c"], ["b c", "b c"]]),
         "speculative": an.speculative_acceptance(student, teacher, reps, PAD, 64),
         "curves": an.kl_curves(student, teacher, refs, own, PAD, 64),
+        "routing": an.routing(RouterLM([LAYER0, LAYER1]), refs, [rep[:4] for rep in own], PAD, 64, top_k=2),
     }
     assert set(results) == set(an.ANALYSES) == set(reports.PLOTS) == set(reports.SUMMARIES)
     for name, r in results.items():
