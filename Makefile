@@ -2,7 +2,7 @@
 PYTHON ?= python
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test test-fast lint bench gpu-check figures reproduce readme-check known teacher teachers-study cross-study sparse-study osd-study clean
+.PHONY: help install demo test test-fast lint bench gpu-check figures reproduce readme-check known teacher teachers-study cross-study sparse-study osd-study routing-study clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ cross-study: ## distillation across tokenizers: uld and span against sft and the
 
 osd-study: ## online speculative decoding on a drifting stream: a stale draft static and online, an offline one, 3 seeds (docs/results/OSD.md, about 25 minutes)
 	$(PYTHON) scripts/osd_study.py
+
+routing-study: ## MoE students' routing: an SFT and a KD tiny-moe student, reference vs own prefixes, 3 seeds (docs/results/ROUTING.md, about 15 minutes)
+	$(PYTHON) scripts/routing_study.py
 
 sparse-study: ## sparse teacher targets: dense, top-16/64 caches and sampled caches of 4/12/32 draws, 3 seeds, calibration (docs/results/SPARSE_TEACHER.md, about 15 minutes)
 	$(PYTHON) scripts/sparse_study.py

@@ -235,8 +235,8 @@ class RouterLoss:
     """The load-balancing loss of an MoE student's training forward passes, as a loss term.
 
     Switch Transformer's auxiliary loss (Fedus, Zoph & Shazeer, JMLR 2022, Eq. 4), as Mixtral
-    and Qwen-MoE compute it over top-k routing: ``E * sum_i f_i * P_i`` with ``f_i`` the share of
-    the token-expert assignments that go to expert ``i`` and ``P_i`` its mean router
+    and Qwen-MoE compute it over top-k routing: ``E * sum_i f_i * P_i`` with ``f_i`` the
+    assignments to expert ``i`` per token (the ``f_i`` sum to k) and ``P_i`` its mean router
     probability, over the non-padding tokens of the micro-batch and every layer; its value is
     ``k`` when the load is balanced. The model computes it when asked for its router logits:
     hooks ask for them in forward passes that build a graph (not in generation, where
@@ -269,10 +269,11 @@ class RouterLoss:
         return value
 
     @classmethod
-    def attach(cls, model: torch.nn.Module, setting: Any) -> RouterLoss | None:
+    def attach(cls, model: torch.nn.Module, setting: Any, sample_weight: str = "none") -> RouterLoss | None:
         """The term for ``train.router_aux_weight``: ``auto`` (the model config's
         ``router_aux_loss_coef`` for an MoE model, nothing for a dense one), a weight, or 0 (off).
-        A weight for a dense model is an error."""
+        A weight for a dense model is an error; so is one with per-sequence sample weights,
+        whose step-wide normalization rescales every gradient, this term's too."""
         shape = router_shape(model)
         if setting == "auto":
             weight = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0) if shape else 0.0
@@ -281,4 +282,8 @@ class RouterLoss:
             if weight and shape is None:
                 raise UserError(f"train.router_aux_weight={setting}, but the student is not a mixture of experts "
                                 f"({type(model).__name__} has no router): set train.router_aux_weight=auto")
+        if weight > 0 and sample_weight != "none":
+            raise UserError(f"method.sample_weight={sample_weight} rescales the whole step's gradient, and would "
+                            f"rescale the MoE student's load-balancing loss with it: set train.router_aux_weight=0 "
+                            f"(or method.sample_weight=none)")
         return cls(model, weight) if weight > 0 else None

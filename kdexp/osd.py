@@ -168,12 +168,12 @@ def serve(draft: torch.nn.Module, target: torch.nn.Module, stream: Sequence[Exam
         if not online:
             continue
         chosen = out.rejected if o.positions == "rejected" else list(range(len(out.tokens)))
-        if chosen:
-            start = len(ex.prompt_ids)
-            buffer.append(Record(list(ex.prompt_ids) + out.tokens, [start + j for j in chosen],
-                                 out.target_logp[chosen]))
-        if (i + 1) % int(o.update_every) == 0 and buffer:
-            loss = update(draft, list(buffer), divergence, optimizer, int(o.steps_per_update), pad_id, vocab)
+        start = len(ex.prompt_ids)
+        # every query takes a slot, with or without positions: the buffer is the last N queries
+        buffer.append(Record(list(ex.prompt_ids) + out.tokens, [start + j for j in chosen], out.target_logp[chosen]))
+        records = [r for r in buffer if r.positions]
+        if (i + 1) % int(o.update_every) == 0 and records:
+            loss = update(draft, records, divergence, optimizer, int(o.steps_per_update), pad_id, vocab)
             updates.append([i + 1, loss])
     return {**per_query, "updates": updates}
 

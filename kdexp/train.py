@@ -99,7 +99,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
 
     set_seed(cfg.seed)  # the student is created right after seeding: a random init is reproducible
     student, tokenizer = load_model(cfg.student, "student", inputs.tokenizer)
-    router = RouterLoss.attach(student, t.get("router_aux_weight", "auto"))  # MoE students: load balancing
+    router = RouterLoss.attach(student, t.get("router_aux_weight", "auto"), cfg.method.get("sample_weight", "none"))
     teacher = teachers.build(cfg, plan, accelerator, student, tokenizer, inputs)
     module = engines.shard(cfg, teacher.engine_module(student))  # FSDP2: sharded before the optimizer
     groups = [[p for p in student.parameters() if p.requires_grad]]  # one per side, each clipped alone

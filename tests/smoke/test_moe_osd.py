@@ -42,6 +42,10 @@ def test_the_load_balancing_weight_can_be_set_and_is_refused_for_a_dense_student
                  cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "the student is not a mixture of experts" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "dense").exists()
+    proc = kdexp("train", "method=sft", "student=tiny-moe", "method.sample_weight=teacher_likelihood", *FAST,
+                 f"hydra.run.dir={tmp_path / 'weighted'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "set train.router_aux_weight=0" in proc.stderr
+    assert not (tmp_path / "weighted").exists()
 
 
 def test_routing_of_an_sft_and_a_kd_moe_student(moe_runs, tmp_path):
