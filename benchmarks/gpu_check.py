@@ -6,7 +6,7 @@
 Steps, each a subprocess with its own time limit (a step that fails or runs out of time is
 reported as such and the next one runs):
 
-1. **every method** (and kd, gkd, okd under FSDP2) for three bf16 optimizer steps on GPT-2 shapes (124M student, 355M
+1. **every method** (and kd, gkd, okd under FSDP2, and kd of the bundled MoE student) for three bf16 optimizer steps on GPT-2 shapes (124M student, 355M
    teacher; ``benchmarks/trl_gkd.py``'s models), all at once (start-up is their cost, and the
    first H200 run fitted two of them one after the other), with the loss path each took;
 2. **the loss side** at GPT-2 and Qwen2.5-0.5B shapes, 8,192 positions: plain, chunked and
@@ -17,10 +17,11 @@ reported as such and the next one runs):
 5. **rollout tokens/s** and step times of sft and kd (``benchmarks/throughput.py``);
 6. **where on-policy time goes**: kdexp's sampler against ``model.generate``, and its profile
    (``benchmarks/sampler_profile.py``);
-7. **vLLM rollouts against the HF sampler**: tokens/s at batch 1, 8 and 32, and gkd's loss curve
+7. **online speculative decoding** (``kdexp osd`` on the tiny models, static and online);
+8. **vLLM rollouts against the HF sampler**: tokens/s at batch 1, 8 and 32, and gkd's loss curve
    with ``rollout.engine=vllm`` against ``hf`` (``benchmarks/vllm_rollouts.py``; "not available"
    where vLLM is not installed);
-8. **Liger-Kernel's fused linear JSD** against kdexp's fused jsd at the same shapes, where
+9. **Liger-Kernel's fused linear JSD** against kdexp's fused jsd at the same shapes, where
    ``liger_kernel`` imports (it is not a dependency; nothing is installed here).
 
 ``--smoke`` runs the same steps on CPU with tiny models and sizes. The report names the GPU.
@@ -44,7 +45,9 @@ BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
 METHODS = ["sft", "kd", "seqkd", "gkd", "imitkd", "distillm", "sgo", "minillm", "distillm2", "taid", "gkd_rl", "okd",
            # FSDP2 on one GPU (NCCL): sharding, gathered generation and the gathered checkpoint
-           "kd fsdp=full_shard", "gkd fsdp=full_shard", "okd fsdp=shard_grad_op"]
+           "kd fsdp=full_shard", "gkd fsdp=full_shard", "okd fsdp=shard_grad_op",
+           # a mixture-of-experts student (the bundled tiny one, with the tiny teacher): its load-balancing term
+           "kd student=tiny-moe"]
 
 
 def device_name() -> str:
@@ -82,7 +85,7 @@ def method_runs(args: argparse.Namespace, work: Path, deadline: float) -> list[d
         models = gpt2_models(work / "gpt2")
         common += ["train.mixed_precision=bf16", f"student.name_or_path={models / 'student'}", "student.init=random",
                    f"teacher.name_or_path={models / 'teacher'}", "teacher.init=pretrained"]
-    methods = METHODS if not args.smoke else ["kd", "minillm"]
+    methods = METHODS if not args.smoke else ["kd", "minillm", "kd student=tiny-moe"]
     # On a GPU every method runs at once (16 cores, 140 GiB: start-up, not the GPU, is the cost);
     # on CPU one after the other. What is checked is that each runs and which loss path it took.
     width = len(methods) if not args.smoke else 1
@@ -97,7 +100,9 @@ def method_runs(args: argparse.Namespace, work: Path, deadline: float) -> list[d
 
         def one(m: str, limit: float = limit) -> dict:
             method, *engine = m.split()
-            return run(f"method={m}", [sys.executable, "-m", "kdexp", "train", f"method={method}", *engine, *common,
+            own = [a for a in common if not (any(e.startswith("student=") for e in engine)
+                                              and a.startswith(("student.", "teacher.")))]  # its own models
+            return run(f"method={m}", [sys.executable, "-m", "kdexp", "train", f"method={method}", *engine, *own,
                                        f"hydra.run.dir={work / f'run-{m}'}"], limit, work)
 
         with ThreadPoolExecutor(len(batch)) as pool:
@@ -154,7 +159,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny settings (the test suite)")
     p.add_argument("--budget", type=float, default=520.0, help="seconds for everything")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--skip", nargs="*", default=[], help="steps to leave out: methods, fused, step, throughput, sampler, vllm, trl, distillation, liger")
+    p.add_argument("--skip", nargs="*", default=[], help="steps to leave out: methods, fused, step, throughput, sampler, osd, vllm, trl, distillation, liger")
     args = p.parse_args()
     start = time.perf_counter()
     deadline = start + args.budget
@@ -184,6 +189,10 @@ def main() -> None:
             ("where sampling time goes (benchmarks/sampler_profile.py)",
              [py, str(BENCH / "sampler_profile.py"), "--out", str(details),
               *(["--smoke"] if args.smoke else ["--repeat", "3"])], 90),
+            ("online speculative decoding (kdexp osd)",
+             [py, "-m", "kdexp", "osd", "logger=none", f"hydra.run.dir={work / 'osd'}",
+              *(["osd.max_queries=4", "osd.max_new_tokens=8", "osd.update_every=2", "osd.buffer_size=2"]
+                if args.smoke else ["osd.max_queries=64"])], 90),
             ("vLLM rollouts vs the HF sampler (benchmarks/vllm_rollouts.py)",
              [py, str(BENCH / "vllm_rollouts.py"), "--out", str(details)], 150),
             ("TRL GKDTrainer vs kdexp (benchmarks/trl_gkd.py)", [py, str(BENCH / "trl_gkd.py"), "--out", str(details),
@@ -194,7 +203,7 @@ def main() -> None:
               *(["--steps", "6", "--warmup", "2", "--rounds", "1", "--batch", "4", "--new-tokens", "8"] if args.smoke
                 else ["--device", "cuda", "--shape", "gpt2", "--steps", "8", "--rounds", "1"])], 100),
         ]
-        keys = ["fused", "step", "throughput", "sampler", "vllm", "trl", "distillation"]
+        keys = ["fused", "step", "throughput", "sampler", "osd", "vllm", "trl", "distillation"]
         for key, (name, cmd, limit) in zip(keys, benches, strict=True):
             if key in args.skip:
                 continue

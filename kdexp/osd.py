@@ -28,6 +28,10 @@ draft's cost per forward pass relative to the target's (``osd.cost_ratio``; null
 their parameter counts, what bounds decoding on memory bandwidth). The update steps are not
 counted: OSD runs them on the spare compute of serving.
 
+The models run on the GPU where there is one (``train.device=cpu``: on the CPU), one query at a
+time, each call over the whole sequence (no KV cache): right for measuring acceptance, not a
+serving engine's latency.
+
 Output: ``osd.json`` (every query's counts, the windows, the updates' losses), ``osd.png``
 (acceptance and tokens per call over the stream, the phases marked), ``osd.md`` (the summary
 table, also printed) and, with ``logger=wandb``, the windows as W&B line plots, the figure and
@@ -129,8 +133,8 @@ def update(draft: torch.nn.Module, buffer: Sequence[Record], divergence, optimiz
     for b, r in enumerate(buffer):
         ids[b, : len(r.ids)] = torch.tensor(r.ids)
         mask[b, : len(r.ids)] = 1
-    rows = torch.tensor([b for b, r in enumerate(buffer) for _ in r.positions])
-    cols = torch.tensor([p - 1 for r in buffer for p in r.positions])  # the logits that predict token p
+    rows = torch.tensor([b for b, r in enumerate(buffer) for _ in r.positions], device=device)
+    cols = torch.tensor([p - 1 for r in buffer for p in r.positions], device=device)  # the logits that predict token p
     teacher = torch.cat([r.target_logp for r in buffer]).to(device)  # [N, V]
     draft.train()
     loss = torch.zeros(())
@@ -269,9 +273,10 @@ def run_osd(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     o = cfg.osd
     divergence = _divergence(cfg) if "online" in o.modes else None
     subjects, teacher_spec = _subjects(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     torch.manual_seed(int(cfg.seed))
     target, tokenizer = load_model(OmegaConf.merge(teacher_spec, {"lora": {"enabled": False}}), "teacher")
-    target.eval()
+    target.to(device).eval()
     examples = load_examples(cfg.data, tokenizer, [o.split])[o.split]
     stream, phase_of = order_stream(examples, o.order, o.key, o.phases, int(o.seed))
     if o.max_queries:
@@ -284,6 +289,7 @@ def run_osd(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for mode in o.modes:
             torch.manual_seed(int(cfg.seed))  # a fresh draft per mode: online changes it
             draft, tok = load_model(OmegaConf.merge(spec, {"lora": {"enabled": False}}), "draft")
+            draft.to(device)
             vocab = shared_vocab(draft, tok, target, tokenizer, (label, "target"))
             c = float(o.cost_ratio) if o.cost_ratio is not None else _params(draft) / _params(target)
             name = f"{label} {mode}"

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 from reproduce import ROOT, Job, run_jobs
@@ -56,6 +55,14 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def mean_se(series: list[list[float]]) -> tuple[list[float], list[float]]:
+    """The pointwise mean and standard error over seeds, as far as every series reaches."""
+    n = min(len(x) for x in series)
+    mean = [statistics.mean(x[j] for x in series) for j in range(n)]
+    se = [statistics.stdev(x[j] for x in series) / len(series) ** 0.5 if len(series) > 1 else 0.0 for j in range(n)]
+    return mean, se
+
+
 def load(out: Path, seeds: list[int]) -> list[dict]:
     return [json.loads((out / f"osd-seed{s}" / "osd.json").read_text()) for s in seeds]
 
@@ -63,13 +70,13 @@ def load(out: Path, seeds: list[int]) -> list[dict]:
 ARMS = ["stale static", "stale online", "offline static", "offline online"]
 
 
-def report(out: Path, seeds: list[int], seconds: float, figure: Path) -> str:
+def report(out: Path, seeds: list[int], figure: Path) -> str:
     records = load(out, seeds)
     window = int(records[0]["settings"]["window"])
     shift = records[0]["phase_starts"][0]
     lines = ["# Online speculative decoding on a drifting stream", "",
-             f"`python scripts/osd_study.py` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; {seconds / 60:.0f} "
-             f"minutes on {os.cpu_count()} CPU cores). {records[0]['queries']} queries; the shift after query {shift}. "
+             f"`python scripts/osd_study.py` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; about 20 minutes on "
+             f"{os.cpu_count()} CPU cores). {records[0]['queries']} queries; the shift after query {shift}. "
              "Mean ± std over the seeds. Acceptance: kept / verified draft tokens; tokens per call: response tokens "
              "per target forward pass (gamma = 4: at most 5); speed-up: tokens / (target calls + c x draft calls), "
              f"c = {records[0]['results']['stale static']['cost_ratio']:.3f} (the parameter counts' ratio).", "",
@@ -99,10 +106,7 @@ def curves(records: list[dict], path: Path) -> None:
     fig, axes = plots.figure(1, 1, width=6.5)
     for i, arm in enumerate(ARMS):
         runs = [r["results"][arm]["windows"] for r in records]
-        n = len(runs)
-        mean = [statistics.mean(w["acceptance"][j] for w in runs) for j in range(len(runs[0]["query"]))]
-        se = [statistics.stdev(w["acceptance"][j] for w in runs) / n ** 0.5 if n > 1 else 0.0
-              for j in range(len(mean))]
+        mean, se = mean_se([w["acceptance"] for w in runs])
         plots.curve(axes[0], runs[0]["query"], mean, se, arm, plots.color(i // 2), "-" if "online" in arm else "--")
     axes[0].axvline(records[0]["phase_starts"][0], color="gray", lw=0.8, ls=":")
     axes[0].set_ylim(0, 1.02)
@@ -110,18 +114,19 @@ def curves(records: list[dict], path: Path) -> None:
     plots.save(fig, path, "Online speculative decoding: the stream shifts at the dotted line")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(doc: str = __doc__, make_jobs=jobs, make_report=report, name: str = "osd", report_name: str = "OSD.md") -> None:
+    """A study's command line: run its jobs (finished ones are reused), then write its report and
+    figure (``docs/results/REPORT_NAME`` and ``NAME.png`` by default)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "osd-study")
-    p.add_argument("--report", type=Path, default=ROOT / "docs" / "results" / "OSD.md")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / f"{name}-study")
+    p.add_argument("--report", type=Path, default=ROOT / "docs" / "results" / report_name)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
-    start = time.time()
-    failed = run_jobs(jobs(args.out, args.seeds), args.workers)
+    failed = run_jobs(make_jobs(args.out, args.seeds), args.workers)
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed (logs in {args.out / 'logs'}): no report")
-    args.report.write_text(report(args.out, args.seeds, time.time() - start, args.report.with_name("osd.png")))
+    args.report.write_text(make_report(args.out, args.seeds, args.report.with_name(f"{name}.png")))
     print(f"report: {args.report}")
 
 

@@ -13,15 +13,13 @@ where fewer than 30 response pairs are left).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
-from osd_study import mean_std
-from reproduce import ROOT, Job, run_jobs
+from osd_study import main as study
+from osd_study import mean_se, mean_std
+from reproduce import Job
 
 METHODS = {"sft": ["method=sft"], "kd": ["method=kd"]}
 COMMON = ["student=tiny-moe", "logger=none", "eval=greedy", "eval.teacher=false", "train.num_threads=1"]
@@ -44,13 +42,13 @@ def jobs(out: Path, seeds: list[int]) -> list[Job]:
     return out_jobs
 
 
-def report(out: Path, seeds: list[int], seconds: float, figure: Path) -> str:
+def report(out: Path, seeds: list[int], figure: Path) -> str:
     records = [json.loads((out / f"routing-seed{s}" / "routing.json").read_text()) for s in seeds]
     scores = {m: [json.loads((out / f"{m}-seed{s}" / "results.json").read_text()) for s in seeds] for m in METHODS}
     first = records[0]["results"]["sft"]
     lines = ["# Routing of mixture-of-experts students", "",
-             f"`python scripts/routing_study.py` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; {seconds / 60:.0f} "
-             f"minutes on {os.cpu_count()} CPU cores). `student=tiny-moe`: {first['layers']} layers of "
+             f"`python scripts/routing_study.py` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; about 15 minutes "
+             f"on {os.cpu_count()} CPU cores). `student=tiny-moe`: {first['layers']} layers of "
              f"{first['experts']} experts, {first['top_k']} per token. Mean ± std over the seeds. Agreement: the share "
              "of the top-k experts that the router chooses alike where the t-th response token is predicted, after "
              "the reference's first t - 1 tokens (teacher-forced) and after the student's own (free-running), "
@@ -77,31 +75,13 @@ def curves(records: list[dict], path: Path) -> None:
     fig, axes = plots.figure(1, 1, width=6.5)
     for i, m in enumerate(METHODS):
         for layer in range(records[0]["results"][m]["layers"]):
-            runs = [r["results"][m]["per_step"][layer]["mean"] for r in records]
-            n = min(len(x) for x in runs)
-            mean = [statistics.mean(x[j] for x in runs) for j in range(n)]
-            se = [statistics.stdev(x[j] for x in runs) / len(runs) ** 0.5 if len(runs) > 1 else 0.0 for j in range(n)]
-            plots.curve(axes[0], list(range(1, n + 1)), mean, se, f"{m}: layer {layer}", plots.color(i),
+            mean, se = mean_se([r["results"][m]["per_step"][layer]["mean"] for r in records])
+            plots.curve(axes[0], list(range(1, len(mean) + 1)), mean, se, f"{m}: layer {layer}", plots.color(i),
                         "-" if layer == 0 else "--")
     axes[0].set_ylim(0, 1.02)
     plots.finish(axes[0], "top-k agreement, reference vs own prefixes", "response step", "shared experts / k")
     plots.save(fig, path, "MoE routing along the response (mean ± s.e. over seeds)")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "routing-study")
-    p.add_argument("--report", type=Path, default=ROOT / "docs" / "results" / "ROUTING.md")
-    p.add_argument("--workers", type=int, default=2)
-    args = p.parse_args()
-    start = time.time()
-    failed = run_jobs(jobs(args.out, args.seeds), args.workers)
-    if failed:
-        raise SystemExit(f"{len(failed)} run(s) failed (logs in {args.out / 'logs'}): no report")
-    args.report.write_text(report(args.out, args.seeds, time.time() - start, args.report.with_name("routing.png")))
-    print(f"report: {args.report}")
-
-
 if __name__ == "__main__":
-    main()
+    study(__doc__, jobs, report, "routing", "ROUTING.md")
