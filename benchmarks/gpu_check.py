@@ -98,17 +98,20 @@ def method_runs(args: argparse.Namespace, work: Path, deadline: float) -> list[d
             continue
         limit = min(150, left)
 
+        def folder(m: str) -> Path:  # "kd fsdp=full_shard" -> run-kd_fsdp-full_shard ('=' breaks an override)
+            return work / f"run-{m.replace(' ', '_').replace('=', '-')}"
+
         def one(m: str, limit: float = limit) -> dict:
             method, *engine = m.split()
             own = [a for a in common if not (any(e.startswith("student=") for e in engine)
                                               and a.startswith(("student.", "teacher.")))]  # its own models
             return run(f"method={m}", [sys.executable, "-m", "kdexp", "train", f"method={method}", *engine, *own,
-                                       f"hydra.run.dir={work / f'run-{m}'}"], limit, work)
+                                       f"hydra.run.dir={folder(m)}"], limit, work)
 
         with ThreadPoolExecutor(len(batch)) as pool:
             got = list(pool.map(one, batch))
         for m, row in zip(batch, got, strict=True):
-            log = work / f"run-{m}" / "train.log"
+            log = folder(m) / "train.log"
             lines = log.read_text().splitlines() if log.is_file() else []
             row["loss path"] = next((line.split("loss: ", 1)[1] for line in lines if "loss: " in line), "?")
             rows.append(row)
