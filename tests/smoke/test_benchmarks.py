@@ -127,7 +127,7 @@ def test_gpu_check_runs_every_step_on_cpu_with_smoke(tmp_path):
     steps = {r["step"]: r for r in result["steps"]}
     assert result["smoke"] and result["device"].startswith("CPU")
     assert steps["method=kd"]["status"] == 0 and steps["method=kd"]["loss path"].startswith("fused")
-    assert steps["method=minillm"]["status"] == 0 and steps["method=kd student=tiny-moe"]["status"] == 0
+    assert steps["method=minillm"]["status"] == 0
     assert steps["online speculative decoding (kdexp osd)"]["status"] == 0
     vllm = next(r for name, r in steps.items() if name.startswith("vLLM rollouts"))
     assert vllm["status"] == "not available: no GPU"  # said, not failed, where it cannot run
