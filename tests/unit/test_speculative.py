@@ -49,10 +49,14 @@ def outcomes(table: torch.Tensor, start: int, max_new: int, temperature: float =
 
 
 def chi_square_p(counts: dict[tuple, int], exact: dict[tuple, float], n: int) -> float:
-    """The p-value of Pearson's chi-square test of ``counts`` against ``exact``."""
+    """The p-value of Pearson's chi-square test of ``counts`` against ``exact``; the outcomes
+    expected fewer than 5 times are pooled into one cell, where the test's approximation holds."""
     assert set(counts) <= set(exact)
-    stat = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in exact.items())
-    df = len(exact) - 1
+    small = [k for k, p in exact.items() if n * p < 5]
+    cells = [(counts.get(k, 0), n * p) for k, p in exact.items() if n * p >= 5]
+    cells.append((sum(counts.get(k, 0) for k in small), n * sum(exact[k] for k in small)))
+    stat = sum((c - e) ** 2 / e for c, e in cells if e > 0)
+    df = sum(e > 0 for _, e in cells) - 1
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
