@@ -62,7 +62,7 @@ cross-study: ## distillation across tokenizers: uld and span against sft and the
 osd-study: ## online speculative decoding on a drifting stream: a stale draft static and online, an offline one, 3 seeds (docs/results/OSD.md, about 25 minutes)
 	$(PYTHON) scripts/osd_study.py
 
-routing-study: ## MoE students' routing: an SFT and a KD tiny-moe student, reference vs own prefixes, 3 seeds (docs/results/ROUTING.md, about 15 minutes)
+routing-study: ## MoE students' routing: an SFT and a KD tiny-moe student, reference vs own prefixes, 3 seeds (docs/results/ROUTING.md, about 6 minutes)
 	$(PYTHON) scripts/routing_study.py
 
 sparse-study: ## sparse teacher targets: dense, top-16/64 caches and sampled caches of 4/12/32 draws, 3 seeds, calibration (docs/results/SPARSE_TEACHER.md, about 15 minutes)

@@ -1,7 +1,7 @@
 """Routing of mixture-of-experts students: an SFT and a KD student of the tiny teacher, their
 experts under reference (teacher-forced) and own (free-running) prefixes, 3 seeds.
 
-    make routing-study                             # docs/results/ROUTING.md and routing.png (about 15 minutes on 2 cores)
+    make routing-study                             # docs/results/ROUTING.md and routing.png (about 6 minutes on 2 cores)
     python scripts/routing_study.py --seeds 0 --out runs/routing-quick --report /tmp/ROUTING.md
 
 Per seed: ``student=tiny-moe`` (Mixtral architecture, 4 experts per layer, 2 per token, the
@@ -47,7 +47,7 @@ def report(out: Path, seeds: list[int], figure: Path) -> str:
     scores = {m: [json.loads((out / f"{m}-seed{s}" / "results.json").read_text()) for s in seeds] for m in METHODS}
     first = records[0]["results"]["sft"]
     lines = ["# Routing of mixture-of-experts students", "",
-             f"`python scripts/routing_study.py` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; about 15 minutes "
+             f"`python scripts/routing_study.py` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; about 6 minutes "
              f"on {os.cpu_count()} CPU cores). `student=tiny-moe`: {first['layers']} layers of "
              f"{first['experts']} experts, {first['top_k']} per token. Mean ± std over the seeds. Agreement: the share "
              "of the top-k experts that the router chooses alike where the t-th response token is predicted, after "
