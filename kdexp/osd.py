@@ -230,8 +230,8 @@ def _checks(cfg: DictConfig) -> None:
             issues.append(str(unknown_choice("osd.modes entry", mode, MODES)))
     if not o.modes:
         issues.append("osd.modes is empty: list static, online or both")
-    if o.labels and len(o.labels) != len(o.drafts):
-        issues.append(f"osd.labels has {len(o.labels)} names for {len(o.drafts)} drafts; give one per draft")
+    if o.labels and len(o.labels) != max(len(o.drafts), 1):  # no drafts: one, the student
+        issues.append(f"osd.labels has {len(o.labels)} names for {max(len(o.drafts), 1)} drafts; give one per draft")
     if issues:
         raise UserError("; ".join(issues))
 

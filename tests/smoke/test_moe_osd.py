@@ -96,6 +96,7 @@ def test_osd_serves_a_drifting_stream_static_and_online(tmp_path):
     (["osd.phases=[[fact],[repeet]]"], "did you mean 'repeat'?"),
     (["osd.gamma=-1"], "osd.gamma must be an integer >= 0"),
     (["loss=fkll"], "did you mean 'fkl'?"),
+    (["osd.labels=[a,b]"], "osd.labels has 2 names for 1 drafts"),
 ])
 def test_bad_osd_commands_are_one_line_errors(tmp_path, args, message):
     proc = kdexp("osd", *args, "logger=none", "osd.max_queries=2", f"hydra.run.dir={tmp_path / 'out'}",
