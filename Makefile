@@ -59,7 +59,7 @@ teachers-study: ## several teachers on the embedded task: each teacher, route, m
 cross-study: ## distillation across tokenizers: uld and span against sft and the same-tokenizer teacher, 3 seeds (docs/results/CROSS_TOKENIZER.md, about 37 minutes)
 	$(PYTHON) scripts/cross_study.py
 
-osd-study: ## online speculative decoding on a drifting stream: a stale draft static and online, an offline one, 3 seeds (docs/results/OSD.md, about 25 minutes)
+osd-study: ## online speculative decoding on a drifting stream: a stale draft static and online, an offline one, 3 seeds (docs/results/OSD.md, about 13 minutes)
 	$(PYTHON) scripts/osd_study.py
 
 routing-study: ## MoE students' routing: an SFT and a KD tiny-moe student, reference vs own prefixes, 3 seeds (docs/results/ROUTING.md, about 6 minutes)

@@ -1,7 +1,7 @@
 """Online speculative decoding on a drifting stream: a stale draft served static and updated
 online, against a draft distilled offline on the whole task, 3 seeds.
 
-    make osd-study                                 # docs/results/OSD.md and osd.png (about 25 minutes on 2 cores)
+    make osd-study                                 # docs/results/OSD.md and osd.png (about 13 minutes on 2 cores)
     python scripts/osd_study.py --seeds 0 --out runs/osd-quick --report /tmp/OSD.md
 
 Per seed: two drafts are distilled from the tiny teacher with the embedded default's recipe
@@ -75,7 +75,7 @@ def report(out: Path, seeds: list[int], figure: Path) -> str:
     window = int(records[0]["settings"]["window"])
     shift = records[0]["phase_starts"][0]
     lines = ["# Online speculative decoding on a drifting stream", "",
-             f"`python scripts/osd_study.py` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; about 20 minutes on "
+             f"`python scripts/osd_study.py` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; about 13 minutes on "
              f"{os.cpu_count()} CPU cores). {records[0]['queries']} queries; the shift after query {shift}. "
              "Mean ± std over the seeds. Acceptance: kept / verified draft tokens; tokens per call: response tokens "
              "per target forward pass (gamma = 4: at most 5); speed-up: tokens / (target calls + c x draft calls), "
