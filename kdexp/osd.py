@@ -55,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kdexp import losses
 from kdexp.analyze import _write_json, resolve_subjects
 from kdexp.config import problems as config_problems
-from kdexp.data import load_examples
+from kdexp.data import collate_train, load_examples
 from kdexp.data.encode import Example
 from kdexp.errors import UserError, unknown_choice
 from kdexp.evaluation import plots, reports
@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 ORDERS = ("drift", "shuffle", "file")
 MODES = ("static", "online")
 POSITIONS = ("rejected", "all")
+# What each served query is counted by (summed per window and per phase into the rates).
+COUNTS = ("accepted", "proposed", "alpha", "tokens", "target_calls", "draft_calls")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,12 +129,8 @@ def update(draft: torch.nn.Module, buffer: Sequence[Record], divergence, optimiz
     buffered position, the draft's next-token logits there against the target's. Returns the
     last step's loss."""
     device = next(draft.parameters()).device
-    width = max(len(r.ids) for r in buffer)
-    ids = torch.full((len(buffer), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(buffer):
-        ids[b, : len(r.ids)] = torch.tensor(r.ids)
-        mask[b, : len(r.ids)] = 1
+    batch = collate_train([Example(r.ids, [], {}) for r in buffer], pad_id)  # right-padded tokens and mask
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     rows = torch.tensor([b for b, r in enumerate(buffer) for _ in r.positions], device=device)
     cols = torch.tensor([p - 1 for r in buffer for p in r.positions], device=device)  # the logits that predict token p
     teacher = torch.cat([r.target_logp for r in buffer]).to(device)  # [N, V]
@@ -158,25 +156,23 @@ def serve(draft: torch.nn.Module, target: torch.nn.Module, stream: Sequence[Exam
     g = torch.Generator().manual_seed(seed)
     buffer: deque[Record] = deque(maxlen=int(o.buffer_size))
     optimizer = torch.optim.AdamW(draft.parameters(), lr=float(o.lr), weight_decay=0.0) if online else None
-    keys = ("accepted", "proposed", "alpha", "tokens", "target_calls", "draft_calls")
-    per_query: dict[str, list] = {k: [] for k in keys}
+    per_query: dict[str, list] = {k: [] for k in COUNTS}
     updates: list[list[float]] = []
     draft.eval()
     for i, ex in enumerate(stream):
         out = speculative_sample(draft, target, ex.prompt_ids, int(o.gamma), int(o.max_new_tokens), stop_ids, g,
                                  float(o.temperature), vocab)
-        for k, v in (("accepted", out.accepted), ("proposed", out.proposed), ("alpha", sum(out.alpha)),
-                     ("tokens", len(out.tokens)), ("target_calls", out.target_calls),
-                     ("draft_calls", out.draft_calls)):
-            per_query[k].append(v)
+        counts = {"accepted": out.accepted, "proposed": out.proposed, "alpha": sum(out.alpha),
+                  "tokens": len(out.tokens), "target_calls": out.target_calls, "draft_calls": out.draft_calls}
+        for k in COUNTS:
+            per_query[k].append(counts[k])
         if not online:
             continue
         chosen = out.rejected if o.positions == "rejected" else list(range(len(out.tokens)))
         start = len(ex.prompt_ids)
         # every query takes a slot, with or without positions: the buffer is the last N queries
         buffer.append(Record(list(ex.prompt_ids) + out.tokens, [start + j for j in chosen], out.target_logp[chosen]))
-        records = [r for r in buffer if r.positions]
-        if (i + 1) % int(o.update_every) == 0 and records:
+        if (i + 1) % int(o.update_every) == 0 and (records := [r for r in buffer if r.positions]):
             loss = update(draft, records, divergence, optimizer, int(o.steps_per_update), pad_id, vocab)
             updates.append([i + 1, loss])
     return {**per_query, "updates": updates}
@@ -188,8 +184,7 @@ def windows(per_query: dict[str, list], size: int, cost_ratio: float) -> dict[st
     n = len(per_query["tokens"])
     out: dict[str, list[float]] = {k: [] for k in ("query", "acceptance", "alpha", "tokens_per_call", "speedup")}
     for start in range(0, n, size):
-        s = {k: sum(per_query[k][start:start + size]) for k in
-             ("accepted", "proposed", "alpha", "tokens", "target_calls", "draft_calls")}
+        s = {k: sum(per_query[k][start:start + size]) for k in COUNTS}
         out["query"].append(min(start + size, n))
         out.update({k: out[k] + [v] for k, v in summarize(s, cost_ratio).items()})
     return out
@@ -206,11 +201,10 @@ def summarize(s: dict[str, float], cost_ratio: float) -> dict[str, float]:
 
 def phase_summary(per_query: dict[str, list], phase_of: Sequence[int], cost_ratio: float) -> dict[str, float]:
     """The whole stream's rates, and each phase's acceptance."""
-    keys = ("accepted", "proposed", "alpha", "tokens", "target_calls", "draft_calls")
-    row = summarize({k: sum(per_query[k]) for k in keys}, cost_ratio)
+    row = summarize({k: sum(per_query[k]) for k in COUNTS}, cost_ratio)
     for p in sorted(set(phase_of)) if len(set(phase_of)) > 1 else []:
         idx = [i for i, q in enumerate(phase_of) if q == p]
-        row[f"phase{p + 1}_acceptance"] = summarize({k: sum(per_query[k][i] for i in idx) for k in keys},
+        row[f"phase{p + 1}_acceptance"] = summarize({k: sum(per_query[k][i] for i in idx) for k in COUNTS},
                                                     cost_ratio)["acceptance"]
     return row
 
