@@ -5,7 +5,8 @@ ZeRO stages 2 and 3 and FSDP2 against a plain run with the same global batch (on
 kd; two DDP processes for okd, gkd and seqkd, whose LoRA dropout and samples draw per process):
 the loss curve, the final student and (online KD) the teacher's module agree up to float
 reduction order; the run checkpoints, resumes, evaluates (the engines gather the model for
-generation) and saves whole Hugging Face / PEFT directories. The plain runs are shared.
+generation) and saves whole Hugging Face / PEFT directories. The plain runs are shared, and so
+is each engine's run with the kill/resume test of its engine.
 """
 
 from __future__ import annotations
@@ -75,21 +76,30 @@ def assert_same_run(run, reference) -> None:
             torch.testing.assert_close(got[key], ref[key], rtol=1e-3, atol=atol, msg=f"{name}: {key}")
 
 
+def zero_args(key: str) -> list[str]:
+    """``"okd 2"`` -> the arguments of okd under ZeRO-2 (kd under ZeRO-3: its partitioned teacher generates)."""
+    method, stage = key.split()
+    return [*method_args(method), f"deepspeed=zero{stage}", *(["eval.teacher=true"] if key == "kd 3" else [])]
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory):
+    """``"method stage"`` -> the run directory of its ZeRO run on 2 processes (shared with the resume test)."""
+    return run_once(tmp_path_factory, "zero", zero_args, lambda key: 2)
+
+
 # kd under stage 2 is left out: okd covers stage 2 (and its resume, below), kd stage 3 the rest
 @pytest.mark.parametrize(("method", "stage"), [("kd", 3), ("okd", 2), ("okd", 3), ("gkd", 3), ("seqkd", 3)])
-def test_zero_on_two_processes_matches_the_plain_run(tmp_path, plain, method, stage):
+def test_zero_on_two_processes_matches_the_plain_run(zero_run, plain, method, stage):
     """Under ZeRO-3 the frozen teacher is partitioned too (okd's is part of the trained pair);
     gkd samples from the student and seqkd from the teacher with their parameters gathered."""
-    run = tmp_path / "run"
-    extra = ["eval.teacher=true"] if (method, stage) == ("kd", 3) else []  # the partitioned teacher generates
-    kdexp("train", *method_args(method), f"deepspeed=zero{stage}", f"hydra.run.dir={run}", *extra,
-          cwd=tmp_path, nproc=2, timeout=600)
+    run = zero_run(f"{method} {stage}")
     assert_same_run(run, plain(method))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
     assert read_json(run / "results.json")["train"]["steps"] == 6
     if method == "okd":
         assert (run / "final_teacher_adapter" / "adapter_config.json").is_file()
-    if extra:
+    if (method, stage) == ("kd", 3):
         assert read_json(run / "results.json")["teacher"]["rougeL"] > 50  # the trained teacher, whole
     log = (run / "train.log").read_text()
     partitioned = "the teacher is partitioned across the 2 processes (ZeRO-3)" in log
@@ -106,23 +116,23 @@ def test_zero_in_one_process_without_a_launcher(tmp_path, plain):
     assert_same_run(run, plain("kd"))
 
 
-def test_zero2_killed_and_resumed_is_the_same_run(tmp_path):
+def test_zero2_killed_and_resumed_is_the_same_run(tmp_path, zero_run):
     """OKD under ZeRO-2, killed after step 4 (checkpoint at 3), resumed from DeepSpeed's
     checkpoint: the same losses and final weights as the uninterrupted ZeRO-2 run."""
-    args = [*ARGS, "method=okd", "deepspeed=zero2"]
-    kdexp("train", *args, f"hydra.run.dir={tmp_path / 'clean'}", cwd=tmp_path, nproc=2, timeout=600)
+    args = zero_args("okd 2")
     killed = kdexp("train", *args, f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path, nproc=2,
                    timeout=600, env={"KDEXP_KILL_AT_STEP": "4"}, check=False)
     assert killed.returncode != 0
     assert not (tmp_path / "resumed" / "results.json").exists()
     kdexp("train", *args, "train.resume=true", f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path,
           nproc=2, timeout=600)
-    assert steps(tmp_path / "resumed") == steps(tmp_path / "clean")
+    clean = zero_run("okd 2")
+    assert steps(tmp_path / "resumed") == steps(clean)
     for name in ("final/model.safetensors", "final_teacher_adapter/adapter_model.safetensors"):
-        clean, resumed = weights(tmp_path / "clean", name), weights(tmp_path / "resumed", name)
-        assert clean.keys() == resumed.keys()
-        for key in clean:
-            assert torch.equal(clean[key], resumed[key]), f"{name}: {key}"
+        clean_w, resumed = weights(clean, name), weights(tmp_path / "resumed", name)
+        assert clean_w.keys() == resumed.keys()
+        for key in clean_w:
+            assert torch.equal(clean_w[key], resumed[key]), f"{name}: {key}"
 
 
 @pytest.fixture(scope="module")
