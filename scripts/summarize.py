@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from kdexp import compare
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", type=Path, nargs="+")
     parser.add_argument("--by", nargs="+", default=None,
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--relative-to", default=None,
                         help="also give each group's mean train time relative to the group whose "
                              "first --by value is this")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     found = sorted(p for root in args.roots for p in root.rglob("results.json"))
     runs = [compare.load_run(p.parent) for p in found]
     if args.by is None:

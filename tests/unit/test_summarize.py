@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -22,7 +25,19 @@ def _run(root: Path, name: str, method: str, seed: int, rouge: float, time_s: fl
 
 
 def _summarize(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+    """The script's ``main`` in this process (the first test runs it as a program)."""
+    spec = importlib.util.spec_from_file_location("summarize", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.main(list(args))
+        except SystemExit as exit_:  # as the interpreter would: a message goes to stderr, status 1
+            status = exit_.code if isinstance(exit_.code, int) else 1
+            if isinstance(exit_.code, str):
+                print(exit_.code, file=err)
+    return subprocess.CompletedProcess(["summarize", *args], status, out.getvalue(), err.getvalue())
 
 
 def test_groups_over_several_roots_with_relative_time(tmp_path):
@@ -30,8 +45,8 @@ def test_groups_over_several_roots_with_relative_time(tmp_path):
         _run(tmp_path / "a", f"kd{seed}", "kd", seed, r, t)
     _run(tmp_path / "b", "g0", "gkd", 0, 10, 330, lmbda=1)
     _run(tmp_path / "b", "g1", "gkd", 1, 20, 330, lmbda=0.5)
-    out = _summarize(str(tmp_path / "a"), str(tmp_path / "b"), "--by", "method.name", "method.lmbda",
-                     "--relative-to", "kd")
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "a"), str(tmp_path / "b"), "--by",
+                          "method.name", "method.lmbda", "--relative-to", "kd"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in out.stdout.splitlines()[2:]}
     assert "| 2 | 0,1 | 75.00 ± 7.07 | 37.50 ± 3.54 | 110.0 | 1.00 |" in rows[("kd", "None")]
