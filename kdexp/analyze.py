@@ -47,7 +47,7 @@ from kdexp.jobs import _overridden, resolve_model
 from kdexp.logging import make_logger
 from kdexp.losses.objective import IGNORE_INDEX
 from kdexp.methods.context import stable_seed
-from kdexp.models import load_model, load_tokenizer, router_shape, shared_vocab, vocab_rows
+from kdexp.models import load_model, load_tokenizer, route, router_shape, shared_vocab, vocab_rows
 from kdexp.rollout import RolloutSpec, sample
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,21 @@ def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab: int |
 
 
 @torch.no_grad()
+def eval_batches(models: Sequence[torch.nn.Module], examples: Sequence[Example], pad_id: int,
+                 batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The examples in padded batches (:func:`kdexp.data.collate_train`), every model in eval
+    mode meanwhile (each model's mode is restored after)."""
+    states = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            yield collate_train(examples[start:start + batch_size], pad_id)
+    finally:
+        for m, s in zip(models, states, strict=True):
+            m.train(s)
+
+
 def scored_batches(models: Sequence[torch.nn.Module], examples: Sequence[Example], pad_id: int,
                    batch_size: int, vocab: int | None = None,
                    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
@@ -104,18 +119,10 @@ def scored_batches(models: Sequence[torch.nn.Module], examples: Sequence[Example
     Yields ``(logits [B, T, V] per model, targets [B, T], mask [B, T])``: position t predicts
     ``targets[:, t]``, and ``mask`` marks the response tokens (the positions that are scored).
     """
-    states = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = collate_train(examples[start:start + batch_size], pad_id)
-            logits = [_logits(m, batch, vocab) for m in models]
-            targets = batch["targets"].to(logits[0].device)
-            yield logits, targets, targets != IGNORE_INDEX
-    finally:
-        for m, s in zip(models, states, strict=True):
-            m.train(s)
+    for batch in eval_batches(models, examples, pad_id, batch_size):
+        logits = [_logits(m, batch, vocab) for m in models]
+        targets = batch["targets"].to(logits[0].device)
+        yield logits, targets, targets != IGNORE_INDEX
 
 
 def _pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,71 +330,71 @@ def diversity(texts: Sequence[Sequence[str]], max_n: int = 4) -> dict[str, Any]:
 # Mixture-of-experts routing
 # ---------------------------------------------------------------------------------------------
 
-def router_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Every layer's router logits on a batch. -> [L, B, T, E]
+@dataclass
+class Routed:
+    """A model's routing where each response token is predicted (the positions of prompt +
+    response whose next token is a response token), per example."""
 
-    Hugging Face MoE models (Mixtral, Qwen-MoE, OLMoE, ...) return them when asked
-    (``output_router_logits``), one ``[B * T, E]`` tensor per MoE layer."""
-    device = next(model.parameters()).device
-    ids = batch["input_ids"].to(device)
-    out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), output_router_logits=True)
-    layers = getattr(out, "router_logits", None)
-    if not layers:
-        raise UserError(f"{type(model).__name__} returned no router logits: kdexp analyze routing needs a "
-                        "mixture-of-experts model (Mixtral, Qwen-MoE, OLMoE, ...)")
-    return torch.stack([r.reshape(*ids.shape, -1) for r in layers]).float()
+    probs: list[torch.Tensor]  # [L, n_i, E] each: the router's distribution (models.router_probs)
+    chosen: list[torch.Tensor]  # [L, n_i, k] each: the experts chosen
+    read: bool  # the experts as the routers chose them (else the top k of probs)
+    scoring: str
 
 
 @torch.no_grad()
-def routed(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int) -> list[torch.Tensor]:
-    """Per example, the router logits where each response token is predicted: the positions
-    of prompt + response whose next token is a response token. -> [L, n_i, E] each"""
-    was_training = model.training
-    model.eval()
-    out: list[torch.Tensor] = []
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = collate_train(examples[start:start + batch_size], pad_id)
-            logits = router_logits(model, batch).cpu()  # [L, B, T, E]
-            mask = batch["targets"] != IGNORE_INDEX  # [B, T]
-            out += [logits[:, b, mask[b]] for b in range(mask.shape[0])]
-    finally:
-        model.train(was_training)
+def routed(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int) -> Routed:
+    """The routing of every example's response positions (:func:`kdexp.models.route`)."""
+    device = next(model.parameters()).device
+    out = Routed([], [], True, "softmax")
+    for batch in eval_batches([model], examples, pad_id, batch_size):
+        got = route(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        if got is None:
+            raise UserError(f"{type(model).__name__} returned no router logits: kdexp analyze routing needs a "
+                            "mixture-of-experts model (Mixtral, Qwen-MoE, OLMoE, DeepSeek, ...)")
+        mask = batch["targets"] != IGNORE_INDEX  # [B, T]
+        out.probs += [got.probs[:, b, mask[b]].cpu() for b in range(mask.shape[0])]
+        out.chosen += [got.chosen[:, b, mask[b]].cpu() for b in range(mask.shape[0])]
+        out.read, out.scoring = out.read and got.read, got.scoring
     return out
 
 
 def routing(model: torch.nn.Module, references: Sequence[Example], own_reps: Sequence[Sequence[Example]],
-            pad_id: int, batch_size: int, top_k: int, min_count: int = 1) -> dict[str, Any]:
+            pad_id: int, batch_size: int, min_count: int = 1) -> dict[str, Any]:
     """The router along the response: on the references (teacher-forced prefixes, as in
     training) and on the model's own samples of the same prompts (free-running, as in use).
 
-    ``agreement``: per layer and response step t, ``|topk(ref) ∩ topk(own)| / k`` of the routers
-    where the t-th response token is predicted (the same position under the two prefixes; step
+    ``agreement``: per layer and response step t, ``|A ∩ B| / k`` of the sets of experts chosen
+    where the t-th response token is predicted under the two prefixes (the same position; step
     1 predicts from the prompt alone, which both share, so it is 1); mean per layer over every
     step both responses reach, and the per-step curves (stopping where fewer than ``min_count``
-    pairs are left). ``entropy``: the router's mean entropy per layer on each kind of prefix;
-    ``load``: per layer, each expert's share of the top-k assignments on each kind.
+    pairs are left). ``entropy``: the entropy of the router's distribution over the experts
+    (:func:`kdexp.models.router_probs`), mean per layer on each kind of prefix; ``load``: per
+    layer, each expert's share of the assignments on each kind. ``chosen``: whether the experts
+    are those the routers chose (``router``), or the top k of their distribution (``top-k``).
     """
     ref = routed(model, references, pad_id, batch_size)
     own = [routed(model, rep, pad_id, batch_size) for rep in own_reps]
-    n_layers = ref[0].shape[0]
+    n_layers, experts = ref.probs[0].shape[0], ref.probs[0].shape[-1]
     rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     for rep in own:
-        for r, o in zip(ref, rep, strict=True):
+        for r, o in zip(ref.chosen, rep.chosen, strict=True):
             m = min(r.shape[1], o.shape[1])
-            agree = est.topk_agreement(r[:, :m], o[:, :m], top_k)  # [L, m]
+            agree = est.expert_overlap(r[:, :m], o[:, :m])  # [L, m]
             for layer in range(n_layers):
                 rows[layer].append(agree[layer])
     per_layer = [_pad_rows(r) for r in rows]
     length = reached(per_layer[0][1], min_count)
-    flat = {"teacher_forced": torch.cat(ref, 1), "free_running": torch.cat([o for rep in own for o in rep], 1)}
-    return {"layers": n_layers, "experts": int(ref[0].shape[-1]), "top_k": top_k,
+    kinds = {"teacher_forced": [ref], "free_running": own}
+    probs = {k: torch.cat([p for x in v for p in x.probs], 1) for k, v in kinds.items()}
+    chosen = {k: torch.cat([c for x in v for c in x.chosen], 1) for k, v in kinds.items()}
+    return {"layers": n_layers, "experts": experts, "top_k": int(ref.chosen[0].shape[-1]),
+            "chosen": "router" if all(x.read for x in (ref, *own)) else "top-k", "scoring": ref.scoring,
             "tokens": int(per_layer[0][1].sum()),
             "agreement": [v[m].mean().item() for v, m in per_layer],
             "per_step": [_curve(v[:, :length], m[:, :length]) for v, m in per_layer],
-            "entropy": {k: est.routing_entropy(v).mean(-1).tolist() for k, v in flat.items()},
-            "load": {k: [est.expert_load(v[layer], top_k).tolist() for layer in range(n_layers)]
-                     for k, v in flat.items()}}
+            "entropy": {k: est.routing_entropy(v).mean(-1).tolist() for k, v in probs.items()},
+            "load": {k: [est.expert_load(v[layer], experts).tolist() for layer in range(n_layers)]
+                     for k, v in chosen.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,12 +489,11 @@ def _speculative(job: Job, model, vocab) -> dict[str, Any]:
 
 
 def _routing(job: Job, model, vocab) -> dict[str, Any]:
-    shape = router_shape(model)
-    if shape is None:
+    if router_shape(model) is None:
         raise UserError(f"kdexp analyze routing reads a mixture-of-experts model's router, and "
                         f"{type(model).__name__} has none (student=tiny-moe is one)")
     return routing(model, job.examples, job.samples(model, "sample", vocab, "student"), job.pad_id,
-                   int(job.a.batch_size), shape[1], int(job.a.min_count))
+                   int(job.a.batch_size), int(job.a.min_count))
 
 
 def _curves(job: Job, model, vocab) -> dict[str, Any]:
@@ -583,10 +589,14 @@ def run_analyze(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         teacher, tokenizer = load_model(OmegaConf.merge(teacher_spec, {"lora": {"enabled": False}}), "teacher")
         t_vocab = min(vocab_rows(teacher), len(tokenizer))
         t_vocab = t_vocab if t_vocab < vocab_rows(teacher) else None
-    else:  # the prompts in the first model's tokens (every model's routing is its own)
+    else:  # no teacher: each model reads the prompts in its own tokens (the first's checked here)
         tokenizer = load_tokenizer(subjects[0].spec, "model")
-    examples = load_examples(cfg.data, tokenizer, [cfg.analyze.split])[cfg.analyze.split]
-    examples = examples[: cfg.analyze.max_samples] if cfg.analyze.max_samples else examples
+
+    def prompts(tokenizer) -> list[Example]:
+        examples = load_examples(cfg.data, tokenizer, [cfg.analyze.split])[cfg.analyze.split]
+        return examples[: cfg.analyze.max_samples] if cfg.analyze.max_samples else examples
+
+    examples = prompts(tokenizer)
     job = Job(cfg, teacher, tokenizer, examples, t_vocab)
     results: dict[str, Any] = {}
     if with_teacher:
@@ -595,6 +605,8 @@ def run_analyze(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         torch.manual_seed(int(cfg.seed))
         model, tok = load_model(s.spec, "model")
         vocab = shared_vocab(model, tok, teacher, tokenizer, (s.label, teacher_label)) if teacher is not None else None
+        if teacher is None and s is not subjects[0]:
+            job = Job(cfg, None, tok, prompts(tok), None)
         log.info("analyze %s: %s", name, s.label)
         results[s.label] = compute(job, model, vocab)
         del model

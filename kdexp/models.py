@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,91 @@ def router_shape(model: torch.nn.Module) -> tuple[int, int] | None:
     return (int(experts), int(top_k)) if experts and top_k else None
 
 
+def router_scoring(model: torch.nn.Module) -> str:
+    """How the model's routers score the experts: ``softmax`` (Mixtral, Qwen-MoE, OLMoE,
+    DeepSeek-V2), or an elementwise function whose scores are normalized over the experts:
+    the config's ``scoring_func`` (DeepSeek-V4: ``sqrtsoftplus``), else ``sigmoid`` for routers
+    with a bias-corrected selection (DeepSeek-V3 and its kin: ``e_score_correction_bias``)."""
+    func = getattr(getattr(model, "config", None), "scoring_func", None)
+    if func:
+        return str(func)
+    return "sigmoid" if any(hasattr(m, "e_score_correction_bias") for m in model.modules()) else "softmax"
+
+
+def router_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """The router's distribution over the experts. [..., E] -> [..., E], summing to 1
+
+    ``softmax``: the softmax of the logits (Shazeer et al., ICLR 2017). Otherwise the scores
+    ``s = f(logits)`` normalized, ``s / sum(s)``: the affinities of DeepSeek-V3's sigmoid router
+    over all experts, as its sequence-wise balance loss normalizes them (DeepSeek-AI, "DeepSeek-V3
+    Technical Report", 2024, Eq. 19)."""
+    logits = logits.double()
+    if scoring == "softmax":
+        return torch.softmax(logits, -1)
+    from transformers.activations import ACT2FN
+
+    scores = torch.sigmoid(logits) if scoring == "sigmoid" else ACT2FN[scoring](logits)
+    return scores / scores.sum(-1, keepdim=True)
+
+
+@dataclass
+class Routing:
+    """An MoE model's routing of a batch, one row per MoE layer."""
+
+    probs: torch.Tensor  # [L, B, T, E] the router's distribution over the experts (router_probs)
+    chosen: torch.Tensor  # [L, B, T, k] the experts each token is sent to
+    read: bool  # chosen as the routers chose them (else: the top k of probs, for every layer)
+    scoring: str
+
+
+def route(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Routing | None:
+    """Every MoE layer's routing of a batch, as the model routes it; None for a model that
+    returns no router logits.
+
+    Hugging Face MoE models return their routers' logits when asked (``output_router_logits``,
+    one ``[B * T, E]`` tensor per MoE layer). The experts a token is sent to are not always the
+    top k of those logits: DeepSeek-V3's router adds a bias before choosing and keeps only the
+    best groups of experts, DeepSeek-V2's keeps groups too. So forward hooks read each router's
+    own output, the tuple that holds its logits and the ``[B * T, k]`` indices it chose
+    (transformers >= 5's routers); where a layer's indices cannot be found, every layer falls
+    back to the top k of its probabilities (``read`` is then False), which is the choice of a
+    plain softmax top-k router (Mixtral)."""
+    shape = router_shape(model)
+    if shape is None:
+        return None
+    experts, k = shape
+    outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(module, args, output) -> None:
+        if not isinstance(output, tuple):
+            return
+        tensors = [t for t in output if torch.is_tensor(t) and t.dim() >= 1]
+        chosen = [t for t in tensors if t.dtype in (torch.int64, torch.int32) and t.shape[-1] == k]
+        if len(chosen) == 1:
+            for t in tensors:
+                if t.is_floating_point() and t.shape[-1] == experts:
+                    outputs[id(t)] = (t, chosen[0])  # the tensor kept: its id stays its own
+
+    handles = [m.register_forward_hook(keep) for m in model.modules() if m is not model]
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = getattr(out, "router_logits", None)
+    if not layers:
+        return None
+    scoring = router_scoring(model)
+    probs = torch.stack([router_probs(r.reshape(*input_ids.shape, -1), scoring) for r in layers])
+    found = [outputs.get(id(r)) for r in layers]
+    read = all(f is not None and f[0] is r for f, r in zip(found, layers, strict=True))
+    if read:
+        chosen = torch.stack([f[1].reshape(*input_ids.shape, -1) for f in found])
+    else:
+        chosen = probs.topk(k, dim=-1).indices
+    return Routing(probs.float(), chosen.long(), read, scoring)
+
+
 class RouterLoss:
     """The load-balancing loss of an MoE student's training forward passes, as a loss term.
 
@@ -246,6 +332,7 @@ class RouterLoss:
 
     def __init__(self, model: torch.nn.Module, weight: float):
         self.weight = weight
+        self.owner = type(model).__name__
         self.value: torch.Tensor | None = None
         self.handles = [model.register_forward_pre_hook(self._ask, with_kwargs=True),
                         model.register_forward_hook(self._keep)]
@@ -265,7 +352,9 @@ class RouterLoss:
         """The last training forward's loss (an error if the model gave none)."""
         value, self.value = self.value, None
         if value is None:
-            raise RuntimeError("the MoE student's forward pass returned no load-balancing loss (aux_loss)")
+            raise UserError(f"train.router_aux_weight={self.weight:g}, but the MoE student's forward pass returned no "
+                            f"load-balancing loss (aux_loss): {self.owner} computes none (DeepSeek-V3's "
+                            f"routers balance with a bias instead): set train.router_aux_weight=0")
         return value
 
     @classmethod

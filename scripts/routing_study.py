@@ -50,7 +50,9 @@ def report(out: Path, seeds: list[int], figure: Path) -> str:
              f"`python scripts/routing_study.py` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; about 6 minutes "
              f"on {os.cpu_count()} CPU cores). `student=tiny-moe`: {first['layers']} layers of "
              f"{first['experts']} experts, {first['top_k']} per token. Mean ± std over the seeds. Agreement: the share "
-             "of the top-k experts that the router chooses alike where the t-th response token is predicted, after "
+             f"of the {first['top_k']} experts chosen ("
+             f"{'read from the routers' if first['chosen'] == 'router' else 'the top k of the routers'}) "
+             "alike where the t-th response token is predicted, after "
              "the reference's first t - 1 tokens (teacher-forced) and after the student's own (free-running), "
              "averaged over every step both responses reach (step 1, from the prompt alone, agrees by construction). "
              "Entropy: the router's, in nats (log 4 = 1.386 is uniform). Max load: the busiest expert's share of the "
@@ -63,7 +65,7 @@ def report(out: Path, seeds: list[int], figure: Path) -> str:
                      f"{mean_std([r['agreement_layer0'] for r in rows])} | {mean_std([r['agreement_layer1'] for r in rows])} | "
                      f"{mean_std([r['entropy_tf'] for r in rows])} | {mean_std([r['entropy_fr'] for r in rows])} | "
                      f"{mean_std([r['max_load_tf'] for r in rows], 2)} | {mean_std([r['max_load_fr'] for r in rows], 2)} |")
-    lines += ["", "![top-k agreement per response step, mean over the seeds](routing.png)", ""]
+    lines += ["", "![agreement of the experts chosen per response step, mean over the seeds](routing.png)", ""]
     curves(records, figure)
     return "\n".join(lines)
 
@@ -79,7 +81,7 @@ def curves(records: list[dict], path: Path) -> None:
             plots.curve(axes[0], list(range(1, len(mean) + 1)), mean, se, f"{m}: layer {layer}", plots.color(i),
                         "-" if layer == 0 else "--")
     axes[0].set_ylim(0, 1.02)
-    plots.finish(axes[0], "top-k agreement, reference vs own prefixes", "response step", "shared experts / k")
+    plots.finish(axes[0], "experts chosen alike, reference vs own prefixes", "response step", "shared experts / k")
     plots.save(fig, path, "MoE routing along the response (mean ± s.e. over seeds)")
 
 

@@ -27,8 +27,8 @@ import torch
 from kdexp.losses.divergences import kl, log_probs
 
 __all__ = ["CalibrationAccumulator", "DifficultyAccumulator", "acceptance_rate", "difficulty_buckets",
-           "distinct_n", "ece", "expert_load", "exposure_metrics", "kl_per_position", "per_position_mean",
-           "per_step_mean", "routing_entropy", "self_bleu", "sentence_bleu", "top1_agreement", "topk_agreement"]
+           "distinct_n", "ece", "expert_load", "expert_overlap", "exposure_metrics", "kl_per_position",
+           "per_position_mean", "per_step_mean", "routing_entropy", "self_bleu", "sentence_bleu", "top1_agreement"]
 
 NAN = float("nan")
 
@@ -282,35 +282,31 @@ def acceptance_rate(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
 # Mixture-of-experts routing
 # ---------------------------------------------------------------------------------------------
 
-def topk_agreement(router_a: torch.Tensor, router_b: torch.Tensor, k: int) -> torch.Tensor:
-    """The share of the top-``k`` experts two routings have in common. [..., E] x2 -> [...] in [0, 1]
+def expert_overlap(chosen_a: torch.Tensor, chosen_b: torch.Tensor) -> torch.Tensor:
+    """The share of the experts two routings have in common. [..., k] x2 -> [...] in [0, 1]
 
-    ``|topk(a) ∩ topk(b)| / k`` per position: 1 where the same experts are chosen (whatever
-    their order), 0 where none is shared. Identical router logits always agree fully (ties are
-    broken the same way)."""
-    ia, ib = router_a.topk(k, dim=-1).indices, router_b.topk(k, dim=-1).indices
-    return (ia[..., :, None] == ib[..., None, :]).any(-1).sum(-1).double() / k
-
-
-def routing_entropy(router_logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of the router's softmax over the experts. [..., E] -> [...]
-
-    ``log E`` for a uniform router, 0 for one certain of a single expert; the routing itself
-    then takes the top k of these probabilities (Shazeer et al., ICLR 2017; Mixtral)."""
-    log_p = torch.log_softmax(router_logits.double(), -1)
-    return -(log_p.exp() * log_p).sum(-1)
+    ``|A ∩ B| / k`` per position for the sets of ``k`` experts chosen: 1 where the same experts
+    are chosen (whatever their order), 0 where none is shared."""
+    k = chosen_a.shape[-1]
+    return (chosen_a[..., :, None] == chosen_b[..., None, :]).any(-1).sum(-1).double() / k
 
 
-def expert_load(router_logits: torch.Tensor, k: int) -> torch.Tensor:
-    """The share of the top-``k`` assignments each expert receives. [N, E] -> [E], summing to 1
+def routing_entropy(router_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the router's distribution over the experts. [..., E] -> [...]
+
+    ``log E`` for a uniform router, 0 for one certain of a single expert (``0 log 0 = 0``)."""
+    p = router_probs.double()
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def expert_load(chosen: torch.Tensor, experts: int) -> torch.Tensor:
+    """The share of the assignments each expert receives. [N, k] -> [E], summing to 1
 
     ``1 / E`` each when the load is balanced (``f_i`` of the Switch Transformer's
     load-balancing loss, Fedus et al., JMLR 2022, Eq. 4, over top-k routing); nan for N = 0."""
-    n, e = router_logits.shape
-    if n == 0:
-        return torch.full((e,), NAN, dtype=torch.float64)
-    chosen = router_logits.topk(k, dim=-1).indices.reshape(-1)
-    return torch.bincount(chosen, minlength=e).double() / (n * k)
+    if chosen.shape[0] == 0:
+        return torch.full((experts,), NAN, dtype=torch.float64)
+    return torch.bincount(chosen.reshape(-1), minlength=experts).double() / chosen.numel()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,16 +204,24 @@ def plot_routing(results: Results, path: Path, cfg: DictConfig) -> Path:
             plots.curve(axes[0], s["step"], s["mean"], s["se"], f"{label}: layer {layer}", plots.color(i),
                         styles[layer % len(styles)])
     axes[0].set_ylim(0, 1.02)
-    plots.finish(axes[0], "top-k agreement: reference vs own prefixes", "response step", "shared experts / k")
-    layers = [f"layer {j}" for j in range(next(iter(results.values()))["layers"])]
-    plots.bars(axes[1], layers, {f"{label}: {kind.replace('_', '-')}": r["entropy"][kind]
-                                 for label, r in results.items() for kind in ("teacher_forced", "free_running")})
+    plots.finish(axes[0], "experts chosen: reference vs own prefixes", "response step", "shared experts / k")
+    # models of other shapes (layers, experts) side by side: the missing bars are left empty
+    n_layers = max(r["layers"] for r in results.values())
+    n_experts = max(r["experts"] for r in results.values())
+
+    def padded(values: list[float], n: int) -> list[float]:
+        return [*values, *[math.nan] * (n - len(values))]
+
+    plots.bars(axes[1], [f"layer {j}" for j in range(n_layers)],
+               {f"{label}: {kind.replace('_', '-')}": padded(r["entropy"][kind], n_layers)
+                for label, r in results.items() for kind in ("teacher_forced", "free_running")})
     plots.finish(axes[1], "router entropy", "", "nats")
-    first = next(iter(results.values()))
-    groups = [f"L{j}E{e}" for j in range(first["layers"]) for e in range(first["experts"])]
-    plots.bars(axes[2], groups, {label: [x for layer in r["load"]["free_running"] for x in layer]
+    groups = [f"L{j}E{e}" for j in range(n_layers) for e in range(n_experts)]
+    plots.bars(axes[2], groups, {label: padded([x for layer in r["load"]["free_running"]
+                                                for x in padded(layer, n_experts)], len(groups))
                                  for label, r in results.items()})
-    axes[2].axhline(1 / first["experts"], color="gray", lw=0.8, ls=":")
+    for r in results.values():
+        axes[2].axhline(1 / r["experts"], color="gray", lw=0.8, ls=":")
     plots.finish(axes[2], "load per expert, own prefixes (dotted: balanced)", "layer, expert", "share of assignments")
     return plots.save(fig, path, "MoE routing: teacher-forced (reference) vs free-running (own) prefixes")
 

@@ -67,6 +67,33 @@ def test_routing_of_an_sft_and_a_kd_moe_student(moe_runs, tmp_path):
         assert 0 < record["summary"][label]["max_load_tf"] <= 4
 
 
+def test_routing_of_models_with_their_own_tokenizers_and_routers(moe_runs, tmp_path):
+    """A DeepSeek-V3 model with another tokenizer (ids up to 1531) before the Mixtral student
+    (1024 embeddings): each model reads the prompts in its own tokens, and the DeepSeek
+    routers' choices (bias-corrected, group-limited) are read, not recomputed from logits."""
+    import shutil
+
+    from kdexp.models import ASSETS
+    from tests.unit.test_moe import deepseek
+
+    other = tmp_path / "deepseek"
+    deepseek(vocab=1532).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ASSETS / "tiny-teacher-other" / name, other / name)
+    out = tmp_path / "routing"
+    kdexp("analyze", "routing", str(other), str(moe_runs / "sft"), "analyze.labels=[deepseek,sft]", "logger=none",
+          "analyze.max_samples=4", "analyze.n_samples=1", "analyze.max_new_tokens=8", f"hydra.run.dir={out}",
+          cwd=tmp_path)
+    results = read_json(out / "routing.json")["results"]
+    d, m = results["deepseek"], results["sft"]
+    assert (d["layers"], d["experts"], d["top_k"], d["chosen"], d["scoring"]) == (2, 8, 2, "router", "sigmoid")
+    assert (m["layers"], m["experts"], m["top_k"], m["chosen"], m["scoring"]) == (2, 4, 2, "router", "softmax")
+    for r in (d, m):
+        assert all(s["mean"][0] == 1.0 for s in r["per_step"])  # step 1: the same prompt
+        assert all(sum(layer) == pytest.approx(1) for layer in r["load"]["free_running"])
+    assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"  # two shapes in one figure
+
+
 def test_osd_serves_a_drifting_stream_static_and_online(tmp_path):
     out = tmp_path / "osd"
     proc = kdexp("osd", "logger=wandb", "osd.max_queries=12", "osd.window=4", "osd.update_every=2",

@@ -201,7 +201,7 @@ def test_summaries_and_tables_of_every_analysis(tmp_path):
         "diversity": an.diversity([["a b", "a c"], ["b c", "b c"]]),
         "speculative": an.speculative_acceptance(student, teacher, reps, PAD, 64),
         "curves": an.kl_curves(student, teacher, refs, own, PAD, 64),
-        "routing": an.routing(RouterLM([LAYER0, LAYER1]), refs, [rep[:4] for rep in own], PAD, 64, top_k=2),
+        "routing": an.routing(RouterLM([LAYER0, LAYER1]), refs, [rep[:4] for rep in own], PAD, 64),
     }
     assert set(results) == set(an.ANALYSES) == set(reports.PLOTS) == set(reports.SUMMARIES)
     for name, r in results.items():
