@@ -29,8 +29,9 @@ their parameter counts, what bounds decoding on memory bandwidth). The update st
 counted: OSD runs them on the spare compute of serving.
 
 The models run on the GPU where there is one (``train.device=cpu``: on the CPU), one query at a
-time, each call over the whole sequence (no KV cache): right for measuring acceptance, not a
-serving engine's latency.
+time, each model with a KV cache cropped back to the accepted tokens after a rejection
+(:class:`kdexp.speculative.Context`): right for measuring acceptance, not a serving engine's
+batched latency.
 
 Output: ``osd.json`` (every query's counts, the windows, the updates' losses), ``osd.png``
 (acceptance and tokens per call over the stream, the phases marked), ``osd.md`` (the summary

@@ -16,13 +16,15 @@ them gives one more token. Every token of the output is then distributed as the 
 (at the same temperature), whatever the draft, the number of proposals per round, or where
 the output stops.
 
-Models are called on the whole sequence each time (no KV cache): exact and simple, and cheap
-for the tiny models this runs on here. With ``temperature=0`` both sides are greedy (their
+Each model keeps a KV cache of the sequence it has read (:class:`Context`): a call reads only
+the tokens past the longest prefix still valid, and after a rejection the cache is cropped back
+to the accepted tokens rather than recomputed. With ``temperature=0`` both sides are greedy (their
 argmax as a one-hot distribution), and the output is the target's greedy output.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,11 +74,51 @@ def residual(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return r / total if total > 0 else log_p.exp()
 
 
-def _last_logits(model: torch.nn.Module, ids: list[int], n: int, vocab: int | None) -> torch.Tensor:
-    """The logits of ``model`` at the last ``n`` positions of ``ids``. -> [n, V]"""
-    device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -n:]
-    return logits[:, :vocab] if vocab else logits
+def _croppable(cache) -> bool:
+    """Whether the tokens past a point can be removed from ``cache`` exactly: full-attention
+    layers only (a sliding window or a linear-attention state has lost what a crop would need)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers < 4.56: the plain DynamicCache
+        return type(cache).__name__ == "DynamicCache"
+    return all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+class Context:
+    """One model's forward passes over one growing sequence, with a KV cache.
+
+    ``last_logits(ids, n)`` gives the logits at the last ``n`` positions of ``ids``. The cache
+    holds the tokens read so far; a call keeps the longest prefix they share with ``ids`` (up
+    to ``len(ids) - n``, so the ``n`` positions asked for are read anew), crops the rest
+    (``Cache.crop``: the proposals after a rejected one) and reads the remainder. A model that
+    returns no cache, or one that cannot be cropped, reads the whole sequence again instead.
+    """
+
+    def __init__(self, model: torch.nn.Module, vocab: int | None = None):
+        self.model, self.vocab = model, vocab
+        self.device = next(model.parameters()).device
+        # transformers >= 5.25 calls the KV cache `cache` and warns on the old `past_key_values`
+        self.cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache = None
+        self.tokens: list[int] = []  # what the cache holds
+        self.read = 0  # tokens read, over every call (the work a cache saves)
+
+    def last_logits(self, ids: Sequence[int], n: int) -> torch.Tensor:
+        """-> [n, V] (the leading ``vocab`` columns)"""
+        keep, limit = 0, min(len(self.tokens), len(ids) - n)
+        while keep < limit and self.tokens[keep] == ids[keep]:
+            keep += 1
+        if keep < len(self.tokens):
+            if keep > 0 and _croppable(self.cache):
+                self.cache.crop(keep - len(self.tokens))  # negative: remove that many (transformers 4 and 5)
+            else:
+                self.cache, keep = None, 0
+        out = self.model(input_ids=torch.tensor([list(ids[keep:])], device=self.device), use_cache=True,
+                         **{self.cache_key: self.cache})
+        self.read += len(ids) - keep
+        self.cache = getattr(out, self.cache_key, None)
+        self.tokens = list(ids) if self.cache is not None else []
+        logits = out.logits[0, -n:]
+        return logits[:, : self.vocab] if self.vocab else logits
 
 
 @torch.no_grad()
@@ -94,19 +136,20 @@ def speculative_sample(draft: torch.nn.Module, target: torch.nn.Module, prompt: 
         raise ValueError(f"gamma and max_new_tokens must be >= 0, got {gamma} and {max_new_tokens}")
     stops, out, rows = set(stop_ids), SpeculativeOutput(), []
     ids = list(prompt)
+    draft_ctx, target_ctx = Context(draft, vocab), Context(target, vocab)
     while len(out.tokens) < max_new_tokens and not (out.tokens and out.tokens[-1] in stops):
         k = min(gamma, max_new_tokens - len(out.tokens) - 1)
         drafts: list[int] = []
         draft_logq = []
         for _ in range(k):
-            log_q = policy(_last_logits(draft, ids + drafts, 1, vocab)[0], temperature)  # [V]
+            log_q = policy(draft_ctx.last_logits(ids + drafts, 1)[0], temperature)  # [V]
             out.draft_calls += 1
             x = int(torch.multinomial(log_q.exp().cpu(), 1, generator=generator))
             drafts.append(x)
             draft_logq.append(log_q)
             if x in stops:
                 break
-        logits = _last_logits(target, ids + drafts, len(drafts) + 1, vocab)  # [len(drafts) + 1, V]
+        logits = target_ctx.last_logits(ids + drafts, len(drafts) + 1)  # [len(drafts) + 1, V]
         out.target_calls += 1
         log_p = policy(logits, temperature)
         raw = torch.log_softmax(logits.float(), -1)
@@ -133,4 +176,4 @@ def speculative_sample(draft: torch.nn.Module, target: torch.nn.Module, prompt: 
     return out
 
 
-__all__ = ["SpeculativeOutput", "policy", "residual", "speculative_sample"]
+__all__ = ["Context", "SpeculativeOutput", "policy", "residual", "speculative_sample"]

@@ -144,3 +144,63 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="gamma"):
         sp.speculative_sample(TableLM(DRAFT), TableLM(TARGET), [0], -1, 5, [], torch.Generator())
 
+
+
+def tiny(name: str, seed: int = 0) -> torch.nn.Module:
+    """A random model of a bundled config (a real Hugging Face model with a KV cache)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdexp.models import ASSETS
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ASSETS / name)).eval()
+
+
+@pytest.mark.parametrize("name", ["tiny-student", "tiny-moe"])
+@torch.no_grad()
+def test_the_cache_gives_the_full_forwards_logits_through_rollbacks(name):
+    """Calls on a sequence that grows and loses its last tokens (rejected proposals), as
+    speculative decoding makes them: the logits of a full forward pass each time, at a fraction
+    of the tokens read."""
+    import random
+
+    model, rng = tiny(name), random.Random(0)
+    ctx = sp.Context(model)
+    ids, full = [rng.randrange(100) for _ in range(5)], 0
+    for _ in range(30):
+        n = rng.randint(1, 4)
+        got = ctx.last_logits(ids, n)
+        torch.testing.assert_close(got, model(input_ids=torch.tensor([ids])).logits[0, -n:], atol=1e-5, rtol=0)
+        full += len(ids)
+        ids = ids[: len(ids) - rng.randint(0, 2)] + [rng.randrange(100) for _ in range(rng.randint(1, 3))]
+    assert ctx.read < full / 4
+    # a cache that cannot be cropped (a sliding window, a recurrent state): read anew, still exact
+    ctx.cache.layers[0].__class__ = type("DynamicSlidingWindowLayer", (type(ctx.cache.layers[0]),), {})
+    shorter, before = ctx.tokens[:-2], ctx.read
+    torch.testing.assert_close(ctx.last_logits(shorter, 1), model(input_ids=torch.tensor([shorter])).logits[0, -1:],
+                               atol=1e-5, rtol=0)
+    assert ctx.read - before == len(shorter) and ctx.tokens == shorter
+
+
+def test_speculative_decoding_with_the_cache_is_decoding_without_it(monkeypatch):
+    """The same draws give the same response, counts and target rows whether each call reads
+    the whole sequence or only what its cache lacks."""
+
+    class Full(sp.Context):
+        def last_logits(self, ids, n):
+            logits = self.model(input_ids=torch.tensor([list(ids)])).logits[0, -n:]
+            return logits[:, : self.vocab] if self.vocab else logits
+
+    draft, target = tiny("tiny-student", 1), tiny("tiny-teacher", 2)
+
+    def decode():
+        g = torch.Generator().manual_seed(5)
+        return [sp.speculative_sample(draft, target, [1, 7, 9], 3, 24, [0], g, temperature=1.0) for _ in range(4)]
+
+    cached = decode()
+    monkeypatch.setattr(sp, "Context", Full)
+    full = decode()
+    for a, b in zip(cached, full, strict=True):
+        assert a.tokens == b.tokens and (a.proposed, a.accepted, a.rejected) == (b.proposed, b.accepted, b.rejected)
+        torch.testing.assert_close(a.target_logp, b.target_logp, atol=1e-5, rtol=0)
+    assert sum(o.proposed for o in cached) > 10 and sum(len(o.rejected) for o in cached) > 0  # rollbacks happened
