@@ -355,6 +355,11 @@ def routed(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, bat
         out.probs += [got.probs[:, b, mask[b]].cpu() for b in range(mask.shape[0])]
         out.chosen += [got.chosen[:, b, mask[b]].cpu() for b in range(mask.shape[0])]
         out.read, out.scoring = out.read and got.read, got.scoring
+    if not out.read:
+        log.warning("%s: the experts its routers chose could not be read from their outputs; the analysis takes the "
+                    "top %d of each router's distribution instead (right for a plain top-k router like Mixtral's, "
+                    "not for a biased or group-limited one like DeepSeek's)", type(model).__name__,
+                    out.chosen[0].shape[-1] if out.chosen else 0)
     return out
 
 
@@ -492,8 +497,9 @@ def _routing(job: Job, model, vocab) -> dict[str, Any]:
     if router_shape(model) is None:
         raise UserError(f"kdexp analyze routing reads a mixture-of-experts model's router, and "
                         f"{type(model).__name__} has none (student=tiny-moe is one)")
-    return routing(model, job.examples, job.samples(model, "sample", vocab, "student"), job.pad_id,
-                   int(job.a.batch_size), int(job.a.min_count))
+    out = routing(model, job.examples, job.samples(model, "sample", vocab, "student"), job.pad_id,
+                  int(job.a.batch_size), int(job.a.min_count))
+    return {**out, "prompts": len(job.examples)}  # in the model's own tokens: its length filters may keep others
 
 
 def _curves(job: Job, model, vocab) -> dict[str, Any]:
@@ -607,6 +613,9 @@ def run_analyze(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         vocab = shared_vocab(model, tok, teacher, tokenizer, (s.label, teacher_label)) if teacher is not None else None
         if teacher is None and s is not subjects[0]:
             job = Job(cfg, None, tok, prompts(tok), None)
+            if len(job.examples) != len(examples):
+                log.warning("%s reads %d prompts, %s %d: in each model's own tokens, data.max_prompt_length keeps "
+                            "different ones", s.label, len(job.examples), subjects[0].label, len(examples))
         log.info("analyze %s: %s", name, s.label)
         results[s.label] = compute(job, model, vocab)
         del model

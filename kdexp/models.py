@@ -233,14 +233,10 @@ def router_shape(model: torch.nn.Module) -> tuple[int, int] | None:
 
 
 def router_scoring(model: torch.nn.Module) -> str:
-    """How the model's routers score the experts: ``softmax`` (Mixtral, Qwen-MoE, OLMoE,
-    DeepSeek-V2), or an elementwise function whose scores are normalized over the experts:
-    the config's ``scoring_func`` (DeepSeek-V4: ``sqrtsoftplus``), else ``sigmoid`` for routers
-    with a bias-corrected selection (DeepSeek-V3 and its kin: ``e_score_correction_bias``)."""
-    func = getattr(getattr(model, "config", None), "scoring_func", None)
-    if func:
-        return str(func)
-    return "sigmoid" if any(hasattr(m, "e_score_correction_bias") for m in model.modules()) else "softmax"
+    """How the routers score the experts, when their outputs cannot say (:func:`route`): the
+    config's ``scoring_func`` (DeepSeek's hub configs name it: ``softmax`` for V2, ``sigmoid``
+    for V3; DeepSeek-V4's ``sqrtsoftplus``), else ``softmax`` (Mixtral, Qwen-MoE, OLMoE)."""
+    return str(getattr(getattr(model, "config", None), "scoring_func", None) or "softmax")
 
 
 def router_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -249,7 +245,9 @@ def router_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     ``softmax``: the softmax of the logits (Shazeer et al., ICLR 2017). Otherwise the scores
     ``s = f(logits)`` normalized, ``s / sum(s)``: the affinities of DeepSeek-V3's sigmoid router
     over all experts, as its sequence-wise balance loss normalizes them (DeepSeek-AI, "DeepSeek-V3
-    Technical Report", 2024, Eq. 19)."""
+    Technical Report", 2024, Eq. 19). The two are not on one scale: normalized sigmoids are far
+    flatter than a softmax of the same logits, so entropies compare between routers of one
+    scoring only."""
     logits = logits.double()
     if scoring == "softmax":
         return torch.softmax(logits, -1)
@@ -257,6 +255,34 @@ def router_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 
     scores = torch.sigmoid(logits) if scoring == "sigmoid" else ACT2FN[scoring](logits)
     return scores / scores.sum(-1, keepdim=True)
+
+
+# The log of each scoring function's unnormalized score of an expert, from its logit.
+LOG_SCORES = {"softmax": lambda x: x, "sigmoid": torch.nn.functional.logsigmoid}
+
+
+def scoring_of(logits: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> str | None:
+    """The scoring function that explains the weights a router gave the experts it chose, or
+    None. [N, E], [N, k] x2
+
+    A router weights its ``k`` chosen experts by their scores ``f(logit)``, possibly normalized
+    over the ``k`` and scaled by a constant (Mixtral's softmax renormalized over the top k,
+    DeepSeek-V3's sigmoids times ``routed_scaling_factor``): the ratios of two chosen experts'
+    weights are the ratios of their scores either way, so ``log w_i - log w_1`` tells a softmax
+    (``l_i - l_1``) from a sigmoid (``log sigmoid(l_i) - log sigmoid(l_1)``)."""
+    if chosen.shape[-1] < 2:
+        return None
+    w = weights.double().reshape(-1, chosen.shape[-1])
+    picked = logits.double().reshape(w.shape[0], -1).gather(-1, chosen.reshape(w.shape).long())
+    rows = (w > 0).all(-1)
+    if not rows.any():
+        return None
+    log_w, picked = w[rows].log(), picked[rows]
+    for name, log_score in LOG_SCORES.items():
+        s = log_score(picked)
+        if ((log_w - log_w[:, :1]) - (s - s[:, :1])).abs().max() < 1e-3:
+            return name
+    return None
 
 
 @dataclass
@@ -277,25 +303,27 @@ def route(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch
     one ``[B * T, E]`` tensor per MoE layer). The experts a token is sent to are not always the
     top k of those logits: DeepSeek-V3's router adds a bias before choosing and keeps only the
     best groups of experts, DeepSeek-V2's keeps groups too. So forward hooks read each router's
-    own output, the tuple that holds its logits and the ``[B * T, k]`` indices it chose
-    (transformers >= 5's routers); where a layer's indices cannot be found, every layer falls
-    back to the top k of its probabilities (``read`` is then False), which is the choice of a
-    plain softmax top-k router (Mixtral)."""
+    own output, the tuple that holds its logits, the ``[B * T, k]`` indices it chose and the
+    weights it gave them (transformers >= 5's routers). The weights tell the scoring function
+    (:func:`scoring_of`; where they cannot, :func:`router_scoring`). Where a layer's indices
+    cannot be found, every layer falls back to the top k of its probabilities (``read`` is then
+    False), which is the choice of a plain top-k router (Mixtral)."""
     shape = router_shape(model)
     if shape is None:
         return None
     experts, k = shape
-    outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def keep(module, args, output) -> None:
         if not isinstance(output, tuple):
             return
         tensors = [t for t in output if torch.is_tensor(t) and t.dim() >= 1]
         chosen = [t for t in tensors if t.dtype in (torch.int64, torch.int32) and t.shape[-1] == k]
+        weights = [t for t in tensors if t.is_floating_point() and t.shape[-1] == k != experts]
         if len(chosen) == 1:
             for t in tensors:
-                if t.is_floating_point() and t.shape[-1] == experts:
-                    outputs[id(t)] = (t, chosen[0])  # the tensor kept: its id stays its own
+                if t.is_floating_point() and t.shape[-1] == experts:  # the tensor kept: its id stays its own
+                    outputs[id(t)] = (t, chosen[0], weights[0] if len(weights) == 1 else None)
 
     handles = [m.register_forward_hook(keep) for m in model.modules() if m is not model]
     try:
@@ -306,10 +334,11 @@ def route(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch
     layers = getattr(out, "router_logits", None)
     if not layers:
         return None
-    scoring = router_scoring(model)
-    probs = torch.stack([router_probs(r.reshape(*input_ids.shape, -1), scoring) for r in layers])
     found = [outputs.get(id(r)) for r in layers]
     read = all(f is not None and f[0] is r for f, r in zip(found, layers, strict=True))
+    told = {scoring_of(r, f[1], f[2]) if read and f[2] is not None else None for r, f in zip(layers, found, strict=True)}
+    scoring = told.pop() if len(told) == 1 and None not in told else router_scoring(model)
+    probs = torch.stack([router_probs(r.reshape(*input_ids.shape, -1), scoring) for r in layers])
     if read:
         chosen = torch.stack([f[1].reshape(*input_ids.shape, -1) for f in found])
     else:
@@ -333,6 +362,7 @@ class RouterLoss:
     def __init__(self, model: torch.nn.Module, weight: float):
         self.weight = weight
         self.owner = type(model).__name__
+        self.has_coef = hasattr(getattr(model, "config", None), "router_aux_loss_coef")
         self.value: torch.Tensor | None = None
         self.handles = [model.register_forward_pre_hook(self._ask, with_kwargs=True),
                         model.register_forward_hook(self._keep)]
@@ -352,9 +382,10 @@ class RouterLoss:
         """The last training forward's loss (an error if the model gave none)."""
         value, self.value = self.value, None
         if value is None:
-            raise UserError(f"train.router_aux_weight={self.weight:g}, but the MoE student's forward pass returned no "
-                            f"load-balancing loss (aux_loss): {self.owner} computes none (DeepSeek-V3's "
-                            f"routers balance with a bias instead): set train.router_aux_weight=0")
+            if not self.has_coef:  # a model without the Switch-style loss (DeepSeek-V3 balances with a bias)
+                raise UserError(f"train.router_aux_weight={self.weight:g}, but {self.owner} computes no load-balancing "
+                                f"loss (its config has no router_aux_loss_coef): set train.router_aux_weight=0")
+            raise RuntimeError("the MoE student's forward pass returned no load-balancing loss (aux_loss)")
         return value
 
     @classmethod

@@ -212,8 +212,14 @@ def plot_routing(results: Results, path: Path, cfg: DictConfig) -> Path:
     def padded(values: list[float], n: int) -> list[float]:
         return [*values, *[math.nan] * (n - len(values))]
 
+    # entropies of routers that score differently (softmax, normalized sigmoids) are on other scales: named
+    scored = len({r.get("scoring") for r in results.values()}) > 1
+
+    def name(label: str, r: dict) -> str:
+        return f"{label} ({r.get('scoring')})" if scored else label
+
     plots.bars(axes[1], [f"layer {j}" for j in range(n_layers)],
-               {f"{label}: {kind.replace('_', '-')}": padded(r["entropy"][kind], n_layers)
+               {f"{name(label, r)}: {kind.replace('_', '-')}": padded(r["entropy"][kind], n_layers)
                 for label, r in results.items() for kind in ("teacher_forced", "free_running")})
     plots.finish(axes[1], "router entropy", "", "nats")
     groups = [f"L{j}E{e}" for j in range(n_layers) for e in range(n_experts)]

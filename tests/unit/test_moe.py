@@ -7,18 +7,24 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from kdexp import analyze as an
 from kdexp.data.encode import Example
 from kdexp.errors import UserError
-from kdexp.models import RouterLoss, route, router_shape
+from kdexp.models import RouterLoss, route, router_shape, scoring_of
 
 SMALL = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 2, "max_position_embeddings": 64, "num_experts_per_tok": 2}
@@ -56,7 +62,7 @@ def test_the_load_balancing_term_is_the_models_own_aux_loss(build, shape, weight
     assert gates and all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
     with torch.no_grad():  # generation and evaluation: nothing asked, nothing kept
         model.generate(ids[:1], max_new_tokens=3, do_sample=False)
-    with pytest.raises(UserError, match="no load-balancing loss"):
+    with pytest.raises(RuntimeError, match="no load-balancing loss"):
         term.take()
     assert RouterLoss.attach(model, 0) is None
 
@@ -71,6 +77,34 @@ def test_the_weight_is_refused_where_it_has_no_meaning():
         RouterLoss.attach(mixtral(), "auto", sample_weight="teacher_likelihood")
 
 
+def qwen3_moe() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**SMALL, intermediate_size=16, moe_intermediate_size=16, num_experts=6,
+                                              decoder_sparse_step=1, head_dim=16))
+
+
+def olmoe() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return OlmoeForCausalLM(OlmoeConfig(**SMALL, intermediate_size=16, num_experts=8))
+
+
+MLA = {"kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8}
+
+
+def deepseek_v2() -> torch.nn.Module:
+    """DeepSeek-V2: softmax, group-limited greedy (the best 2 of 4 groups by their best expert), 3 per token."""
+    torch.manual_seed(0)
+    config = DeepseekV2Config(**{**SMALL, "num_hidden_layers": 3, "num_experts_per_tok": 3}, **MLA,
+                              intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+                              topk_method="group_limited_greedy", n_group=4, topk_group=2, first_k_dense_replace=1)
+    model = DeepseekV2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 1)  # routers that prefer some experts: the group limit then binds
+    return model
+
+
 def deepseek(bias: bool = True, vocab: int = 64) -> torch.nn.Module:
     """DeepSeek-V3: sigmoid affinities, a bias added before the choice, group-limited top-k
     (8 experts in 4 groups, the best 2 groups kept), a dense first layer and a shared expert."""
@@ -78,8 +112,7 @@ def deepseek(bias: bool = True, vocab: int = 64) -> torch.nn.Module:
     config = DeepseekV3Config(**{**SMALL, "num_hidden_layers": 3, "vocab_size": vocab}, intermediate_size=32,
                               moe_intermediate_size=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
                               n_routed_experts=8, n_shared_experts=1, n_group=4, topk_group=2,
-                              first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-                              qk_nope_head_dim=8, v_head_dim=8)
+                              first_k_dense_replace=1, **MLA)
     model = DeepseekV3ForCausalLM(config)
     with torch.no_grad():
         for m in model.modules():
@@ -91,10 +124,12 @@ def deepseek(bias: bool = True, vocab: int = 64) -> torch.nn.Module:
 
 
 def deepseek_choice(h: torch.Tensor, router: torch.nn.Module) -> torch.Tensor:
-    """The experts DeepSeek-V3 sends each token to, from the paper (DeepSeek-AI, "DeepSeek-V3
-    Technical Report", 2024, Eqs. 15-16, and its node-limited routing): affinities
-    s = sigmoid(u e_i); the choice ranks s + b; a group's score is the sum of its 2 best
-    ranked experts; only the best ``topk_group`` groups' experts can be chosen. [N, H] -> [N, k]"""
+    """The experts DeepSeek-V3 sends each token to (DeepSeek-AI, "DeepSeek-V3 Technical Report",
+    2024, Eqs. 15-16, and the ``Gate`` of its official inference code): affinities
+    s = sigmoid(u e_i); the choice ranks s + b; a group's score is the sum of its 2 best ranked
+    experts (the code's fixed 2; the paper's node-limited routing sums the best K_r / M, which is
+    2 in the released model); only the best ``topk_group`` groups' experts can be chosen.
+    [N, H] -> [N, k]"""
     s = torch.sigmoid(h.float() @ router.weight.float().T)
     ranked = s + router.e_score_correction_bias
     n, e = ranked.shape
@@ -118,6 +153,39 @@ def test_softmax_routers_choose_the_top_k_of_their_logits(build):
         logits = torch.stack(model(input_ids=ids, output_router_logits=True).router_logits).reshape(*got.probs.shape)
     assert torch.allclose(got.probs, torch.softmax(logits.double(), -1).float(), atol=1e-6)
     assert torch.equal(as_sets(got.chosen), as_sets(logits.topk(2, dim=-1).indices))
+
+
+MODELS = [mixtral, qwen_moe, qwen3_moe, olmoe, deepseek_v2, deepseek]
+
+
+@pytest.mark.parametrize("build", MODELS)
+def test_the_experts_read_are_those_the_experts_receive(build):
+    """What the routers' outputs say against what the expert modules are given (their
+    ``top_k_index`` argument), for every router family: softmax top-k, group-limited greedy,
+    sigmoid with a bias and groups."""
+    model = build().eval()
+    given: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda m, args, out: given.append(args[1]))
+               for m in model.modules() if type(m).__name__.endswith("Experts")]
+    ids = torch.randint(0, 64, (2, 7))
+    got = route(model, ids, torch.ones_like(ids))
+    for h in handles:
+        h.remove()
+    assert handles and got.read
+    assert torch.equal(as_sets(got.chosen), as_sets(torch.stack(given).reshape(got.chosen.shape)))
+    assert got.scoring == ("sigmoid" if build is deepseek else "softmax")  # told by the routers' own weights
+
+
+def test_the_scoring_function_is_told_by_the_weights_of_the_chosen_experts():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.3, 1.2, -0.7, 2.2]])
+    chosen = logits.topk(2, dim=-1).indices
+    soft = torch.softmax(logits, -1).gather(-1, chosen)
+    assert scoring_of(logits, chosen, soft) == "softmax"
+    assert scoring_of(logits, chosen, soft / soft.sum(-1, keepdim=True)) == "softmax"  # renormalized (Mixtral)
+    sig = torch.sigmoid(logits).gather(-1, chosen)
+    assert scoring_of(logits, chosen, 2.5 * sig / sig.sum(-1, keepdim=True)) == "sigmoid"  # DeepSeek-V3's scale
+    assert scoring_of(logits, chosen, torch.tensor([[0.5, 0.5], [0.9, 0.1]])) is None  # neither
+    assert scoring_of(logits, chosen[:, :1], soft[:, :1]) is None  # one expert: no ratio to read
 
 
 def test_deepseek_routers_are_read_not_recomputed_from_their_logits():
@@ -152,7 +220,7 @@ def test_a_deepseek_student_asked_for_a_load_balancing_loss_is_told_it_has_none(
         term.take()
 
 
-@pytest.mark.parametrize("build", [mixtral, qwen_moe, deepseek])
+@pytest.mark.parametrize("build", MODELS)
 def test_the_routing_of_a_padded_batch_is_each_examples_own(build):
     """The analysis reshapes each layer's [B * T, ...] routing to [B, T, ...]: a batch of
     responses of different lengths gives every example the routing it has alone."""
