@@ -269,7 +269,8 @@ def scoring_of(logits: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor
     over the ``k`` and scaled by a constant (Mixtral's softmax renormalized over the top k,
     DeepSeek-V3's sigmoids times ``routed_scaling_factor``): the ratios of two chosen experts'
     weights are the ratios of their scores either way, so ``log w_i - log w_1`` tells a softmax
-    (``l_i - l_1``) from a sigmoid (``log sigmoid(l_i) - log sigmoid(l_1)``)."""
+    (``l_i - l_1``) from a sigmoid (``log sigmoid(l_i) - log sigmoid(l_1)``). Both fit where every
+    chosen logit is far below 0 (``sigmoid(x) ~ e^x``): None then."""
     if chosen.shape[-1] < 2:
         return None
     w = weights.double().reshape(-1, chosen.shape[-1])
@@ -278,11 +279,9 @@ def scoring_of(logits: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor
     if not rows.any():
         return None
     log_w, picked = w[rows].log(), picked[rows]
-    for name, log_score in LOG_SCORES.items():
-        s = log_score(picked)
-        if ((log_w - log_w[:, :1]) - (s - s[:, :1])).abs().max() < 1e-3:
-            return name
-    return None
+    fits = [name for name, log_score in LOG_SCORES.items()
+            if ((log_w - log_w[:, :1]) - (log_score(picked) - log_score(picked)[:, :1])).abs().max() < 1e-3]
+    return fits[0] if len(fits) == 1 else None
 
 
 @dataclass

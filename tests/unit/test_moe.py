@@ -186,6 +186,8 @@ def test_the_scoring_function_is_told_by_the_weights_of_the_chosen_experts():
     assert scoring_of(logits, chosen, 2.5 * sig / sig.sum(-1, keepdim=True)) == "sigmoid"  # DeepSeek-V3's scale
     assert scoring_of(logits, chosen, torch.tensor([[0.5, 0.5], [0.9, 0.1]])) is None  # neither
     assert scoring_of(logits, chosen[:, :1], soft[:, :1]) is None  # one expert: no ratio to read
+    low = logits - 30  # sigmoid(x) ~ e^x far below 0: either fits, neither is said
+    assert scoring_of(low, chosen, torch.sigmoid(low.double()).gather(-1, chosen)) is None
 
 
 def test_deepseek_routers_are_read_not_recomputed_from_their_logits():
