@@ -126,8 +126,10 @@ def add_lora(model: PreTrainedModel, lora: Mapping[str, Any]):
     ``c_attn``, LLaMA / Qwen / OPT's ``q_proj`` and ``v_proj``).
     """
     from peft import LoraConfig, get_peft_model
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
 
-    targets = lora.get("target_modules")
+    # PEFT's default, named here: PEFT 0.21 loses it for Mixtral under transformers 5 (it targets nothing)
+    targets = lora.get("target_modules") or DEFAULT_TARGETS.get(getattr(model.config, "model_type", None))
     config = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16)),
                         lora_dropout=float(lora.get("dropout", 0.0)), task_type="CAUSAL_LM",
                         target_modules=list(targets) if targets else None)

@@ -67,6 +67,16 @@ def test_the_load_balancing_term_is_the_models_own_aux_loss(build, shape, weight
     assert RouterLoss.attach(model, 0) is None
 
 
+def test_lora_on_an_moe_student_takes_the_architectures_default_targets():
+    """``student.lora.target_modules: null`` on a Mixtral student: PEFT's default for the
+    architecture (q_proj, v_proj), which PEFT itself loses for Mixtral under transformers 5."""
+    from kdexp.models import add_lora
+
+    model = add_lora(mixtral(), {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None})
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)  # only the adapters train
+    assert {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "v_proj"}
+
+
 def test_the_weight_is_refused_where_it_has_no_meaning():
     dense = torch.nn.Linear(2, 2)
     dense.config = type("Config", (), {})()
