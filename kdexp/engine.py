@@ -105,6 +105,7 @@ def make_accelerator(cfg: DictConfig, accum: int, world: int) -> Accelerator:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     if no_gpu or t.device == "cpu":
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        _without_shm_comm()
     plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accum, world), zero3_init_flag=False)
     accelerator = Accelerator(deepspeed_plugin=plugin, **kwargs)
     # Models load whole in every process; the engine shards what it trains when it is prepared.
@@ -114,6 +115,18 @@ def make_accelerator(cfg: DictConfig, accum: int, world: int) -> Accelerator:
 
     unset_hf_deepspeed_config()
     return accelerator
+
+
+def _without_shm_comm() -> None:
+    """DeepSpeed on CPU with its collectives over gloo alone. Otherwise DeepSpeed compiles its
+    shared-memory all-reduce (``deepspeed_shm_comm``) the first time a process group starts on a
+    machine or in a new environment: a C++ compiler needed, ~30 s on 2 cores. The op table is
+    DeepSpeed's own (``deepspeed.ops.__compatible_ops__``); left alone if it has another shape."""
+    import deepspeed.ops
+
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(ops, dict) and "deepspeed_shm_comm" in ops:
+        ops["deepspeed_shm_comm"] = False
 
 
 def shard(cfg: DictConfig, module: torch.nn.Module) -> torch.nn.Module:
