@@ -147,13 +147,18 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def cache_key(model: torch.nn.Module) -> str:
+    """The keyword of ``model.forward`` that takes and returns its KV cache: transformers >= 5.25
+    calls it ``cache`` and warns on the old ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class _Decoder:
     """Incremental forward passes of one model over a left-padded batch, with a KV cache."""
 
     def __init__(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, vocab: int | None):
         self.model, self.vocab, self.cache = model, vocab, None
-        # transformers >= 5.25 calls the KV cache `cache` and warns on the old `past_key_values`
-        self.cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_key = cache_key(model)
         self.mask = mask
         self.position = (mask.cumsum(-1) - 1).clamp_min(0)
         self.logits = self._forward(ids, self.position)

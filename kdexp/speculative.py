@@ -24,11 +24,12 @@ argmax as a one-hot distribution), and the output is the target's greedy output.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from kdexp.rollout import cache_key
 
 
 @dataclass
@@ -96,8 +97,7 @@ class Context:
     def __init__(self, model: torch.nn.Module, vocab: int | None = None):
         self.model, self.vocab = model, vocab
         self.device = next(model.parameters()).device
-        # transformers >= 5.25 calls the KV cache `cache` and warns on the old `past_key_values`
-        self.cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_key = cache_key(model)
         self.cache = None
         self.tokens: list[int] = []  # what the cache holds
         self.read = 0  # tokens read, over every call (the work a cache saves)
